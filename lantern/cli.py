@@ -1,0 +1,29 @@
+"""The `lantern` command: one sub-command group per package."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import click
+
+from lantern.demo import demo
+from registry.cli import models, register
+from training.cli import data
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lantern")
+def main() -> None:
+    """Lantern: deploy image models as managed endpoints and explain their predictions."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+main.add_command(register)
+main.add_command(models)
+main.add_command(data)
+main.add_command(demo)

@@ -1,0 +1,146 @@
+"""`lantern register` and `lantern models ...`: the registry on the command line."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import click
+from rich.table import Table
+
+from lantern.console import StepProgress, console, stdout, user_errors
+from registry.architectures import ARCHITECTURES
+from registry.labels import read_labels
+from registry.onnx_export import DEFAULT_PARITY_TOLERANCE
+from registry.register import register_checkpoint, register_settings_update, validate_alias
+from registry.resolve import download_version, parse_model_ref, resolve_version
+from registry.settings import TASKS, parse_assignments
+from registry.store import open_client
+
+tracking_uri_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking/registry URI (default: sqlite:///./.lantern/mlflow.db; env MLFLOW_TRACKING_URI).",
+)
+set_option = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                          help="Inference setting, e.g. --set valid_crop_size=192 (repeatable).")
+
+
+def _time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
+
+
+@click.command()
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="safetensors or torch state_dict.")
+@click.option("--arch", required=True, type=click.Choice(sorted(ARCHITECTURES)), help="Architecture to rebuild.")
+@click.option("--labels", "labels_file", required=True, type=click.Path(dir_okay=False),
+              help="Labels: one per line, or a JSON list.")
+@click.option("--task", required=True, type=click.Choice(TASKS))
+@set_option
+@click.option("--alias", default=None, help="Point this alias (e.g. champion) at the new version.")
+@click.option("--num-classes", type=int, default=None, help="Expected number of classes (default: from labels).")
+@click.option("--gradcam-layer", default=None, help="Module name for Grad-CAM (default: last conv stage).")
+@click.option("--parity-tolerance", type=float, default=DEFAULT_PARITY_TOLERANCE, show_default=True,
+              help="Largest accepted ONNX-vs-torch logit difference.")
+@tracking_uri_option
+@user_errors
+def register(name: str, checkpoint: str, arch: str, labels_file: str, task: str, assignments: tuple[str, ...],
+             alias: str | None, num_classes: int | None, gradcam_layer: str | None, parity_tolerance: float,
+             tracking_uri: str | None) -> None:
+    """Check a checkpoint (weights fit, ONNX parity) and register it as a new MLflow model version."""
+    result = register_checkpoint(
+        name, checkpoint, arch, read_labels(labels_file), task, parse_assignments(assignments),
+        alias=alias, num_classes=num_classes, gradcam_layer=gradcam_layer, parity_tolerance=parity_tolerance,
+        tracking_uri=tracking_uri, progress=StepProgress(),
+    )
+    alias_note = f" (alias @{result.alias})" if result.alias else ""
+    console.print(f"Registered [bold]{result.uri}[/bold]{alias_note}; ONNX max abs diff {result.onnx_max_abs_diff:.3g}")
+    stdout.print(result.uri)
+
+
+@click.group()
+def models() -> None:
+    """List, inspect, alias and re-configure registered models."""
+
+
+@models.command("list")
+@tracking_uri_option
+@user_errors
+def list_models(tracking_uri: str | None) -> None:
+    """Registered models with their latest version and aliases."""
+    client = open_client(tracking_uri)
+    table = Table("name", "latest", "versions", "aliases", "updated")
+    for model in client.search_registered_models(order_by=["name ASC"]):
+        versions = list(client.search_model_versions(f"name='{model.name}'"))
+        latest = max((int(v.version) for v in versions), default=0)
+        aliases = ", ".join(f"@{alias}={version}" for alias, version in sorted(model.aliases.items()))
+        table.add_row(model.name, str(latest or "-"), str(len(versions)), aliases or "-",
+                      _time(model.last_updated_timestamp))
+    stdout.print(table)
+
+
+@models.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@tracking_uri_option
+@user_errors
+def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
+    """Show a version: REF is NAME (latest), NAME/VERSION, NAME@ALIAS or a models:/ URI."""
+    client = open_client(tracking_uri)
+    downloaded = download_version(client, parse_model_ref(ref))
+    version, files = downloaded.version, downloaded.files
+    spec = files.read_spec()
+    info = {
+        "uri": f"models:/{version.name}/{version.version}",
+        "name": version.name,
+        "version": int(version.version),
+        "aliases": sorted(version.aliases),
+        "created": _time(version.creation_timestamp),
+        "source_run": version.run_id,
+        "spec": spec.model_dump(mode="json"),
+        "settings": files.read_settings(spec.task).model_dump(mode="json"),
+        "labels": files.read_labels(),
+        "onnx_max_abs_diff": float(version.tags["lantern.onnx_max_abs_diff"]),
+        "derived_from": version.tags.get("lantern.derived_from"),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    table = Table(show_header=False, title=info["uri"])
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        if isinstance(value, dict):
+            shown = "\n".join(f"{k} = {v}" for k, v in value.items())
+        table.add_row(key, "-" if shown in (None, "") else str(shown))
+    stdout.print(table)
+
+
+@models.command("alias")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=int)
+@tracking_uri_option
+@user_errors
+def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -> None:
+    """Point ALIAS of NAME at VERSION (moving it if it pointed elsewhere)."""
+    client = open_client(tracking_uri)
+    validate_alias(alias)
+    resolve_version(client, f"models:/{name}/{version}")
+    client.set_registered_model_alias(name, alias, str(version))
+    console.print(f"models:/{name}@{alias} -> version {version}")
+
+
+@models.command("settings")
+@click.argument("name")
+@click.argument("version", type=int)
+@set_option
+@tracking_uri_option
+@user_errors
+def settings_model(name: str, version: int, assignments: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Register a NEW version of NAME with VERSION's weights and updated settings (VERSION is untouched)."""
+    if not assignments:
+        raise click.UsageError("give at least one --set key=value")
+    result = register_settings_update(name, version, parse_assignments(assignments), tracking_uri=tracking_uri,
+                                      progress=StepProgress())
+    console.print(f"Registered [bold]{result.uri}[/bold] with the new settings (from {name}/{version})")
+    stdout.print(result.uri)

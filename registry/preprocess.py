@@ -1,0 +1,44 @@
+"""Classification preprocessing from a version's settings and spec: resize the shorter side, center-crop, normalise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from registry.settings import ClassificationSettings
+from registry.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Turns decoded images into the model's normalised input tensor; one object per model version."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, settings: ClassificationSettings) -> "Preprocess":
+        return cls(settings.valid_resize_size, settings.valid_crop_size, spec.normalize_mean, spec.normalize_std)
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The resized, center-cropped RGB image the model sees (also what explanations are drawn on)."""
+        resized = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return F.center_crop(resized, [self.crop_size, self.crop_size])
+
+    def normalize(self, cropped: Image.Image) -> torch.Tensor:
+        """A [3, crop, crop] float tensor, normalised with the spec's mean and std."""
+        tensor = F.to_dtype(F.pil_to_tensor(cropped), torch.float32, scale=True)
+        return F.normalize(tensor, list(self.mean), list(self.std))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.crop(image))
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """A [N, 3, crop, crop] batch."""
+        return torch.stack([self(image) for image in images])
