@@ -19,27 +19,30 @@ from registry.errors import ParityError
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_PARITY_TOLERANCE = 1e-3
+OPSET = 17
 
 
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
-    """Export `model` (eval mode, CPU) to ONNX at `path`, with dynamic batch, height and width."""
+    """Export `model` (eval mode, CPU) to ONNX at `path`, with dynamic batch, height and width.
+
+    Uses torch's TorchScript-based exporter: for these CNNs it gives the same graph quality as the dynamo exporter
+    in about a twentieth of the time (1 s instead of 15-30 s for mobilenet/efficientnet/resnet50)."""
     model = model.eval().cpu()
     example = torch.randn(2, 3, image_size, image_size)
-    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        torch.onnx.export(
             model,
             (example,),
-            dynamo=True,
-            verbose=False,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch, 2: height, 3: width},),
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
         )
-    program.save(str(path))
     return Path(path)
 
 

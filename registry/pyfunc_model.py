@@ -41,6 +41,8 @@ def _image_bytes(value: Any) -> bytes:
 class LanternImageModel(mlflow.pyfunc.PythonModel):
     """Predicts labels and probabilities with the version's ONNX model and preprocessing settings."""
 
+    _skip_type_hint_validation = True  # the signature is given explicitly when the model is logged
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         files = ModelFiles.from_artifacts(context.artifacts)
         self.spec = files.read_spec()

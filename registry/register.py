@@ -185,7 +185,7 @@ def register_checkpoint(
         files = ModelFiles.in_dir(workdir)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files.weights))
         write_metadata(files, spec, labels, settings)
-        with progress.step("Exporting ONNX (dynamic batch axis)"):
+        with progress.step("Exporting ONNX (dynamic batch and image axes)"):
             export_onnx(model, settings.valid_crop_size, files.onnx)
         with progress.step("Checking ONNX Runtime against torch"):
             parity = parity_max_abs_diff(model, files.onnx, settings.valid_crop_size)

@@ -15,11 +15,11 @@ from training.datasets import Example, ImageDataset
 
 
 def train_transform(size: int, spec: ModelSpec) -> v2.Compose:
-    """Random resized crop + horizontal flip + colour jitter, then normalisation."""
+    """Random resized crop + horizontal flip + mild colour jitter, then normalisation."""
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
+        v2.ColorJitter(0.1, 0.1, 0.1),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(spec.normalize_mean), list(spec.normalize_std)),
     ])

@@ -1,0 +1,77 @@
+"""Shared fixtures: a temporary MLflow store and Lantern home per test, small checkpoints, shapes data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry.architectures import SmallCNN
+
+LABELS = ["circle", "square", "triangle"]
+SMALL_SETTINGS = {"valid_resize_size": 40, "valid_crop_size": 32}
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def lantern_executable() -> str:
+    """The `lantern` console script installed beside this interpreter."""
+    return str(Path(sys.executable).with_name("lantern"))
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store and Lantern home in a temp dir; returns the tracking URI."""
+    home = tmp_path / "lantern-home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch.setenv("LANTERN_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Like `store`, shared by the tests of one module (for read-only checks on registered versions)."""
+    home = tmp_path_factory.mktemp("module-store") / "lantern-home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LANTERN_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def small_model() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN(len(LABELS)).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, small_model: SmallCNN) -> dict[str, Path]:
+    """The same small CNN weights as a torch state dict and as safetensors, plus a labels file."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    state = small_model.state_dict()
+    torch.save(state, folder / "small.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "small.safetensors"))
+    (folder / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    return {"pt": folder / "small.pt", "safetensors": folder / "small.safetensors", "labels": folder / "labels.txt"}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small multi-class shapes dataset on disk."""
+    from training.shapes import ShapesConfig, write_shapes_dataset
+
+    folder = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(folder, ShapesConfig(count=12, image_size=48, seed=3))
+    return folder
+
+
+def env_without_store() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LANTERN_HOME")}

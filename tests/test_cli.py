@@ -1,0 +1,96 @@
+"""The `lantern` command line, run as a user runs it (the installed console script in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import env_without_store, lantern_executable
+
+
+def lantern(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([lantern_executable(), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def register_args(checkpoints: dict[str, Path], *extra: str) -> list[str]:
+    return ["register", "--name", "shapes", "--checkpoint", str(checkpoints["pt"]), "--arch", "small_cnn",
+            "--labels", str(checkpoints["labels"]), "--task", "multiclass",
+            "--set", "valid_resize_size=40", "--set", "valid_crop_size=32", *extra]
+
+
+def test_register_show_alias_settings_and_list(store, checkpoints):
+    out = lantern(*register_args(checkpoints, "--alias", "champion"))
+    assert out.stdout.strip() == "models:/shapes/1"
+    assert "Exporting ONNX" in out.stderr and "Checking ONNX Runtime against torch" in out.stderr
+
+    shown = json.loads(lantern("models", "show", "shapes@champion", "--json").stdout)
+    assert shown["version"] == 1 and shown["aliases"] == ["champion"]
+    assert shown["spec"]["arch"] == "small_cnn" and shown["spec"]["gradcam_layer"] == "features.3"
+    assert shown["settings"] == {"valid_resize_size": 40, "valid_crop_size": 32}
+    assert shown["labels"] == ["circle", "square", "triangle"]
+    assert shown["onnx_max_abs_diff"] < 1e-3 and shown["source_run"]
+
+    assert lantern("models", "settings", "shapes", "1", "--set", "valid_crop_size=24").stdout.strip() == "models:/shapes/2"
+    assert json.loads(lantern("models", "show", "shapes/1", "--json").stdout)["settings"]["valid_crop_size"] == 32
+    assert json.loads(lantern("models", "show", "shapes", "--json").stdout)["settings"]["valid_crop_size"] == 24
+
+    lantern("models", "alias", "shapes", "champion", "2")
+    assert json.loads(lantern("models", "show", "models:/shapes@champion", "--json").stdout)["version"] == 2
+    table = lantern("models", "list").stdout
+    assert "shapes" in table and "@champion=2" in table
+    assert "models:/shapes" in lantern("models", "show", "shapes/2").stdout
+
+
+def test_errors_are_clear_messages_with_exit_status_2(store, checkpoints, tmp_path):
+    bad_labels = tmp_path / "labels.txt"
+    bad_labels.write_text("a\nb\n")
+    result = lantern("register", "--name", "shapes", "--checkpoint", str(checkpoints["pt"]), "--arch", "small_cnn",
+                     "--labels", str(bad_labels), "--task", "multiclass", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "classifier.weight: checkpoint (3, 128) vs model (2, 128)" in result.stderr.replace("\n", " ")
+    result = lantern("models", "settings", "shapes", "1", "--set", "valid_crop_size=24", check=False)
+    assert result.returncode == 2 and "no registered model named 'shapes'" in result.stderr
+    result = lantern(*register_args(checkpoints, "--set", "crop=3"), check=False)
+    assert result.returncode == 2 and "crop: unknown setting" in result.stderr
+
+
+def test_tracking_uri_flag_points_the_registry_elsewhere(tmp_path, checkpoints):
+    other = f"sqlite:///{tmp_path / 'elsewhere' / 'registry.db'}"
+    env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / "home")}
+    lantern(*register_args(checkpoints, "--tracking-uri", other), env=env)
+    assert [m.name for m in MlflowClient(other, other).search_registered_models()] == ["shapes"]
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+    assert "shapes" in lantern("models", "list", "--tracking-uri", other, env=env).stdout
+
+
+def test_concurrent_registrations_each_get_their_own_version(store, checkpoints):
+    processes = [
+        subprocess.Popen([lantern_executable(), *register_args(checkpoints)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
+    uris = sorted(out.strip() for out, _ in outputs)
+    assert uris == [f"models:/shapes/{v}" for v in range(1, 5)]
+    versions = MlflowClient(store, store).search_model_versions("name='shapes'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
+    assert len({v.run_id for v in versions}) == 4
+
+
+def test_demo_command_trains_registers_and_shows(tmp_path):
+    env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / ".lantern")}
+    out = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), "--count", "60", "--iterations", "5",
+                  env=env, cwd=tmp_path)
+    assert "validation accuracy" in out.stderr and "Registered models:/shapes-demo/1" in out.stderr
+    assert "models:/shapes-demo/1" in out.stdout and "champion" in out.stdout
+    again = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), env=env, cwd=tmp_path)
+    assert "already registered (version 1)" in again.stderr
