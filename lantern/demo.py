@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from lantern.console import StepProgress, console, user_errors
+from registry.errors import ModelNotFoundError
 from registry.register import register_checkpoint
 from registry.resolve import parse_model_ref, resolve_version
 from registry.spec import make_spec
@@ -47,7 +47,6 @@ def _train(data_dir: Path, checkpoint: Path, iterations: int) -> list[str]:
 @user_errors
 def demo(data_dir: str, count: int, iterations: int) -> None:
     """Make the shapes data, train the demo model, and register it as shapes-demo@champion."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     root = Path(data_dir)
     shapes_dir, checkpoint = root / "shapes", root / "shapes-cnn.safetensors"
     client = open_client()
@@ -56,7 +55,7 @@ def demo(data_dir: str, count: int, iterations: int) -> None:
     try:
         version = resolve_version(client, ref)
         console.print(f"{DEMO_MODEL}@{DEMO_ALIAS} is already registered (version {version.version}); reusing it")
-    except Exception:
+    except ModelNotFoundError:
         if not (shapes_dir / "index.jsonl").is_file():
             with StepProgress().step(f"Drawing {count} shapes images into {shapes_dir}"):
                 write_shapes_dataset(shapes_dir, ShapesConfig(count=count, image_size=IMAGE_SIZE, seed=0))

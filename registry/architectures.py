@@ -66,6 +66,6 @@ def last_conv_layer(model: nn.Module) -> str:
     return names[-1]
 
 
-def default_gradcam_layer(arch: str, model: nn.Module) -> str:
-    """The layer Grad-CAM hooks by default: the last convolutional stage of the architecture."""
-    return ARCHITECTURES[arch].gradcam_layer or last_conv_layer(model)
+def default_gradcam_layer(arch: str, num_classes: int) -> str:
+    """The layer Grad-CAM hooks by default: the last convolutional stage (the model is built only if not known)."""
+    return ARCHITECTURES[arch].gradcam_layer or last_conv_layer(ARCHITECTURES[arch].build(num_classes))

@@ -11,6 +11,7 @@ from rich.table import Table
 from lantern.console import StepProgress, console, stdout, user_errors
 from registry.architectures import ARCHITECTURES
 from registry.labels import read_labels
+from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY
 from registry.onnx_export import DEFAULT_PARITY_TOLERANCE
 from registry.register import register_checkpoint, register_settings_update, validate_alias
 from registry.resolve import download_version, parse_model_ref, resolve_version
@@ -100,8 +101,8 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
         "spec": spec.model_dump(mode="json"),
         "settings": files.read_settings(spec.task).model_dump(mode="json"),
         "labels": files.read_labels(),
-        "onnx_max_abs_diff": float(version.tags["lantern.onnx_max_abs_diff"]),
-        "derived_from": version.tags.get("lantern.derived_from"),
+        "onnx_max_abs_diff": float(version.tags[TAG_PARITY]),
+        "derived_from": version.tags.get(TAG_DERIVED_FROM),
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))

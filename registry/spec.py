@@ -62,5 +62,5 @@ def make_spec(arch: str, num_classes: int, task: str, gradcam_layer: str | None 
     except ValidationError as error:
         raise SpecError(describe_validation_error(error, "model spec")) from None
     if gradcam_layer is None:
-        spec = spec.model_copy(update={"gradcam_layer": default_gradcam_layer(arch, ARCHITECTURES[arch].build(num_classes))})
+        spec = spec.model_copy(update={"gradcam_layer": default_gradcam_layer(arch, num_classes)})
     return spec
