@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
-
 import click
 
 from lantern.demo import demo
@@ -17,10 +13,6 @@ from training.cli import data
 @click.version_option(package_name="lantern")
 def main() -> None:
     """Lantern: deploy image models as managed endpoints and explain their predictions."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 main.add_command(register)

@@ -14,7 +14,7 @@ from registry.labels import read_labels
 from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY
 from registry.onnx_export import DEFAULT_PARITY_TOLERANCE
 from registry.register import register_checkpoint, register_settings_update, validate_alias
-from registry.resolve import download_version, parse_model_ref, resolve_version
+from registry.resolve import download_version, list_versions, parse_model_ref, resolve_version
 from registry.settings import TASKS, parse_assignments
 from registry.store import open_client
 
@@ -72,7 +72,7 @@ def list_models(tracking_uri: str | None) -> None:
     client = open_client(tracking_uri)
     table = Table("name", "latest", "versions", "aliases", "updated")
     for model in client.search_registered_models(order_by=["name ASC"]):
-        versions = list(client.search_model_versions(f"name='{model.name}'"))
+        versions = list_versions(client, model.name)
         latest = max((int(v.version) for v in versions), default=0)
         aliases = ", ".join(f"@{alias}={version}" for alias, version in sorted(model.aliases.items()))
         table.add_row(model.name, str(latest or "-"), str(len(versions)), aliases or "-",

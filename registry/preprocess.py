@@ -26,17 +26,20 @@ class Preprocess:
     def for_model(cls, spec: ModelSpec, settings: ClassificationSettings) -> "Preprocess":
         return cls(settings.valid_resize_size, settings.valid_crop_size, spec.normalize_mean, spec.normalize_std)
 
-    def crop(self, image: Image.Image) -> Image.Image:
-        """The resized, center-cropped RGB image the model sees (also what explanations are drawn on)."""
+    def crop(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        """The resized, center-cropped RGB image the model sees (also what explanations are drawn on).
+
+        Takes a PIL image or a [3, H, W] uint8 tensor, and returns the same kind."""
         resized = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(resized, [self.crop_size, self.crop_size])
 
-    def normalize(self, cropped: Image.Image) -> torch.Tensor:
+    def normalize(self, cropped: Image.Image | torch.Tensor) -> torch.Tensor:
         """A [3, crop, crop] float tensor, normalised with the spec's mean and std."""
-        tensor = F.to_dtype(F.pil_to_tensor(cropped), torch.float32, scale=True)
+        pixels = cropped if isinstance(cropped, torch.Tensor) else F.pil_to_tensor(cropped)
+        tensor = F.to_dtype(pixels, torch.float32, scale=True)
         return F.normalize(tensor, list(self.mean), list(self.std))
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return self.normalize(self.crop(image))
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:

@@ -52,11 +52,7 @@ class LanternImageModel(mlflow.pyfunc.PythonModel):
         self.session = make_session(files.onnx)
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a signature from them
-        """`model_input`: a DataFrame with an `image` column, a dict of columns, or a list of images."""
-        if isinstance(model_input, dict):
-            model_input = pd.DataFrame(model_input)
-        elif isinstance(model_input, list):
-            model_input = pd.DataFrame({"image": model_input})
+        """`model_input`: a DataFrame with an `image` column (MLflow enforces the signature before this runs)."""
         if "image" not in model_input.columns:
             raise LanternError("the input needs an `image` column of base64-encoded image bytes")
         images = [decode_image(_image_bytes(value)) for value in model_input["image"]]

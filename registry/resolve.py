@@ -72,15 +72,16 @@ def resolve_version(client: MlflowClient, ref: ModelRef | str) -> ModelVersion:
     except MlflowException:
         aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "none"
         raise ModelNotFoundError(
-            f"{ref.uri} does not exist; {ref.name} has {len(_versions(client, ref.name))} version(s), aliases: {aliases}"
+            f"{ref.uri} does not exist; {ref.name} has {len(list_versions(client, ref.name))} version(s), aliases: {aliases}"
         ) from None
-    versions = _versions(client, ref.name)
+    versions = list_versions(client, ref.name)
     if not versions:
         raise ModelNotFoundError(f"registered model {ref.name!r} has no versions")
     return max(versions, key=lambda v: int(v.version))
 
 
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+def list_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every registered version of `name`."""
     return list(client.search_model_versions(f"name='{name}'"))
 
 

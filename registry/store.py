@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 from filelock import FileLock
@@ -44,9 +43,6 @@ def artifact_root(uri: str) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, else None."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 

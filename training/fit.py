@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from registry.preprocess import Preprocess
 from registry.spec import ModelSpec, build_module
 from training.datasets import Example, ImageDataset
 
@@ -20,16 +21,6 @@ def train_transform(size: int, spec: ModelSpec) -> v2.Compose:
         v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(0.1, 0.1, 0.1),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(spec.normalize_mean), list(spec.normalize_std)),
-    ])
-
-
-def valid_transform(resize: int, crop: int, spec: ModelSpec) -> v2.Compose:
-    """Resize the shorter side, center-crop, normalise: the same steps the served model applies."""
-    return v2.Compose([
-        v2.Resize(resize, antialias=True),
-        v2.CenterCrop(crop),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(spec.normalize_mean), list(spec.normalize_std)),
     ])
@@ -73,7 +64,8 @@ def fit(spec: ModelSpec, labels: list[str], train: list[Example], val: list[Exam
     train_loader = DataLoader(ImageDataset(train, labels, train_transform(image_size, spec), multilabel, preload=True),
                               batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size,
                               generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(ImageDataset(val, labels, valid_transform(resize, crop, spec), multilabel, preload=True),
+    val_loader = DataLoader(ImageDataset(val, labels, Preprocess(resize, crop, spec.normalize_mean, spec.normalize_std),
+                                         multilabel, preload=True),
                             batch_size=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=iterations, pct_start=0.15)
