@@ -6,7 +6,7 @@ import click
 
 from lantern.demo import demo
 from registry.cli import models, register
-from training.cli import data
+from training.cli import data, train_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,4 +18,5 @@ def main() -> None:
 main.add_command(register)
 main.add_command(models)
 main.add_command(data)
+main.add_command(train_group, name="train")
 main.add_command(demo)

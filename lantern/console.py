@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import click
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines stay whole in files
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes get whole tables
 
 
 class StepProgress:
@@ -31,13 +32,15 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mlflow.exceptions import MlflowException
-
         from registry.errors import LanternError
 
         try:
             return func(*args, **kwargs)
-        except (LanternError, MlflowException) as error:
+        except Exception as error:
+            mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # only when the command used MLflow
+            mlflow_error = mlflow_exceptions is not None and isinstance(error, mlflow_exceptions.MlflowException)
+            if not (isinstance(error, LanternError) or mlflow_error):
+                raise
             console.print(f"[red]Error:[/red] {error}")
             raise click.exceptions.Exit(2) from None
 

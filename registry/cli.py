@@ -11,12 +11,11 @@ from rich.table import Table
 from lantern.console import StepProgress, console, stdout, user_errors
 from registry.architectures import ARCHITECTURES
 from registry.labels import read_labels
-from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY
+from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY, TAG_TRAINING_ITERATION, TAG_TRAINING_SESSION
 from registry.onnx_export import DEFAULT_PARITY_TOLERANCE
-from registry.register import register_checkpoint, register_settings_update, validate_alias
-from registry.resolve import download_version, list_versions, parse_model_ref, resolve_version
 from registry.settings import TASKS, parse_assignments
-from registry.store import open_client
+
+# registry.register/resolve/store import MLflow (seconds): each command imports what it uses when it runs
 
 tracking_uri_option = click.option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
@@ -32,11 +31,15 @@ def _time(ms: int | None) -> str:
 
 @click.command()
 @click.option("--name", required=True, help="Registered model name.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="safetensors or torch state_dict.")
-@click.option("--arch", required=True, type=click.Choice(sorted(ARCHITECTURES)), help="Architecture to rebuild.")
-@click.option("--labels", "labels_file", required=True, type=click.Path(dir_okay=False),
-              help="Labels: one per line, or a JSON list.")
-@click.option("--task", required=True, type=click.Choice(TASKS))
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="safetensors or torch state_dict.")
+@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), help="Architecture to rebuild.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Labels: one per line, or a JSON list.")
+@click.option("--task", type=click.Choice(TASKS))
+@click.option("--from-session", type=click.Path(file_okay=False, exists=True),
+              help="A `lantern train` session directory: register one of its checkpoints (arch, labels, task and "
+                   "settings come from it).")
+@click.option("--checkpoint-iteration", type=int, default=None,
+              help="With --from-session: the checkpoint's iteration (default: the newest).")
 @set_option
 @click.option("--alias", default=None, help="Point this alias (e.g. champion) at the new version.")
 @click.option("--num-classes", type=int, default=None, help="Expected number of classes (default: from labels).")
@@ -45,15 +48,36 @@ def _time(ms: int | None) -> str:
               help="Largest accepted ONNX-vs-torch logit difference.")
 @tracking_uri_option
 @user_errors
-def register(name: str, checkpoint: str, arch: str, labels_file: str, task: str, assignments: tuple[str, ...],
+def register(name: str, checkpoint: str | None, arch: str | None, labels_file: str | None, task: str | None,
+             from_session: str | None, checkpoint_iteration: int | None, assignments: tuple[str, ...],
              alias: str | None, num_classes: int | None, gradcam_layer: str | None, parity_tolerance: float,
              tracking_uri: str | None) -> None:
-    """Check a checkpoint (weights fit, ONNX parity) and register it as a new MLflow model version."""
-    result = register_checkpoint(
-        name, checkpoint, arch, read_labels(labels_file), task, parse_assignments(assignments),
-        alias=alias, num_classes=num_classes, gradcam_layer=gradcam_layer, parity_tolerance=parity_tolerance,
-        tracking_uri=tracking_uri, progress=StepProgress(),
-    )
+    """Check a checkpoint (weights fit, ONNX parity) and register it as a new MLflow model version.
+
+    Give either --checkpoint with --arch, --labels and --task, or --from-session (and --checkpoint-iteration)."""
+    from registry.register import register_checkpoint, register_session_checkpoint
+    if from_session:
+        clashing = [f"--{flag}" for flag, value in (("checkpoint", checkpoint), ("arch", arch), ("labels", labels_file),
+                                                     ("task", task), ("num-classes", num_classes),
+                                                     ("gradcam-layer", gradcam_layer)) if value is not None]
+        if clashing:
+            raise click.UsageError(f"--from-session takes the model from the session; drop {', '.join(clashing)}")
+        result = register_session_checkpoint(
+            name, from_session, checkpoint_iteration, parse_assignments(assignments), alias=alias,
+            parity_tolerance=parity_tolerance, tracking_uri=tracking_uri, progress=StepProgress(),
+        )
+    else:
+        missing = [f"--{flag}" for flag, value in (("checkpoint", checkpoint), ("arch", arch), ("labels", labels_file),
+                                                    ("task", task)) if value is None]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or give --from-session DIR)")
+        if checkpoint_iteration is not None:
+            raise click.UsageError("--checkpoint-iteration needs --from-session")
+        result = register_checkpoint(
+            name, checkpoint, arch, read_labels(labels_file), task, parse_assignments(assignments),
+            alias=alias, num_classes=num_classes, gradcam_layer=gradcam_layer, parity_tolerance=parity_tolerance,
+            tracking_uri=tracking_uri, progress=StepProgress(),
+        )
     alias_note = f" (alias @{result.alias})" if result.alias else ""
     console.print(f"Registered [bold]{result.uri}[/bold]{alias_note}; ONNX max abs diff {result.onnx_max_abs_diff:.3g}")
     stdout.print(result.uri)
@@ -69,6 +93,9 @@ def models() -> None:
 @user_errors
 def list_models(tracking_uri: str | None) -> None:
     """Registered models with their latest version and aliases."""
+    from registry.resolve import list_versions
+    from registry.store import open_client
+
     client = open_client(tracking_uri)
     table = Table("name", "latest", "versions", "aliases", "updated")
     for model in client.search_registered_models(order_by=["name ASC"]):
@@ -87,6 +114,9 @@ def list_models(tracking_uri: str | None) -> None:
 @user_errors
 def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
     """Show a version: REF is NAME (latest), NAME/VERSION, NAME@ALIAS or a models:/ URI."""
+    from registry.resolve import download_version, parse_model_ref
+    from registry.store import open_client
+
     client = open_client(tracking_uri)
     downloaded = download_version(client, parse_model_ref(ref))
     version, files = downloaded.version, downloaded.files
@@ -103,6 +133,8 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
         "labels": files.read_labels(),
         "onnx_max_abs_diff": float(version.tags[TAG_PARITY]),
         "derived_from": version.tags.get(TAG_DERIVED_FROM),
+        "training_session": version.tags.get(TAG_TRAINING_SESSION),
+        "training_iteration": version.tags.get(TAG_TRAINING_ITERATION),
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -124,6 +156,10 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
 @user_errors
 def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -> None:
     """Point ALIAS of NAME at VERSION (moving it if it pointed elsewhere)."""
+    from registry.register import validate_alias
+    from registry.resolve import resolve_version
+    from registry.store import open_client
+
     client = open_client(tracking_uri)
     validate_alias(alias)
     resolve_version(client, f"models:/{name}/{version}")
@@ -139,6 +175,8 @@ def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -
 @user_errors
 def settings_model(name: str, version: int, assignments: tuple[str, ...], tracking_uri: str | None) -> None:
     """Register a NEW version of NAME with VERSION's weights and updated settings (VERSION is untouched)."""
+    from registry.register import register_settings_update
+
     if not assignments:
         raise click.UsageError("give at least one --set key=value")
     result = register_settings_update(name, version, parse_assignments(assignments), tracking_uri=tracking_uri,

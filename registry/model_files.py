@@ -21,6 +21,16 @@ ONNX = "model.onnx"
 TAG_PARITY = "lantern.onnx_max_abs_diff"
 TAG_DERIVED_FROM = "lantern.derived_from"
 ARTIFACT_KEYS = {"weights": WEIGHTS, "spec": SPEC, "labels": LABELS, "settings": SETTINGS, "onnx": ONNX}
+TAG_TRAINING_SESSION = "lantern.training_session"
+TAG_TRAINING_ITERATION = "lantern.training_iteration"
+TAG_TRAINING_RUN = "lantern.training_run_id"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_dir(session_dir: str | Path, iteration: int) -> Path:
+    """Where a training session keeps its checkpoint at `iteration`: weights, spec, labels and settings as in a
+    registered version (registry reads it for `lantern register --from-session`; training writes it)."""
+    return Path(session_dir) / CHECKPOINTS_DIR / f"iteration-{iteration:08d}"
 
 
 @dataclass(frozen=True)

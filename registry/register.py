@@ -23,9 +23,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from registry.checkpoint import fit_state_dict, load_state_dict
-from registry.errors import SpecError
+from registry.errors import CheckpointError, SpecError
 from registry.labels import validate_labels
-from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY, ModelFiles, write_metadata
+from registry.model_files import (
+    CHECKPOINTS_DIR,
+    SPEC,
+    TAG_DERIVED_FROM,
+    TAG_PARITY,
+    TAG_TRAINING_ITERATION,
+    TAG_TRAINING_SESSION,
+    WEIGHTS,
+    ModelFiles,
+    checkpoint_dir,
+    write_metadata,
+)
 from registry.onnx_export import DEFAULT_PARITY_TOLERANCE, check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
 from registry.resolve import download_version
@@ -163,6 +174,7 @@ def register_checkpoint(
     parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
     tracking_uri: str | None = None,
     progress: Progress | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RegisteredVersion:
     """Check a checkpoint end to end and register it as a new version of `name`; returns the version."""
     progress = progress or SilentProgress()
@@ -194,9 +206,52 @@ def register_checkpoint(
         with progress.step(f"Logging to MLflow and registering {name}"):
             params = {"arch": arch, "task": task, "num_classes": len(labels), "gradcam_layer": spec.gradcam_layer,
                       "checkpoint": Path(checkpoint).name, **settings.model_dump()}
-            return _log_and_register(client, name, files, spec, parity, params, alias, {})
+            return _log_and_register(client, name, files, spec, parity, params, alias, dict(tags or {}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def latest_session_iteration(session_dir: str | Path) -> int:
+    """The iteration of the newest complete checkpoint of a training session."""
+    iterations = _session_iterations(session_dir)
+    if not iterations:
+        raise CheckpointError(f"{session_dir} holds no training checkpoints")
+    return iterations[-1]
+
+
+def register_session_checkpoint(
+    name: str,
+    session_dir: str | Path,
+    iteration: int | None = None,
+    settings_overrides: dict[str, Any] | None = None,
+    *,
+    alias: str | None = None,
+    parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
+    tracking_uri: str | None = None,
+    progress: Progress | None = None,
+    tags: dict[str, str] | None = None,
+) -> RegisteredVersion:
+    """Register a training session's checkpoint at `iteration` (default: the newest) with its spec, labels and
+    settings (plus `settings_overrides`)."""
+    iteration = latest_session_iteration(session_dir) if iteration is None else iteration
+    folder = checkpoint_dir(session_dir, iteration)
+    if not (folder / SPEC).is_file():
+        available = ", ".join(str(i) for i in _session_iterations(session_dir)) or "none"
+        raise CheckpointError(f"{session_dir} has no checkpoint at iteration {iteration}; it has: {available}")
+    files = ModelFiles.in_dir(folder)
+    spec = files.read_spec()
+    settings = {**files.read_settings(spec.task).model_dump(), **(settings_overrides or {})}
+    session_tags = {TAG_TRAINING_SESSION: str(Path(session_dir).resolve()), TAG_TRAINING_ITERATION: str(iteration)}
+    return register_checkpoint(
+        name, files.weights, spec.arch, files.read_labels(), spec.task, settings, alias=alias,
+        gradcam_layer=spec.gradcam_layer, parity_tolerance=parity_tolerance, tracking_uri=tracking_uri,
+        progress=progress, tags={**session_tags, **(tags or {})},
+    )
+
+
+def _session_iterations(session_dir: str | Path) -> list[int]:
+    folders = (Path(session_dir) / CHECKPOINTS_DIR).glob("iteration-*")
+    return sorted(int(f.name.removeprefix("iteration-")) for f in folders if (f / SPEC).is_file() and (f / WEIGHTS).is_file())
 
 
 def register_settings_update(

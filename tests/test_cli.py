@@ -90,7 +90,7 @@ def test_demo_command_trains_registers_and_shows(tmp_path):
     env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / ".lantern")}
     out = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), "--count", "60", "--iterations", "5",
                   env=env, cwd=tmp_path)
-    assert "validation accuracy" in out.stderr and "Registered models:/shapes-demo/1" in out.stderr
+    assert "val_accuracy" in out.stderr and "Registered models:/shapes-demo/1" in out.stderr
     assert "models:/shapes-demo/1" in out.stdout and "champion" in out.stdout
     again = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), env=env, cwd=tmp_path)
     assert "already registered (version 1)" in again.stderr

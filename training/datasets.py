@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,24 @@ def read_examples(source: str | Path) -> list[Example]:
     raise LanternError(f"no dataset at {source}: give a JSONL index or a folder with one sub-folder per class")
 
 
+def holdout_split(examples: list[Example], fraction: float, root: Path) -> tuple[list[Example], list[Example]]:
+    """Split into (train, validation): the validation share is the `fraction` of examples whose path (relative to
+    `root`) hashes lowest, so the split is deterministic and an image keeps its side when others are added."""
+    if len(examples) < 2:
+        raise LanternError(f"need at least 2 images to hold some out for validation, found {len(examples)}")
+
+    def key(example: Example) -> str:
+        try:
+            name = example.path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            name = example.path.as_posix()
+        return hashlib.sha1(name.encode()).hexdigest()
+
+    count = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
+    held_out = {id(e) for e in sorted(examples, key=key)[:count]}
+    return [e for e in examples if id(e) not in held_out], [e for e in examples if id(e) in held_out]
+
+
 def label_set(examples: list[Example]) -> list[str]:
     """Sorted distinct labels of `examples`."""
     return sorted({label for example in examples for label in example.labels})
@@ -84,7 +103,8 @@ def load_uint8(path: Path) -> torch.Tensor:
 class ImageDataset(Dataset):
     """Examples as (image tensor, target) pairs: a class index for multi-class, a 0/1 vector for multi-label.
 
-    `transform` receives a [3, H, W] uint8 tensor. With `preload`, every image is decoded once, up front."""
+    `transform` receives a [3, H, W] uint8 tensor and must be deterministic: with `preload`, every image is decoded
+    and transformed once, up front."""
 
     def __init__(self, examples: list[Example], labels: list[str], transform, multilabel: bool,
                  preload: bool = False) -> None:
@@ -93,14 +113,14 @@ class ImageDataset(Dataset):
         unknown = sorted({label for e in examples for label in e.labels} - set(self.index))
         if unknown:
             raise LanternError(f"the data has labels the model does not know: {', '.join(unknown[:10])}")
-        self.cache = [load_uint8(e.path) for e in examples] if preload else None
+        self.cache = [transform(load_uint8(e.path)) for e in examples] if preload else None
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         example = self.examples[i]
-        tensor = self.transform(self.cache[i] if self.cache is not None else load_uint8(example.path))
+        tensor = self.cache[i] if self.cache is not None else self.transform(load_uint8(example.path))
         if self.multilabel:
             target = torch.zeros(len(self.index))
             target[[self.index[label] for label in example.labels]] = 1.0
