@@ -52,6 +52,7 @@ class RunOptions(BaseModel):
     report_interval: int | None = Field(None, ge=1, description="default: a fifth of the checkpoint interval")
     device: str = "auto"
     loader_workers: int | None = Field(None, ge=0, description="default: 0 for preloaded data, else up to 4")
+    preload: bool | None = Field(None, description="decode every image once up front (default: when under 2 GiB)")
     mlflow: bool = True
     tracking_uri: str | None = None
     handle_signals: bool = True
@@ -317,7 +318,7 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
 
-    preload = _should_preload(p.data, config.image_size)
+    preload = options.preload if options.preload is not None else _should_preload(p.data, config.image_size)
     train_set = ImageDataset(p.data.train, p.labels, TrainImage(config.image_size), multilabel, preload=preload)
     val_set = ImageDataset(p.data.val, p.labels, Preprocess.for_model(p.spec, p.settings).crop, multilabel,
                            preload=preload)
@@ -326,7 +327,8 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
     workers = _loader_workers(options.loader_workers, preload)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_sampler=plan, num_workers=workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size), num_workers=workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size), num_workers=workers, pin_memory=pin,
+                            persistent_workers=workers > 0)
 
     checkpoint_interval = options.checkpoint_interval or max(1, math.ceil(total / 10))
     report_interval = options.report_interval or max(1, checkpoint_interval // 5)
