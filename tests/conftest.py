@@ -75,3 +75,18 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def env_without_store() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LANTERN_HOME")}
+
+
+MINUTE_ITERATIONS = 1000  # about a minute of training on a 2-core CPU
+
+
+@pytest.fixture(scope="session")
+def trained_shapes(tmp_path_factory: pytest.TempPathFactory):
+    """The small CNN trained for about a minute on 3000 shapes images at 64 px (shared by the tests that need a
+    model that has learnt something: the accuracy test and the explanation quality tests)."""
+    from training.loop import RunOptions, train
+
+    session_dir = tmp_path_factory.mktemp("trained-shapes") / "session"
+    config = {"data": "shapes:3000", "arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
+    return train(session_dir, config, RunOptions(iterations=MINUTE_ITERATIONS, checkpoint_interval=250,
+                                                 report_interval=50, mlflow=False))

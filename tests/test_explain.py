@@ -1,0 +1,273 @@
+"""Explanations: parameters, integrated gradients vs captum, completeness, guided methods on real architectures,
+multi-label targets, encodings, the 2 x 2 visualisation, and the pointing game on a trained shapes model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
+from PIL import Image
+from scipy import ndimage
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.encoding import decode_npy_base64
+from explain.guided import guided_backprop
+from explain.params import ExplainError, parse_params
+from registry.architectures import ARCHITECTURES, SmallCNN
+from registry.model_files import WEIGHTS, ModelFiles
+from registry.preprocess import Preprocess
+from registry.spec import build_module
+from training.datasets import load_uint8
+from training.loop import TrainResult
+from training.session import Session
+
+
+@pytest.fixture(scope="module")
+def cnn() -> SmallCNN:
+    torch.manual_seed(1)
+    return SmallCNN(3).eval()
+
+
+def image_tensor(seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / max(float(b.norm()), 1e-30))
+
+
+def test_parameters_are_validated_with_clear_messages() -> None:
+    assert parse_params("integrated_gradients").model_dump() == {
+        "smoothgrad_samples": 0, "smoothgrad_stdev": 0.2, "n_steps": 50, "approximation_method": "riemann_middle",
+        "internal_batch_size": None}
+    cases = [
+        ("integrated_gradients", {"n_steps": 1}, "n_steps: Input should be greater than or equal to 2"),
+        ("integrated_gradients", {"approximation_method": "simpson"}, "'riemann_middle' or 'gausslegendre'"),
+        ("integrated_gradients", {"nsteps": 10}, "nsteps: not a parameter of integrated_gradients (accepted: "),
+        ("guided_backprop", {"n_steps": 10}, "n_steps: not a parameter of guided_backprop"),
+        ("integrated_gradients", {"smoothgrad_samples": -1}, "smoothgrad_samples"),
+        ("saliency_magic", {}, "unknown explanation method 'saliency_magic'; accepted: integrated_gradients"),
+    ]
+    for method, values, message in cases:
+        with pytest.raises(ExplainError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_params(method, values)
+
+
+def test_integrated_gradients_equals_captum_and_is_batch_invariant(cnn: SmallCNN) -> None:
+    x = image_tensor()
+    ours = attribute(cnn, x, "integrated_gradients", {"n_steps": 24, "internal_batch_size": 7})
+    black = ((torch.zeros(3) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    reference = IntegratedGradients(cnn).attribute(x[None], baselines=black.expand(1, 3, 32, 32), target=ours.targets,
+                                                   n_steps=24, method="riemann_middle")
+    assert torch.allclose(ours.attributions, reference, rtol=1e-5, atol=1e-7)
+    unbatched = attribute(cnn, x, "integrated_gradients", {"n_steps": 24})
+    assert torch.allclose(unbatched.attributions, ours.attributions, rtol=1e-5, atol=1e-7)
+    assert ours.fidelity.internal_batch_size == 7 and unbatched.fidelity.internal_batch_size >= 24
+    assert ours.targets == [int(cnn(x[None]).argmax())]
+    assert ours.attributions.shape == (1, 3, 32, 32)
+
+
+def test_completeness_is_measured_and_shrinks_with_more_steps(cnn: SmallCNN) -> None:
+    x = image_tensor(1)
+    black = ((torch.zeros(3) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    errors = []
+    for steps in (20, 50, 200):
+        explanation = attribute(cnn, x, "integrated_gradients", {"n_steps": steps,
+                                                                 "approximation_method": "gausslegendre"})
+        report = explanation.fidelity
+        with torch.no_grad():
+            gap = report.target_scores[0] - float(cnn(black.expand(1, 3, 32, 32))[0, report.targets[0]])
+        assert report.completeness_error[0] == pytest.approx(
+            abs(float(explanation.attributions.sum()) - gap) / abs(gap), rel=1e-3, abs=1e-6)
+        errors.append(report.completeness_error[0])
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_smoothgrad_averages_noisy_copies(cnn: SmallCNN) -> None:
+    x = image_tensor(3)
+    plain = attribute(cnn, x, "integrated_gradients", {"n_steps": 8})
+    torch.manual_seed(0)
+    smooth = attribute(cnn, x, "integrated_gradients", {"n_steps": 8, "smoothgrad_samples": 3})
+    assert smooth.attributions.shape == plain.attributions.shape
+    assert relative_difference(smooth.attributions, plain.attributions) > 1e-3
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("small_cnn", {"ReLU modules": 4}),
+    ("resnet18", {"ReLU modules": 9}),  # torchvision reuses one in-place ReLU per block
+    ("mobilenet_v3_small", {"ReLU modules": 14, "Hardswish modules": 19}),
+    ("efficientnet_b0", {"SiLU modules": 49}),
+])
+def test_guided_methods_on_real_architectures(arch: str, expected: dict[str, int]) -> None:
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch].build(3).eval()
+    x = torch.randn(3, 64, 64)
+    inplace_before = {name for name, m in model.named_modules() if getattr(m, "inplace", False)}
+    backprop = attribute(model, x, "guided_backprop", targets=[1])
+    cam = attribute(model, x, "guided_gradcam", targets=[1], gradcam_layer=ARCHITECTURES[arch].gradcam_layer)
+    guided = backprop.fidelity.guided_activations["guided"]
+    assert {k: guided[k] for k in expected} == expected
+    assert guided["relu calls"] >= expected.get("ReLU modules", 0)
+    plain = Saliency(model).attribute(x[None], target=1, abs=False)
+    assert relative_difference(backprop.attributions, plain) > 1e-3, "guided backprop must differ from the gradient"
+    assert torch.isfinite(cam.attributions).all() and cam.attributions.abs().sum() > 0
+    assert {name for name, m in model.named_modules() if getattr(m, "inplace", False)} == inplace_before
+    assert any("sanity check" in note for note in backprop.fidelity.notes)
+
+
+def test_reused_in_place_relus_give_the_same_map_as_separate_modules() -> None:
+    torch.manual_seed(0)
+    model = ARCHITECTURES["resnet18"].build(3).eval()
+    separate = copy.deepcopy(model)
+    for block in [separate.layer1, separate.layer2, separate.layer3, separate.layer4]:
+        for unit in block:
+            unit.relu = nn.Identity()  # replaced below by distinct, out-of-place modules
+            unit.relu1, unit.relu2 = nn.ReLU(), nn.ReLU()
+
+            def forward(self, x, unit=unit):  # noqa: ANN001
+                identity = x if self.downsample is None else self.downsample(x)
+                out = self.relu1(self.bn1(self.conv1(x)))
+                return self.relu2(self.bn2(self.conv2(out)) + identity)
+
+            unit.forward = forward.__get__(unit)
+    separate.relu = nn.ReLU()
+    x = torch.randn(1, 3, 64, 64)
+    ours, _census = guided_backprop(model, x, [2])
+    reference = GuidedBackprop(separate).attribute(x, target=2)
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-10)
+
+
+def test_functional_relu_calls_are_guided_too(cnn: SmallCNN) -> None:
+    class Functional(SmallCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.features:
+                x = F.relu(block[1](block[0](x)))
+                x = block[3](x) if len(block) > 3 else x
+            return self.classifier(self.pool(x).flatten(1))
+
+    functional = Functional(3).eval()
+    functional.load_state_dict(cnn.state_dict())
+    x = image_tensor(5)[None]
+    ours, census = guided_backprop(functional, x, [0])
+    reference = GuidedBackprop(cnn).attribute(x, target=0)
+    assert torch.allclose(ours, reference, atol=1e-7)
+    assert census["guided"]["relu calls"] == 4
+    assert not torch.allclose(GuidedBackprop(functional).attribute(x, target=0), reference, atol=1e-7)
+
+
+def test_targets_multilabel_and_errors(cnn: SmallCNN) -> None:
+    x = image_tensor(2)
+    logits = cnn(x[None])[0]
+    everything = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=0.0)
+    assert everything.targets == [i for i in range(3) if torch.sigmoid(logits[i]) >= 0.0]
+    assert everything.attributions.shape == (3, 3, 32, 32)
+    some = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=float(torch.sigmoid(logits).max()))
+    assert some.targets == [int(logits.argmax())]
+    none = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=1.0)
+    assert none.targets == [] and none.attributions.shape[0] == 0 and "nothing to explain" in none.fidelity.notes[0]
+    named = attribute(cnn, x, "integrated_gradients", {"n_steps": 4}, targets=[2])
+    assert named.targets == [2]
+    with pytest.raises(ExplainError, match="target class 3 does not exist; the model has classes 0..2"):
+        attribute(cnn, x, "guided_backprop", targets=[3])
+    with pytest.raises(ExplainError, match="no layer 'features.9'"):
+        attribute(cnn, x, "guided_gradcam", gradcam_layer="features.9")
+    with pytest.raises(ExplainError, match=r"\[3, H, W\]"):
+        attribute(cnn, torch.randn(2, 3, 32, 32), "guided_backprop")
+
+
+def test_encodings_and_the_two_by_two_png(cnn: SmallCNN) -> None:
+    explanation = attribute(cnn, image_tensor(4), "integrated_gradients", {"n_steps": 8})
+    values = explanation.attributions[0].numpy()
+    as_list = np.array(explanation.encoded_attributions(0, "float32"))
+    assert as_list.shape == (3, 32, 32) and np.allclose(as_list, values)
+    half = np.array(explanation.encoded_attributions(0, "float16"))
+    assert np.allclose(half, values.astype(np.float16).astype(np.float32))
+    npy = decode_npy_base64(explanation.encoded_attributions(0, "npy_base64"))
+    assert npy.dtype == np.float16 and np.array_equal(npy, values.astype(np.float16))
+    assert explanation.encoded_attributions(0, "none") is None
+
+    png = Image.open(io.BytesIO(explanation.visualization_png()))
+    assert png.format == "PNG" and png.size == (2 * 224, 2 * 224)  # 32 px panels enlarged 7x
+    grid = np.asarray(png.convert("RGB"))
+    original = grid[:224:7, :224:7]
+    assert np.array_equal(original, explanation.image)
+    heat = grid[:224, 224:].reshape(-1, 3).astype(int)
+    assert (heat[:, 0] <= heat[:, 1] + 1).mean() > 0.5 or (heat[:, 2] > 200).any()  # blue-green-yellow-white
+    masked = grid[224::7, 224::7]
+    kept = (masked.sum(axis=2) > 0).mean()
+    assert 0.25 <= kept <= 0.35  # the top 30 % of the pixels
+    assert explanation.visualization_base64().startswith("iVBORw0KGgo")  # base64 of the PNG signature
+
+
+def _trained_model(trained: TrainResult) -> tuple[nn.Module, Preprocess, list, object, object]:
+    from training.sources import load_data
+
+    session = Session(trained.session_dir)
+    meta = session.read_meta()
+    checkpoint = session.latest().path
+    model = build_module(meta.spec)
+    model.load_state_dict(load_file(str(checkpoint / WEIGHTS)))
+    settings = ModelFiles.in_dir(checkpoint).read_settings(meta.spec.task)
+    validation = load_data(meta.config, session.dir / "data").val
+    return model.eval(), Preprocess.for_model(meta.spec, settings), validation, meta.spec, settings
+
+
+def test_completeness_below_one_percent_with_gausslegendre_50(trained_shapes: TrainResult,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    model, preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
+    errors = [
+        attribute(model, preprocess(load_uint8(example.path)), "integrated_gradients",
+                  {"n_steps": 50, "approximation_method": "gausslegendre"}).fidelity.completeness_error[0]
+        for example in validation[:30]
+    ]
+    with capsys.disabled():
+        print(f"\nIG completeness error, gausslegendre 50 steps, trained small CNN, 30 validation images: "
+              f"median {np.median(errors):.2%}, mean {np.mean(errors):.2%}, max {np.max(errors):.2%}")
+    assert np.median(errors) < 0.01
+
+
+POINTING_TOLERANCE_AT_224 = 15
+
+
+def _crop_mask(mask_path: Path, resize: int, crop: int) -> np.ndarray:
+    mask = torch.from_numpy(np.asarray(Image.open(mask_path)))[None]
+    mask = TF.resize(mask, [resize], interpolation=InterpolationMode.NEAREST)
+    return TF.center_crop(mask, [crop, crop])[0].numpy()
+
+
+@pytest.mark.parametrize("method", ["guided_gradcam", "integrated_gradients"])
+def test_pointing_game_on_the_trained_shapes_model(trained_shapes: TrainResult, method: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    model, preprocess, validation, spec, settings = _trained_model(trained_shapes)
+    validation = validation[:150]
+    tolerance = POINTING_TOLERANCE_AT_224 * settings.valid_crop_size / 224  # TorchRay's 15 px, scaled to the crop
+    hits = strict_hits = 0
+    for example in validation:
+        cropped = preprocess.crop(load_uint8(example.path))
+        x = preprocess.normalize(cropped)
+        explanation = attribute(model, x, method, gradcam_layer=spec.gradcam_layer,
+                                image=cropped.permute(1, 2, 0).numpy())
+        scores = np.abs(explanation.attributions[0].numpy().sum(axis=0))  # raw: the display scale saturates ties
+        peak = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        mask = _crop_mask(example.mask, settings.valid_resize_size, settings.valid_crop_size) > 0
+        distance = ndimage.distance_transform_edt(~mask)[peak]  # 0 inside the object
+        hits += int(distance <= tolerance)
+        strict_hits += int(distance == 0)
+    rate = hits / len(validation)
+    with capsys.disabled():
+        print(f"\npointing game, {method}, trained small CNN, {len(validation)} validation images: {rate:.1%} "
+              f"within {tolerance:.1f} px of the object (TorchRay's 15 px at 224), {strict_hits / len(validation):.1%} "
+              "inside it")
+    assert rate >= 0.90
+    assert json.loads(explanation.fidelity.model_dump_json())["method"] == method
