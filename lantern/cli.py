@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lantern.demo import demo
+from lantern.explain_cli import explain_command
 from registry.cli import models, register
 from training.cli import data, train_group
 
@@ -20,3 +21,4 @@ main.add_command(models)
 main.add_command(data)
 main.add_command(train_group, name="train")
 main.add_command(demo)
+main.add_command(explain_command)

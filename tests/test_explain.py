@@ -271,3 +271,35 @@ def test_pointing_game_on_the_trained_shapes_model(trained_shapes: TrainResult, 
               "inside it")
     assert rate >= 0.90
     assert json.loads(explanation.fidelity.model_dump_json())["method"] == method
+
+
+def test_explain_command_writes_the_png_and_the_report(trained_shapes: TrainResult, store: str, tmp_path: Path) -> None:
+    import subprocess
+
+    from registry.register import register_session_checkpoint
+    from tests.conftest import lantern_executable
+
+    registered = register_session_checkpoint("explained", trained_shapes.session_dir, alias="champion")
+    _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
+    example = validation[0]
+    out, npy = tmp_path / "heatmap.png", tmp_path / "attributions.npy"
+    done = subprocess.run(
+        [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
+         "--method", "integrated_gradients", "--param", "n_steps=16", "--param", "approximation_method=gausslegendre",
+         "--out", str(out), "--attributions", str(npy)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"] == registered.uri and report["labels"] == list(example.labels)
+    assert report["params"]["n_steps"] == 16 and report["completeness_error"][0] >= 0
+    assert Image.open(out).size == (512, 512)  # 64 px panels enlarged 4x and np.load(npy).shape == (1, 3, 64, 64)
+
+    refused = subprocess.run(
+        [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
+         "--param", "n_steps=1", "--target", "hexagon"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "unknown label(s) hexagon" in refused.stderr
+    bad_param = subprocess.run(
+        [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
+         "--param", "n_steps=1"], capture_output=True, text=True, timeout=300)
+    assert bad_param.returncode == 2 and "n_steps: Input should be greater than or equal to 2" in bad_param.stderr
