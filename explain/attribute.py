@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from explain.encoding import AttributionEncoding, encode_attributions
 from explain.guided import guided_backprop, guided_gradcam
 from explain.integrated import integrated_gradients
-from explain.params import ExplainError, IntegratedGradientsParams, parse_params
+from explain.params import ExplainError, IntegratedGradientsParams, XRAIParams, parse_params
 from explain.visualize import pixel_scores, png_base64, png_bytes, render_grid
+from explain.xrai import xrai
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +39,9 @@ class FidelityReport(BaseModel):
     completeness_error: list[float] | None = None  # IG: |sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|
     convergence_delta: list[float] | None = None  # IG: sum(attr) - (f(x) - f(baseline))
     internal_batch_size: int | None = None
+    baseline_completeness_error: list[list[float]] | None = None  # XRAI: per target, black then white baseline
+    stage_seconds: dict[str, float] | None = None  # XRAI: gradients vs segmentation + region selection
+    segments: int | None = None  # XRAI: candidate regions (dilated Felzenszwalb segments at 6 scales)
     guided_activations: dict[str, dict[str, int]] | None = None
     notes: list[str] = []
 
@@ -54,7 +58,7 @@ class Explanation:
 
     def scores(self, index: int = 0) -> np.ndarray:
         """[H, W] pixel importance in [0, 1] for target `index`."""
-        return pixel_scores(self.attributions[index].numpy())
+        return pixel_scores(self.attributions[index].numpy(), signed_regions=self.method == "xrai")
 
     def visualization_png(self, index: int = 0) -> bytes:
         return png_bytes(render_grid(self.image, self.scores(index)))
@@ -117,14 +121,22 @@ def attribute(
             raise ExplainError(f"target class {bad[0]} does not exist; the model has classes 0..{logits.numel() - 1}")
     report: dict[str, Any] = {"method": method, "params": typed.model_dump(), "device": str(x.device),
                               "targets": chosen, "target_scores": [float(logits[t]) for t in chosen], "notes": []}
+    picture = image if image is not None else denormalize(x[0], mean, std)
     if not chosen:
         attributions = torch.zeros(0, *x.shape[1:])
         report["notes"].append(f"no label reached the threshold {threshold}; nothing to explain")
+    elif method == "xrai":
+        assert isinstance(typed, XRAIParams)
+        result = xrai(model, x[0], chosen, typed.n_steps, typed.xrai_fast, mean, std, picture,
+                      typed.internal_batch_size)
+        attributions = result.gains.float()[:, None].expand(-1, 3, -1, -1)
+        report.update(completeness_error=[max(errors) for errors in result.completeness_error],
+                      baseline_completeness_error=result.completeness_error, segments=result.segments,
+                      stage_seconds={"gradients": result.gradient_seconds, "regions": result.region_seconds})
     else:
         inputs = x.expand(len(chosen), -1, -1, -1).contiguous()
         attributions = _run(model, inputs, chosen, method, typed, gradcam_layer, mean, std, report)
     report["seconds"] = time.perf_counter() - start
-    picture = image if image is not None else denormalize(x[0], mean, std)
     return Explanation(method, chosen, attributions.detach().float().cpu(), picture, FidelityReport(**report))
 
 

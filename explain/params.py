@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-METHODS = ("integrated_gradients", "guided_gradcam", "guided_backprop")  # xrai: next, see the issue notes
+METHODS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")
 ApproximationMethod = Literal["riemann_middle", "gausslegendre"]
 
 
@@ -30,6 +30,15 @@ class IntegratedGradientsParams(SmoothGrad):
                                                                     "(default: sized to fit memory)")
 
 
+class XRAIParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_steps: int = Field(50, ge=2, le=1024, description="integrated-gradients steps per baseline (black and white)")
+    xrai_fast: bool = Field(True, description="rank the segments once (faster, less exact) instead of the full "
+                                              "greedy search")
+    internal_batch_size: int | None = Field(None, ge=1, description="path points per forward/backward pass")
+
+
 class GuidedParams(BaseModel):
     """Guided backprop and guided Grad-CAM take no parameters besides optional SmoothGrad."""
 
@@ -40,6 +49,7 @@ class GuidedParams(BaseModel):
 
 
 PARAMS: dict[str, type[BaseModel]] = {
+    "xrai": XRAIParams,
     "integrated_gradients": IntegratedGradientsParams,
     "guided_gradcam": GuidedParams,
     "guided_backprop": GuidedParams,

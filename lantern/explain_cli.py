@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from explain.params import METHODS
 from lantern.console import console, stdout, user_errors
 
 ENCODINGS = ("float32", "float16", "npy_base64")
@@ -19,7 +20,7 @@ ENCODINGS = ("float32", "float16", "npy_base64")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True))
 @click.option("--model", "model_ref", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--method", default="integrated_gradients", show_default=True,
-              type=click.Choice(["integrated_gradients", "guided_gradcam", "guided_backprop"]))
+              type=click.Choice(METHODS))
 @click.option("--param", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Method parameter, e.g. --param n_steps=100 (repeatable).")
 @click.option("--target", "target_labels", multiple=True, help="Explain this label instead of the prediction.")
