@@ -57,7 +57,11 @@ def test_parameters_are_validated_with_clear_messages() -> None:
         ("integrated_gradients", {"nsteps": 10}, "nsteps: not a parameter of integrated_gradients (accepted: "),
         ("guided_backprop", {"n_steps": 10}, "n_steps: not a parameter of guided_backprop"),
         ("integrated_gradients", {"smoothgrad_samples": -1}, "smoothgrad_samples"),
-        ("saliency_magic", {}, "unknown explanation method 'saliency_magic'; accepted: integrated_gradients"),
+        ("xrai", {"n_steps": 0}, "n_steps: Input should be greater than or equal to 2"),
+        ("xrai", {"xrai_fast": "sometimes"}, "xrai_fast: Input should be a valid boolean"),
+        ("xrai", {"approximation_method": "gausslegendre"}, "approximation_method: not a parameter of xrai"),
+        ("saliency_magic", {}, "unknown explanation method 'saliency_magic'; accepted: xrai, integrated_gradients, "
+                               "guided_gradcam, guided_backprop"),
     ]
     for method, values, message in cases:
         with pytest.raises(ExplainError, match=message.replace("(", r"\(").replace(")", r"\)")):
