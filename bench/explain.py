@@ -1,0 +1,182 @@
+"""Explanation benchmarks, run by hand: `.venv/bin/python bench/explain.py [--device cuda] [--quick]`.
+
+Prints, with ratios against references measured in the same run, and writes bench/results/explain.json:
+1. resnet50 at 224: the time of each method through `explain.attribute`;
+2. our integrated gradients vs captum's at its best internal batch size;
+3. XRAI's region stage (segmentation + selection, same IG attributions) vs `saliency.core.XRAI.GetMask(...,
+   base_attribution=...)`, full and fast, with the outputs compared;
+4. XRAI's total time split into the gradient and the region stage;
+5. deletion AUC (lower is better) of each method vs a random map, on a small CNN trained on the shapes set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# run as a script, this file's folder comes first on sys.path and its name would shadow the `explain` package
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from captum.attr import IntegratedGradients  # noqa: E402
+from saliency.core import xrai as reference  # noqa: E402
+
+from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.xrai_regions import segment_masks, select_regions
+from registry.architectures import ARCHITECTURES
+from registry.devices import torch_device
+from training.shapes import ShapesConfig, make_sample
+
+RESULTS = Path(__file__).parent / "results" / "explain.json"
+METHODS = [("guided_backprop", None), ("guided_gradcam", None), ("integrated_gradients", {"n_steps": 50}),
+           ("xrai", {"n_steps": 50, "xrai_fast": True}), ("xrai", {"n_steps": 50, "xrai_fast": False})]
+
+
+def timed(function, repeats: int = 1) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def normalise(picture: np.ndarray, device: torch.device) -> torch.Tensor:
+    pixels = torch.from_numpy(picture).permute(2, 0, 1).float().div(255)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((pixels - mean) / std).to(device)
+
+
+def resnet50_section(device: torch.device, quick: bool) -> dict:
+    model = ARCHITECTURES["resnet50"].build(1000).eval().to(device)
+    picture = np.asarray(make_sample(ShapesConfig(image_size=224, seed=11), 0).image.convert("RGB"))
+    x = normalise(picture, device)
+    out: dict = {"methods": {}}
+    print(f"resnet50 at 224 on {device}:")
+    for method, params in METHODS:
+        seconds, explanation = timed(lambda: attribute(model, x, method, params, gradcam_layer="layer4.2",
+                                                       image=picture))
+        key = method if method != "xrai" else f"xrai_{'fast' if params['xrai_fast'] else 'full'}"
+        out["methods"][key] = {"seconds": seconds, "stage_seconds": explanation.fidelity.stage_seconds}
+        print(f"  {key:22s} {seconds:8.2f} s")
+    target = int(model(x[None]).argmax())
+    black = normalise(np.zeros_like(picture), device)[None]
+    ours_seconds, _ = timed(lambda: attribute(model, x, "integrated_gradients", {"n_steps": 50}, targets=[target]))
+    captum_times = {}
+    for batch in ([25, 50] if quick else [None, 10, 25, 50, 100]):
+        captum_times[str(batch)], _ = timed(lambda b=batch: IntegratedGradients(model).attribute(
+            x[None], baselines=black, target=target, n_steps=50, method="riemann_middle", internal_batch_size=b))
+    best_batch = min(captum_times, key=captum_times.get)
+    ratio = ours_seconds / captum_times[best_batch]
+    out["integrated_gradients"] = {"ours_seconds": ours_seconds, "captum_seconds": captum_times,
+                                   "captum_best_batch": best_batch, "ours_over_captum": ratio}
+    print(f"  IG: ours {ours_seconds:.2f} s vs captum {captum_times[best_batch]:.2f} s (batch {best_batch}): "
+          f"{ratio:.2f}x (goal <= 1.1x)")
+    return out
+
+
+def region_section() -> dict:
+    picture = np.asarray(make_sample(ShapesConfig(image_size=224, seed=11), 0).image.convert("RGB")).astype(np.float64)
+    base = np.random.default_rng(0).normal(size=picture.shape)
+    out = {}
+    print("XRAI region stage (segmentation + selection, the same base attribution), 224 x 224:")
+    for algorithm in ("full", "fast"):
+        parameters = reference.XRAIParameters(algorithm=algorithm)
+        ref_seconds, expected = timed(lambda p=parameters: reference.XRAI().GetMask(
+            picture, None, base_attribution=base, extra_parameters=p))
+        ours_seconds, ours = timed(lambda a=algorithm: select_regions(
+            torch.from_numpy(base.max(axis=-1)), segment_masks(picture), fast=a == "fast"))
+        equal = bool(np.allclose(ours.gains.numpy(), expected, rtol=0, atol=1e-12))
+        out[algorithm] = {"ours_seconds": ours_seconds, "reference_seconds": ref_seconds,
+                          "speedup": ref_seconds / ours_seconds, "equal_output": equal}
+        print(f"  {algorithm}: ours {ours_seconds:.2f} s vs reference {ref_seconds:.2f} s: "
+              f"{ref_seconds / ours_seconds:.1f}x faster (goal >= 5x), equal output: {equal}")
+    return out
+
+
+def deletion_auc(model: torch.nn.Module, x: torch.Tensor, target: int, scores: np.ndarray, steps: int = 32) -> float:
+    """RISE's deletion metric: pixels set to 0 (the substrate, in normalised space) in order of decreasing score;
+    the area under the target's softmax probability."""
+    order = torch.from_numpy(np.argsort(-scores.ravel(), kind="stable").copy())
+    per_step = int(np.ceil(order.numel() / steps))
+    probabilities = []
+    current = x.clone()
+    flat = current.view(3, -1)
+    with torch.no_grad():
+        for step in range(steps + 1):
+            probabilities.append(float(torch.softmax(model(current[None]), 1)[0, target]))
+            flat[:, order[step * per_step:(step + 1) * per_step]] = 0
+    values = np.array(probabilities)
+    return float((values.sum() - values[0] / 2 - values[-1] / 2) / (len(values) - 1))
+
+
+def deletion_section(images: int) -> dict:
+    from training.loop import RunOptions, train
+    from training.session import Session
+    from training.sources import load_data
+    from registry.preprocess import Preprocess
+    from registry.spec import build_module
+    from registry.model_files import WEIGHTS, ModelFiles
+    from safetensors.torch import load_file
+    from training.datasets import load_uint8
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = {"data": "shapes:3000", "arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
+        train(Path(folder) / "s", config, RunOptions(iterations=1000, mlflow=False, handle_signals=False))
+        session = Session(Path(folder) / "s")
+        meta, checkpoint = session.read_meta(), session.latest().path
+        model = build_module(meta.spec)
+        model.load_state_dict(load_file(str(checkpoint / WEIGHTS)))
+        model.eval()
+        preprocess = Preprocess.for_model(meta.spec, ModelFiles.in_dir(checkpoint).read_settings("multiclass"))
+        validation = load_data(meta.config, session.dir / "data").val[:images]
+        rng = np.random.default_rng(0)
+        results: dict[str, list[float]] = {}
+        for example in validation:
+            cropped = preprocess.crop(load_uint8(example.path))
+            x = preprocess.normalize(cropped)
+            target = int(model(x[None]).argmax())
+            for method, params in [("random", None)] + [(m, p) for m, p in METHODS if m != "xrai"] + [
+                    ("xrai", {"n_steps": 20, "xrai_fast": True})]:
+                if method == "random":
+                    scores = rng.random((64, 64))
+                else:
+                    attributions = attribute(model, x, method, params, targets=[target],
+                                             gradcam_layer=meta.spec.gradcam_layer,
+                                             image=cropped.permute(1, 2, 0).numpy()).attributions[0].numpy()
+                    scores = attributions[0] if method == "xrai" else np.abs(attributions.sum(0))
+                results.setdefault(method, []).append(deletion_auc(model, x, target, scores))
+    summary = {method: float(np.mean(values)) for method, values in results.items()}
+    print(f"Deletion AUC on {images} shapes validation images (lower is better):")
+    for method, value in sorted(summary.items(), key=lambda item: item[1]):
+        print(f"  {method:22s} {value:.3f}  ({value / summary['random']:.2f}x random)")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="fewer captum batch sizes and deletion images")
+    args = parser.parse_args()
+    device = torch_device(args.device)
+    torch.manual_seed(0)
+    result = {"machine": platform.processor() or platform.machine(), "device": str(device),
+              "torch_threads": torch.get_num_threads()}
+    result["resnet50"] = resnet50_section(device, args.quick)
+    result["xrai_region_stage"] = region_section()
+    result["deletion_auc"] = deletion_section(20 if args.quick else 100)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
