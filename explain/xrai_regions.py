@@ -9,6 +9,8 @@ so every pixel is visited once and the whole selection costs O(masks x pixels), 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,30 +35,51 @@ def _normalized(image: np.ndarray) -> np.ndarray:
     return resize(scaled, FELZENSZWALB_RESIZE, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
 
 
+def _felzenszwalb_labels(prepared: np.ndarray, scale: int, size: tuple[int, int]) -> np.ndarray:
+    labels = segmentation.felzenszwalb(prepared, scale=scale, sigma=FELZENSZWALB_SIGMA, min_size=FELZENSZWALB_MIN_SIZE)
+    return resize(labels, size, order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(int)
+
+
 def segment_masks(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """[M, H, W] bool masks of `image` (H x W x C, any value range), in PAIR's order: for each Felzenszwalb scale,
-    one mask per label value (empty ones included), each dilated by a radius-5 disk."""
+    one mask per label value (empty ones included), each dilated by a radius-5 disk. The six scales are segmented
+    in parallel threads (scikit-image releases the GIL there)."""
     height, width = image.shape[:2]
     prepared = _normalized(image.astype(np.float64))
-    masks = []
-    for scale in FELZENSZWALB_SCALES:
-        labels = segmentation.felzenszwalb(prepared, scale=scale, sigma=FELZENSZWALB_SIGMA,
-                                           min_size=FELZENSZWALB_MIN_SIZE)
-        labels = resize(labels, (height, width), order=0, preserve_range=True, mode="constant",
-                        anti_aliasing=False).astype(int)
-        values = torch.from_numpy(labels).to(device)
-        levels = torch.arange(int(labels.min()), int(labels.max()) + 1, device=device)
-        masks.append(values[None] == levels[:, None, None])
-    return dilate(torch.cat(masks), DILATION_RADIUS)
+    with ThreadPoolExecutor(max_workers=min(len(FELZENSZWALB_SCALES), os.cpu_count() or 1)) as pool:
+        label_maps = list(pool.map(lambda scale: _felzenszwalb_labels(prepared, scale, (height, width)),
+                                   FELZENSZWALB_SCALES))
+    return torch.cat([dilated_label_masks(torch.from_numpy(labels - labels.min()).to(device), DILATION_RADIUS)
+                      for labels in label_maps])
 
 
-def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of [M, H, W] masks by a disk (zero padding: the same as scikit-image's `dilation` here)."""
-    if radius <= 0:
-        return masks
-    footprint = torch.from_numpy(disk(radius).astype(np.float32)).to(masks.device)[None, None]
-    spread = F.conv2d(masks[:, None].float(), footprint, padding=radius)
-    return spread[:, 0] > 0.5
+def dilated_label_masks(labels: torch.Tensor, radius: int) -> torch.Tensor:
+    """One mask per label value 0..max of an [H, W] label map, each dilated by a disk of `radius` with zero padding
+    (what scikit-image's `dilation` does to each mask): pixel p joins label l's mask when a pixel within the disk
+    around p has label l. Only pixels near a label boundary have such neighbours, so the disk's offsets are compared
+    at once and just those few pixels are scattered, instead of dilating every mask."""
+    height, width = labels.shape
+    pixels = height * width
+    count = int(labels.max()) + 1
+    offsets = [(dy, dx) for dy, dx in (torch.nonzero(torch.from_numpy(disk(radius))) - radius).tolist()
+               if (dy, dx) != (0, 0)]
+    small = labels.to(torch.int32)
+    padded = F.pad(small[None, None].float(), (radius,) * 4, value=-1)[0, 0].to(torch.int32)
+    windows = torch.stack([padded[radius - dy:radius - dy + height, radius - dx:radius - dx + width]
+                           for dy, dx in offsets])  # the label at p - offset
+    which, rows, cols = torch.nonzero((windows != small) & (windows >= 0), as_tuple=True)
+    flat = torch.zeros(count * pixels, dtype=torch.bool, device=labels.device)
+    flat[labels.reshape(-1).long() * pixels + torch.arange(pixels, device=labels.device)] = True
+    flat[windows[which, rows, cols].long() * pixels + rows * width + cols] = True
+    return flat.view(count, height, width)
+
+
+def _mask_sums(flat_masks: torch.Tensor, flat_attr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each mask's pixel count and attribution sum (float64), from the masks' nonzero entries."""
+    which, pixel = torch.nonzero(flat_masks, as_tuple=True)
+    counts = torch.bincount(which, minlength=flat_masks.shape[0]).to(torch.float64)
+    sums = torch.zeros(flat_masks.shape[0], dtype=torch.float64, device=flat_attr.device)
+    return counts, sums.index_add_(0, which, flat_attr[pixel])
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,27 @@ def _finish(out: torch.Tensor, attr: torch.Tensor, trace: list[tuple[torch.Tenso
     return RegionResult(out, _ranks(trace, leftover, out.shape))
 
 
+NEAR_TIE = 1e-9  # relative: incrementally updated sums are this close to exact ones, by far
+
+
+def _settle_near_ties(gains: torch.Tensor, flat_masks: torch.Tensor, covered: torch.Tensor, flat_attr: torch.Tensor
+                      ) -> tuple[int, float]:
+    """The mask to add: the first maximum of `gains`. Masks whose incrementally updated gain is within NEAR_TIE of
+    the maximum are re-scored exactly as PAIR does (the NumPy mean over their new pixels), so rounding in the
+    running sums never changes which mask is chosen."""
+    top = float(gains.max())
+    close = torch.nonzero(gains >= top - NEAR_TIE * max(1.0, abs(top))).flatten().tolist()
+    if len(close) == 1:
+        return close[0], top
+    attr_np, covered_np = flat_attr.cpu().numpy(), covered.cpu().numpy()
+    best, best_gain = close[0], -np.inf
+    for index in close:  # index order and a strict '>' keep the earliest of exact ties, as PAIR
+        gain = float(attr_np[flat_masks[index].cpu().numpy() & ~covered_np].mean())
+        if gain > best_gain:
+            best, best_gain = index, gain
+    return best, best_gain
+
+
 def select_regions(attr: torch.Tensor, masks: torch.Tensor, fast: bool, area_threshold: float = 1.0,
                    min_pixel_diff: int = MIN_PIXEL_DIFF) -> RegionResult:
     """Greedy region selection over [H, W] attributions `attr` (float64) and [M, H, W] `masks`.
@@ -103,9 +147,10 @@ def select_regions(attr: torch.Tensor, masks: torch.Tensor, fast: bool, area_thr
     covered = torch.zeros_like(flat_masks[0])
     trace: list[tuple[torch.Tensor, float]] = []
     if fast:
-        counts = flat_masks.sum(1)
-        sums = flat_masks.to(torch.float64) @ flat_attr
-        gains = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, -torch.inf))
+        attr_np, masks_np = flat_attr.cpu().numpy(), flat_masks.cpu().numpy()
+        # whole-mask means computed as PAIR does (NumPy), so near-equal gains sort in the same order
+        gains = torch.tensor([attr_np[mask].mean() if mask.any() else -np.inf for mask in masks_np],
+                             dtype=torch.float64)
         for index in torch.sort(gains, descending=True, stable=True).indices.tolist():
             new = flat_masks[index] & ~covered
             if int(new.sum()) < min_pixel_diff:
@@ -116,8 +161,7 @@ def select_regions(attr: torch.Tensor, masks: torch.Tensor, fast: bool, area_thr
             covered |= flat_masks[index]
         return _finish(out.reshape(shape), attr, trace)
 
-    counts = flat_masks.sum(1).to(torch.float64)  # not-yet-covered pixels of each mask
-    sums = flat_masks.to(torch.float64) @ flat_attr  # and their attribution
+    counts, sums = _mask_sums(flat_masks, flat_attr)  # each mask's not-yet-covered pixels and their attribution
     alive = torch.ones(flat_masks.shape[0], dtype=torch.bool, device=flat_masks.device)
     area = 0.0
     while area <= area_threshold:
@@ -125,8 +169,7 @@ def select_regions(attr: torch.Tensor, masks: torch.Tensor, fast: bool, area_thr
         if not bool(alive.any()):
             break
         gains = torch.where(alive, sums / counts.clamp_min(1), torch.full_like(sums, -torch.inf))
-        best = int(torch.argmax(gains))  # the first of equal maxima, as PAIR's strict '>'
-        gain = float(gains[best])
+        best, gain = _settle_near_ties(gains, flat_masks, covered, flat_attr)
         new = flat_masks[best] & ~covered
         trace.append((new.reshape(shape), gain))
         out[new] = gain
