@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from registry.architectures import ARCHITECTURES, default_gradcam_layer
@@ -13,24 +15,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _known_arch(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
+    return arch
+
+
+ArchName = Annotated[str, AfterValidator(_known_arch)]
+"""An architecture name Lantern can rebuild (a key of ARCHITECTURES)."""
+
+
 class ModelSpec(BaseModel):
     """Architecture, head size, task, Grad-CAM layer and input normalisation of a model version."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: str
+    arch: ArchName
     num_classes: int = Field(ge=1)
     task: Task
     gradcam_layer: str
     normalize_mean: tuple[float, float, float] = IMAGENET_MEAN
     normalize_std: tuple[float, float, float] = IMAGENET_STD
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
-        return arch
 
     @field_validator("normalize_std")
     @classmethod

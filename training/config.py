@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry.architectures import ARCHITECTURES
 from registry.errors import LanternError, describe_validation_error
+from registry.settings import Task
+from registry.spec import ArchName
 from training.schedule import DEFAULT_SCHEDULE, LRSchedule
-
-Task = Literal["multiclass", "multilabel"]
 
 
 class TrainConfig(BaseModel):
@@ -21,7 +20,7 @@ class TrainConfig(BaseModel):
     data: str = Field(description="image folder, JSONL index, or shapes[:COUNT] for the synthetic set")
     val_data: str | None = Field(None, description="validation data; else a deterministic hold-out of `data`")
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    arch: str
+    arch: ArchName
     task: Task = "multiclass"
     image_size: int = Field(224, ge=16, le=1024)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -32,13 +31,6 @@ class TrainConfig(BaseModel):
     augment: bool = True
     from_model: str | None = Field(None, description="models:/NAME/VERSION the weights start from")
     new_head: bool = Field(False, description="with from_model: a fresh classifier head for the data's labels")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-        return arch
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:
