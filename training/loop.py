@@ -36,6 +36,7 @@ from training.config import TrainConfig, build_config, merge_with_session
 from training.datasets import ImageDataset
 from training.session import CheckpointInfo, Session, SessionMeta, now, selection_metric
 from training.sources import TrainingData, load_data
+from training.tracking import MLflowTracking
 from training.augment import BatchAugment
 from training.transforms import TrainImage, batch_augment, valid_settings
 
@@ -334,8 +335,6 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
     report_interval = options.report_interval or max(1, checkpoint_interval // 5)
     state = TrainState(model=model, optimizer=optimizer, total=total, steps_per_epoch=plan.steps_per_epoch,
                        base_lr=config.lr, start_iteration=start, iteration=start)
-
-    from training.tracking import MLflowTracking  # MLflow is imported only when a run records to it
 
     built_in: list[Callback] = [LRScheduler(config.schedule)]
     tracking = None
