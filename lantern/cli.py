@@ -7,6 +7,7 @@ import click
 from lantern.demo import demo
 from lantern.explain_cli import explain_command
 from registry.cli import models, register
+from serving.cli import endpoint_group, serve
 from training.cli import data, train_group
 
 
@@ -22,3 +23,5 @@ main.add_command(data)
 main.add_command(train_group, name="train")
 main.add_command(demo)
 main.add_command(explain_command)
+main.add_command(serve)
+main.add_command(endpoint_group)

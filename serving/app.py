@@ -1,0 +1,356 @@
+"""The HTTP API: `/score`, `/predict`, `/explain` (FastAPI, mounted on the BentoML service)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from registry.errors import describe_validation_error
+from serving.abandon import CancelToken
+from serving.deployment import Deployment
+from serving.endpoint import Endpoint
+from serving.errors import ApiError, bad_request, unprocessable, unsupported_media
+from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
+from serving.limits import ClientGone, within_deadline
+from serving.metrics import metrics
+from serving.schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    PredictItem,
+    PredictResponse,
+    ScoreItem,
+    ScoreRequest,
+    ScoreRow,
+    TargetExplanation,
+    TopLabel,
+    check_method,
+    parse_score_rows,
+)
+
+logger = logging.getLogger("lantern.serving")
+CLIENT_CLOSED = 499
+ERRORS = {status: {"description": text, "content": {"application/json": {"example": {
+    "error": {"code": code, "message": "what was wrong and what is accepted"}}}}}
+    for status, code, text in [
+        (400, "bad_request", "malformed body, JSON or base64; a URL where image bytes belong"),
+        (401, "unauthorized", "missing or wrong scoring key"),
+        (404, "no_deployment", "no deployment to route to, or an unknown pinned deployment"),
+        (408, "request_timeout", "the request exceeded request_timeout_ms; its work was abandoned"),
+        (413, "payload_too_large", "body or image (pixel count) over the limit"),
+        (415, "unsupported_media_type", "not an image, or a content type the route does not take"),
+        (422, "invalid_request", "a field or parameter out of range, unknown, or of the wrong type"),
+        (424, "model_error", "the model failed on this input; the reason is in the message"),
+        (429, "too_many_requests", "more requests in flight than the deployment allows"),
+        (503, "not_ready", "the deployment is loading, unready or failed"),
+    ]}
+
+
+class Context:
+    """The routed deployment and cancellation token of one request."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.token = CancelToken()
+
+    def headers(self) -> dict[str, str]:
+        return deployment_headers(self.deployment)
+
+
+def deployment_headers(deployment: Deployment | None) -> dict[str, str]:
+    if deployment is None:
+        return {}
+    return {"x-lantern-deployment": deployment.name, "x-lantern-model-version": deployment.model_version or ""}
+
+
+def endpoint_of(request: Request) -> Endpoint:
+    endpoint = getattr(request.app.state, "endpoint", None)
+    if endpoint is None:
+        raise ApiError(503, "not_ready", "the endpoint is starting")
+    return endpoint
+
+
+async def handle(request: Request, route: str, explains: Callable[[], bool] | bool,
+                 work: Callable[[Endpoint, Context], Awaitable[Response]]) -> Response:
+    """Auth, routing, admission, deadline, metrics and error answers around a route's `work`."""
+    start = time.perf_counter()
+    deployment: Deployment | None = None
+    status = 500
+    try:
+        endpoint = endpoint_of(request)
+        endpoint.authenticate(request.headers.get("authorization"))
+        deployment = endpoint.route(request.headers)
+        await read_body(request, endpoint.config.limits.max_body_bytes)
+        context = Context(deployment)
+        wants_explanation = explains() if callable(explains) else explains
+        admission = endpoint.explain_admission if wants_explanation else endpoint.admissions[deployment.name]
+        wait = deployment.config.request_settings.max_queue_wait_ms / 1000
+        async with admission.enter(wait):
+            timeout = deployment.config.request_settings.request_timeout_ms / 1000
+            response = await within_deadline(request, work(endpoint, context), timeout, context.token,
+                                             f"{route} on deployment {deployment.name}")
+        response.headers.update(context.headers())
+        status = response.status_code
+        return response
+    except ApiError as error:
+        status = error.status
+        if error.status == 408 and deployment is not None:
+            metrics().abandoned.labels(deployment.name, route, "timeout").inc()
+        return error.response(deployment_headers(deployment))
+    except ClientGone:
+        status = CLIENT_CLOSED
+        if deployment is not None:
+            metrics().abandoned.labels(deployment.name, route, "disconnect").inc()
+        return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        logger.exception("unexpected error on %s", route)
+        return ApiError(500, "internal_error", "an unexpected error occurred; see the server log").response(
+            deployment_headers(deployment))
+    finally:
+        name = deployment.name if deployment else ""
+        metrics().requests.labels(name, route, str(status)).inc()
+        metrics().latency.labels(name, route).observe(time.perf_counter() - start)
+
+
+def parse_json_body(body: bytes, schema: type[BaseModel], what: str) -> Any:
+    if not body:
+        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
+    try:
+        values = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"the {what} body is not valid JSON: {error}", "invalid_json") from None
+    try:
+        return schema.model_validate(values)
+    except ValidationError as error:
+        raise unprocessable(describe_validation_error(error, f"{what} body").replace("unknown setting",
+                                                                                       "unknown field")) from None
+
+
+def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
+    if isinstance(model, list):
+        return JSONResponse([item.model_dump(exclude_none=True) for item in model])
+    return JSONResponse(model.model_dump(exclude_none=True))
+
+
+# /score -------------------------------------------------------------------------------------------------------------
+
+async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow]) -> list[ScoreItem]:
+    deployment = context.deployment
+    limits = endpoint.config.limits
+    if len(rows) > limits.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"{len(rows)} images in one request; the limit is "
+                                               f"{limits.max_images_per_request}")
+    blobs = [decode_base64_image(row.image_base64, f"input_data.data[{i}]") for i, row in enumerate(rows)]
+    images = await endpoint.in_thread(
+        lambda: [decode(blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)])
+    model = deployment.require_model()
+    predictions = await endpoint.predict(deployment, images,
+                                         [row.confidence_score_threshold_multilabel for row in rows])
+    multilabel = model.bundle.spec.task == "multilabel"
+    items = []
+    for row, image, prediction in zip(rows, images, predictions):
+        item = ScoreItem(probs=[float(p) for p in prediction.probs], labels=list(model.bundle.labels),
+                         deployment=deployment.name, model_version=deployment.model_version or "")
+        if row.model_explainability:
+            xai = row.xai_parameters
+            cropped = model.preprocess.crop(image)
+            explanation = await endpoint.explain(deployment, cropped, xai.xai_algorithm, xai.method_params(),
+                                                 context.token, targets=prediction.predicted,
+                                                 threshold=row.confidence_score_threshold_multilabel)
+            count = len(explanation.targets)
+            if xai.visualizations:
+                maps = [explanation.visualization_base64(i) for i in range(count)]
+                item.visualizations = maps if multilabel else (maps[0] if maps else None)
+            if xai.attributions:
+                arrays = [explanation.encoded_attributions(i, xai.attributions_encoding) for i in range(count)]
+                item.attributions = arrays if multilabel else (arrays[0] if arrays else None)
+        items.append(item)
+    return items
+
+
+# /explain -----------------------------------------------------------------------------------------------------------
+
+async def explain_request(request: Request, body: bytes, limit: int) -> tuple[ExplainRequest | None, bytes]:
+    """The JSON body, or (query parameters, image bytes) for a raw or multipart image."""
+    kind = media_type(request)
+    if kind == "application/json":
+        parsed = parse_json_body(body, ExplainRequest, "explain")
+        return parsed, decode_base64_image(parsed.image_base64, "image_base64")
+    if kind == "multipart/form-data":
+        files = await uploaded_images(request, "image", 1, limit)
+        if not files:
+            raise bad_request("the multipart body has no 'image' file", "missing_image")
+        return None, files[0][1]
+    if not body:
+        raise bad_request("send an image: raw bytes, a multipart 'image' file, or JSON with image_base64",
+                          "missing_image")
+    return None, body
+
+
+def query_explain_options(request: Request) -> ExplainRequest:
+    """`?method=xrai&n_steps=20&targets=circle&attributions_encoding=float16` for raw and multipart images."""
+    query = dict(request.query_params)
+    options: dict[str, Any] = {"image_base64": ""}
+    for key in ("method", "visualizations", "attributions", "attributions_encoding"):
+        if key in query:
+            options[key] = query.pop(key)
+    if "targets" in query:
+        options["targets"] = [t for t in query.pop("targets").split(",") if t]
+    params: dict[str, Any] = {}
+    for key, value in query.items():
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    options["params"] = params
+    try:
+        return ExplainRequest.model_validate(options)
+    except ValidationError as error:
+        raise unprocessable(describe_validation_error(error, "explain query")) from None
+
+
+async def explain_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
+    limits = endpoint.config.limits
+    body = request._body  # read (with the size limit) by `handle`
+    parsed, blob = await explain_request(request, body, limits.max_body_bytes)
+    options = parsed or query_explain_options(request)
+    check_method(options.method)
+    if "internal_batch_size" in options.params:
+        raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
+    deployment = context.deployment
+    model = deployment.require_model()
+    unknown = [label for label in options.targets or [] if label not in model.bundle.labels]
+    if unknown:
+        raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
+                            f"{', '.join(model.bundle.labels)}", "invalid_targets")
+    image = await endpoint.in_thread(decode, blob, "the image", limits.max_image_pixels)
+    cropped = model.preprocess.crop(image)
+    targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None
+    explanation = await endpoint.explain(deployment, cropped, options.method, options.params, context.token,
+                                         targets=targets)
+    labels = [model.bundle.labels[t] for t in explanation.targets]
+    if "image/png" in request.headers.get("accept", ""):
+        if not labels:
+            raise unprocessable("no label reached the threshold, so there is no visualisation", "nothing_to_explain")
+        return Response(explanation.visualization_png(0), media_type="image/png",
+                        headers={"x-lantern-explained-label": labels[0]})
+    items = [TargetExplanation(
+        label=label,
+        visualization=explanation.visualization_base64(i) if options.visualizations else None,
+        attributions=explanation.encoded_attributions(i, options.attributions_encoding) if options.attributions
+        else None) for i, label in enumerate(labels)]
+    return json_response(ExplainResponse(deployment=deployment.name, model_version=deployment.model_version or "",
+                                         method=options.method, explanations=items,
+                                         fidelity=explanation.fidelity.model_dump()))
+
+
+# /predict -----------------------------------------------------------------------------------------------------------
+
+async def predict_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
+    limits = endpoint.config.limits
+    kind = media_type(request)
+    body = request._body
+    if kind == "multipart/form-data":
+        named = await uploaded_images(request, "images", limits.max_images_per_request, limits.max_body_bytes)
+        if not named:
+            raise bad_request("the multipart body has no 'images' files", "missing_images")
+    elif kind in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
+        raise unsupported_media(f"/predict takes images as multipart files (field 'images') or a raw image body, "
+                                f"not {kind}; /score takes JSON")
+    else:
+        if not body:
+            raise bad_request("send an image: a raw body or multipart files in the field 'images'", "missing_image")
+        named = [("body", body)]
+    try:
+        top_k = int(request.query_params.get("top_k", "5"))
+    except ValueError:
+        raise unprocessable("top_k must be a whole number", "invalid_top_k") from None
+    if top_k < 1:
+        raise unprocessable("top_k must be at least 1", "invalid_top_k")
+    images = await endpoint.in_thread(
+        lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
+    deployment = context.deployment
+    labels = deployment.require_model().bundle.labels
+    predictions = await endpoint.predict(deployment, images)
+    items = []
+    for prediction in predictions:
+        order = sorted(range(len(labels)), key=lambda i: -prediction.probs[i])[:top_k]
+        items.append(PredictItem(predicted=[labels[i] for i in prediction.predicted],
+                                 top_k=[TopLabel(label=labels[i], probability=float(prediction.probs[i]))
+                                        for i in order]))
+    return json_response(PredictResponse(deployment=deployment.name, model_version=deployment.model_version or "",
+                                         predictions=items))
+
+
+# the app ------------------------------------------------------------------------------------------------------------
+
+def build_app() -> FastAPI:
+    app = FastAPI(title="Lantern endpoint", version="1", docs_url="/docs", redoc_url=None,
+                  description="Predictions and explanations from registered image models. Scoring routes take "
+                              "`Authorization: Bearer <key>`; `x-lantern-deployment` (or "
+                              "`azureml-model-deployment`) pins a deployment.")
+
+    @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
+    async def score(request: Request) -> Response:
+        """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request."""
+        rows: list[ScoreRow] = []
+
+        def wants_explanation() -> bool:
+            nonlocal rows
+            if media_type(request) not in ("application/json", ""):
+                raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
+            rows = parse_score_rows(parse_json_body(request._body, ScoreRequest, "score"))
+            return any(row.model_explainability for row in rows)
+
+        async def work(endpoint: Endpoint, context: Context) -> Response:
+            return json_response(await score_rows(endpoint, context, rows))
+
+        return await handle(request, "/score", wants_explanation, work)
+
+    @app.post("/predict", responses={200: {"model": PredictResponse}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                  "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                  "parameters": [{"name": "top_k", "in": "query", "schema": {"type": "integer", "default": 5}}]})
+    async def predict(request: Request) -> Response:
+        """Top-k labels with probabilities for one or more images (multipart field `images`, or a raw image body)."""
+        return await handle(request, "/predict", False, lambda e, c: predict_work(e, c, request))
+
+    @app.post("/explain", responses={200: {"model": ExplainResponse, "content": {"image/png": {}}}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/ExplainRequest"}},
+                  "image/*": {"schema": {"type": "string", "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "image": {"type": "string", "format": "binary"}}}}}}})
+    async def explain(request: Request) -> Response:
+        """Explain one image: JSON (attributions, base64 visualisation, fidelity report), or the PNG itself with
+        `Accept: image/png`. With a raw or multipart image, options go in the query: `?method=xrai&n_steps=20`."""
+        return await handle(request, "/explain", True, lambda e, c: explain_work(e, c, request))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ScoreRequest, ExplainRequest):
+                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definition.pop("$defs", {}))
+                components[model.__name__] = definition
+            schema["components"]["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"}}
+            for path in ("/score", "/predict", "/explain"):
+                schema["paths"][path]["post"]["security"] = [{"scoringKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+

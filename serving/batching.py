@@ -1,0 +1,93 @@
+"""Adaptive batching of predictions with BentoML's dispatcher (the CORK algorithm behind `batchable=True` APIs).
+
+Each deployment gets a dispatcher with its own `max_batch_size` and `max_latency_ms`; dispatchers of deployments on
+the same device share one semaphore, so one batch at a time runs per device. The dispatcher is the one BentoML's
+server builds for batchable APIs; it is used directly because predictions arrive through Lantern's own routes (which
+own the status codes, headers and auth), not through a `@bentoml.api` body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
+
+from serving.deployment import Deployment
+from serving.errors import ApiError
+
+
+class Overloaded(Exception):
+    """BentoML's dispatcher dropped the job: it could not be served within max_latency_ms."""
+
+
+@dataclass
+class Job:
+    """One image for a deployment; `abandoned` is set when its request is gone, so the batch skips it."""
+
+    pixels: np.ndarray  # [3, H, W] float32, normalised
+    abandoned: bool = field(default=False)
+
+
+def _overloaded() -> None:
+    raise Overloaded()
+
+
+class BatchedPredictor:
+    """`await predictor.logits(pixels)` -> that image's logits, computed in an adaptive batch."""
+
+    def __init__(self, deployment: Deployment, semaphore: NonBlockSema) -> None:
+        self.deployment = deployment
+        config = deployment.config
+        self.dispatcher: CorkDispatcher = CorkDispatcher(
+            max_latency_in_ms=config.max_latency_ms, max_batch_size=config.max_batch_size,
+            shared_sema=semaphore, fallback=_overloaded, get_batch_size=lambda job: 1,
+        )
+        self._call = self.dispatcher(self._run_batch)
+        self.batch_sizes: list[int] = []
+
+    async def _run_batch(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception | None]:
+        live = [i for i, job in enumerate(jobs) if not job.abandoned]
+        results: list[np.ndarray | Exception | None] = [None] * len(jobs)
+        if not live:
+            return results
+        batch = np.stack([jobs[i].pixels for i in live])
+        predictor = self.deployment.require_model().predictor
+        try:
+            logits = await anyio.to_thread.run_sync(predictor, batch)
+        except Exception as error:  # noqa: BLE001 - the model failing on this input is the caller's 424
+            for i in live:
+                results[i] = error
+            return results
+        self.batch_sizes.append(len(live))
+        del self.batch_sizes[:-1000]
+        for row, i in enumerate(live):
+            results[i] = logits[row]
+        return results
+
+    async def logits(self, job: Job) -> np.ndarray:
+        try:
+            result = await self._call(job)
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+        except Overloaded:
+            job.abandoned = True
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the dispatcher turns our cancellation into its fallback
+                raise asyncio.CancelledError() from None
+            raise
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def shutdown(self) -> None:
+        self.dispatcher.shutdown()
+
+
+def model_error(deployment: Deployment, error: Exception) -> ApiError:
+    """The 424 answer when the model fails on an input."""
+    return ApiError(424, "model_error", f"deployment {deployment.name} failed on this input: "
+                                        f"{type(error).__name__}: {error}")

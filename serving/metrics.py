@@ -1,0 +1,43 @@
+"""Lantern's Prometheus metrics, served by BentoML's `/metrics` beside its own.
+
+They are created on first use, inside the worker: BentoML sets PROMETHEUS_MULTIPROC_DIR when a worker starts, and
+prometheus_client must see it before the metrics exist, or `/metrics` of a multi-worker service would not show them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    requests: object
+    latency: object
+    explanation_seconds: object
+    abandoned: object
+    batch_size: object
+    images: object
+
+
+@functools.cache
+def metrics() -> Metrics:
+    from prometheus_client import Counter, Histogram
+
+    return Metrics(
+        requests=Counter("lantern_requests_total", "Requests answered, by deployment, route and status code",
+                         ["deployment", "route", "status"]),
+        latency=Histogram("lantern_request_duration_seconds", "Time to answer a request, by deployment and route",
+                          ["deployment", "route"], buckets=LATENCY_BUCKETS),
+        explanation_seconds=Histogram("lantern_explanation_duration_seconds",
+                                      "Time to compute one explanation, by deployment and method",
+                                      ["deployment", "method"], buckets=LATENCY_BUCKETS),
+        abandoned=Counter("lantern_abandoned_requests_total",
+                          "Requests whose work was abandoned (timeout or client disconnect)",
+                          ["deployment", "route", "reason"]),
+        batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching",
+                             ["deployment"], buckets=BATCH_BUCKETS),
+        images=Counter("lantern_images_total", "Images predicted, by deployment", ["deployment"]),
+    )

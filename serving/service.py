@@ -1,0 +1,58 @@
+"""The BentoML service: one instance per worker process, serving the endpoint configured by `endpoint.yaml`.
+
+Start it with `lantern serve endpoint.yaml`, or `bentoml serve` (from a checkout or a built bento) with
+`--arg config=PATH` and `--arg workers=N`; without them it reads `$LANTERN_ENDPOINT_CONFIG`, else `endpoint.yaml`
+in the working directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import bentoml
+from pydantic import BaseModel
+
+from serving.app import build_app
+from serving.config import EndpointConfig, load_endpoint_config
+from serving.endpoint import Endpoint
+
+CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
+WORKERS_ENV = "LANTERN_WORKERS"
+logger = logging.getLogger("lantern.serving")
+
+
+class ServeArguments(BaseModel):
+    """`bentoml serve ... --arg config=endpoint.yaml --arg workers=2`."""
+
+    config: str = os.environ.get(CONFIG_ENV, "endpoint.yaml")
+    workers: int = int(os.environ.get(WORKERS_ENV, "1"))
+
+
+arguments = bentoml.use_arguments(ServeArguments)
+os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
+endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
+longest_request_s = max([d.request_settings.request_timeout_ms for d in endpoint_config.deployments] or [5000]) / 1000
+app = build_app()
+
+
+@bentoml.service(
+    name="lantern",
+    workers=arguments.workers,
+    traffic={"timeout": longest_request_s + 30},
+    logging={"access": {"enabled": True, "request_content_length": True, "response_content_length": True}},
+)
+@bentoml.asgi_app(app, path="/")
+class Lantern:
+    """Serves the deployments of one endpoint: predictions through adaptive batching, explanations on the side."""
+
+    def __init__(self) -> None:
+        self.endpoint = Endpoint(endpoint_config)
+        app.state.endpoint = self.endpoint
+        self.endpoint.start()
+
+    def __is_ready__(self) -> bool:
+        return self.endpoint.is_ready()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.endpoint.stop()
