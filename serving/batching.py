@@ -17,6 +17,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
 from serving.deployment import Deployment
 from serving.errors import ApiError
+from serving.metrics import metrics
 
 
 class Overloaded(Exception):
@@ -46,7 +47,6 @@ class BatchedPredictor:
             shared_sema=semaphore, fallback=_overloaded, get_batch_size=lambda job: 1,
         )
         self._call = self.dispatcher(self._run_batch)
-        self.batch_sizes: list[int] = []
 
     async def _run_batch(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception | None]:
         live = [i for i, job in enumerate(jobs) if not job.abandoned]
@@ -61,8 +61,7 @@ class BatchedPredictor:
             for i in live:
                 results[i] = error
             return results
-        self.batch_sizes.append(len(live))
-        del self.batch_sizes[:-1000]
+        metrics().batch_size.labels(self.deployment.name).observe(len(live))
         for row, i in enumerate(live):
             results[i] = logits[row]
         return results

@@ -141,8 +141,17 @@ class Endpoint:
         """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled)."""
 
         def run() -> Explanation:
-            with running_under(token):
-                return deployment.explain(cropped, method, params, targets, threshold)
+            outcome = "failed"
+            try:
+                with running_under(token):
+                    explanation = deployment.explain(cropped, method, params, targets, threshold)
+                outcome = "completed"
+                return explanation
+            except Abandoned:
+                outcome = "abandoned"
+                raise
+            finally:
+                metrics().explanation_runs.labels(deployment.name, method, outcome).inc()
 
         start = time.perf_counter()
         try:

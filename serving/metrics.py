@@ -20,6 +20,7 @@ class Metrics:
     abandoned: object
     batch_size: object
     images: object
+    explanation_runs: object
 
 
 @functools.cache
@@ -40,4 +41,8 @@ def metrics() -> Metrics:
         batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching",
                              ["deployment"], buckets=BATCH_BUCKETS),
         images=Counter("lantern_images_total", "Images predicted, by deployment", ["deployment"]),
+        explanation_runs=Counter("lantern_explanation_runs_total",
+                                 "Explanation computations by how they ended: completed, abandoned (stopped early "
+                                 "because the request timed out or its client left) or failed",
+                                 ["deployment", "method", "outcome"]),
     )

@@ -1,0 +1,98 @@
+"""Starting the real Lantern server (`lantern serve`) on a free loopback port for end-to-end tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from PIL import Image, ImageDraw
+
+from conftest import lantern_executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(size: int = 48, shape: str = "circle", color: tuple[int, int, int] = (220, 40, 40)) -> bytes:
+    """A small RGB PNG of one filled shape on a grey background."""
+    image = Image.new("RGB", (size, size), (90, 90, 90))
+    draw = ImageDraw.Draw(image)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    else:
+        draw.rectangle(box, fill=color)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+class Server:
+    """`lantern serve CONFIG` in its own process group; stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, config: dict, folder: Path, env: dict[str, str], workers: int = 1) -> None:
+        self.folder = folder
+        self.config_path = folder / "endpoint.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = folder / "server.log"
+        self.env = env
+        self.workers = workers
+        self.process: subprocess.Popen | None = None
+
+    def start(self, ready_timeout: float = 180) -> "Server":
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [lantern_executable(), "serve", str(self.config_path), "--port", str(self.port),
+             "--workers", str(self.workers)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder,
+        )
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lantern serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server was not ready within {ready_timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a Prometheus sample over the series whose labels include `labels` (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+            if not match:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(match.group(2))
+        return total

@@ -1,0 +1,436 @@
+"""End to end: the real server (`lantern serve`) on a free loopback port, driven over HTTP as a user would."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import LABELS, SMALL_SETTINGS, lantern_executable
+from explain.encoding import decode_npy_base64
+from serving_support import Server, png_bytes
+
+SLOW_SETTINGS = {"valid_resize_size": 160, "valid_crop_size": 160}
+SLOW_IG = {"method": "integrated_gradients", "params": {"n_steps": 1024}}  # seconds of work at 160 px
+
+
+def probe(**values: float) -> dict:
+    return {"initial_delay": 0, "period": 1, **values}
+
+
+def endpoint_config() -> dict:
+    fast = {"request_timeout_ms": 60000, "max_concurrent_requests_per_instance": 8, "max_queue_wait_ms": 5000}
+    return {
+        "name": "e2e",
+        "auth_mode": "key",
+        "limits": {"max_body_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_concurrent_explanations": 1},
+        "deployments": [
+            {"name": "blue", "model": "models:/mc@champion", "request_settings": fast, "readiness_probe": probe()},
+            {"name": "green", "model": "models:/ml/1", "request_settings": fast, "readiness_probe": probe()},
+            {"name": "slow", "model": "models:/mc/1", "settings": SLOW_SETTINGS, "readiness_probe": probe(),
+             "request_settings": {"request_timeout_ms": 1500, "max_concurrent_requests_per_instance": 1,
+                                  "max_queue_wait_ms": 0}},
+            {"name": "torchy", "model": "models:/mc/1", "backend": "torch", "settings": SLOW_SETTINGS,
+             "request_settings": fast, "readiness_probe": probe()},
+            {"name": "late", "model": "models:/mc/1", "readiness_probe": probe(initial_delay=3600)},
+        ],
+        "traffic": {"blue": 100},
+    }
+
+
+@pytest.fixture(scope="module")
+def registered(module_store: str, checkpoints: dict[str, Path]) -> str:
+    from registry.register import register_checkpoint
+
+    register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    register_checkpoint("ml", checkpoints["safetensors"], "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
+    return module_store
+
+
+@pytest.fixture(scope="module")
+def server(registered: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANTERN_API_KEY")}
+    running = Server(endpoint_config(), tmp_path_factory.mktemp("endpoint"), env).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server: Server) -> str:
+    """The primary scoring key, as `lantern endpoint get-credentials` prints it."""
+    out = subprocess.run([lantern_executable(), "endpoint", "get-credentials", str(server.config_path)],
+                         capture_output=True, text=True, check=True, env=server.env)
+    return json.loads(out.stdout)["primary"]
+
+
+def auth(key: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **headers}
+
+
+def score_body(*rows: dict | str) -> dict:
+    data = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    return {"input_data": {"columns": ["image"], "data": data}}
+
+
+def row(image: bytes, **fields) -> dict:
+    return {"image_base64": base64.encodebytes(image).decode(), **fields}
+
+
+def expected_probs(uri: str, image: bytes, task: str = "multiclass") -> np.ndarray:
+    """The same version's probabilities computed in this process (its ONNX model, its preprocessing)."""
+    from registry.images import decode_image
+    from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
+    from registry.postprocess import probabilities
+    from registry.preprocess import Preprocess
+    from registry.resolve import load_bundle
+
+    bundle = load_bundle(uri)
+    x = Preprocess.for_model(bundle.spec, bundle.settings)(decode_image(image))[None].numpy()
+    logits = make_session(bundle.onnx_path, "cpu").run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return probabilities(logits, task)[0]
+
+
+# the cloud's client code -----------------------------------------------------------------------------------------
+
+def test_cloud_client_snippet_works_unchanged(server: Server, key: str) -> None:
+    """The Python snippet of the cloud's "consume" page, with only the URL and key changed."""
+    image = png_bytes(shape="circle")
+    data = {"input_data": {"columns": ["image"], "data": [json.dumps({
+        "image_base64": base64.encodebytes(image).decode("utf-8"), "model_explainability": True,
+        "xai_parameters": {"xai_algorithm": "xrai", "n_steps": 8, "xrai_fast": True, "visualizations": True,
+                           "attributions": True}})]}}
+    body = str.encode(json.dumps(data))
+    url = f"{server.url}/score"
+    api_key = key
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "Authorization": ("Bearer " + api_key)}
+    req = urllib.request.Request(url, body, headers)
+    response = urllib.request.urlopen(req)
+    result = json.loads(response.read())
+
+    assert response.headers["x-lantern-deployment"] == "blue"
+    assert response.headers["x-lantern-model-version"] == "models:/mc/1"
+    assert len(result) == 1
+    item = result[0]
+    assert item["labels"] == LABELS and item["deployment"] == "blue" and item["model_version"] == "models:/mc/1"
+    np.testing.assert_allclose(item["probs"], expected_probs("models:/mc/1", image), atol=1e-5)
+    grid = Image.open(io.BytesIO(base64.b64decode(item["visualizations"])))
+    assert grid.format == "PNG" and grid.width == grid.height
+    attributions = np.asarray(item["attributions"])
+    assert attributions.shape == (3, 32, 32)
+
+
+def test_score_plain_base64_rows_and_row_lists(server: Server, key: str) -> None:
+    images = [png_bytes(shape="circle"), png_bytes(shape="square", color=(30, 200, 30))]
+    body = {"input_data": {"columns": ["image"], "index": [0, 1],
+                           "data": [base64.encodebytes(images[0]).decode(), [base64.b64encode(images[1]).decode()]]}}
+    response = httpx.post(f"{server.url}/score", json=body, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert [set(item) for item in result] == [{"probs", "labels", "deployment", "model_version"}] * 2
+    for item, image in zip(result, images):
+        np.testing.assert_allclose(item["probs"], expected_probs("models:/mc/1", image), atol=1e-5)
+
+
+def test_each_score_row_uses_its_own_xai_parameters(server: Server, key: str) -> None:
+    image = png_bytes()
+    body = score_body(
+        row(image, model_explainability=True, xai_parameters={"xai_algorithm": "guided_backprop",
+                                                                "attributions": True, "visualizations": False}),
+        row(image, model_explainability=True, xai_parameters={"xai_algorithm": "integrated_gradients",
+                                                                "n_steps": 16, "attributions": True,
+                                                                "attributions_encoding": "npy_base64"}),
+        row(image),
+    )
+    response = httpx.post(f"{server.url}/score", json=body, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    first, second, third = response.json()
+    assert "visualizations" not in first and np.asarray(first["attributions"]).shape == (3, 32, 32)
+    assert isinstance(second["visualizations"], str)
+    assert decode_npy_base64(second["attributions"]).shape == (3, 32, 32)
+    assert "attributions" not in third and "visualizations" not in third  # explainability is off by default
+
+
+def test_multilabel_gives_one_map_per_predicted_label(server: Server, key: str) -> None:
+    image = png_bytes()
+    body = score_body(row(image, model_explainability=True, confidence_score_threshold_multilabel=0.0,
+                          xai_parameters={"xai_algorithm": "guided_gradcam", "attributions": True}),
+                      row(image, model_explainability=True, confidence_score_threshold_multilabel=1.0))
+    response = httpx.post(f"{server.url}/score", json=body, headers=auth(key, **{"azureml-model-deployment": "green"}),
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-lantern-deployment"] == "green"
+    everything, nothing = response.json()
+    np.testing.assert_allclose(everything["probs"], expected_probs("models:/ml/1", image, "multilabel"), atol=1e-5)
+    assert len(everything["visualizations"]) == 3 and len(everything["attributions"]) == 3
+    assert np.asarray(everything["attributions"]).shape == (3, 3, 32, 32)
+    assert nothing["visualizations"] == [] and "attributions" not in nothing
+
+
+# /predict and /explain -----------------------------------------------------------------------------------------------
+
+def test_predict_multipart_and_raw_body(server: Server, key: str) -> None:
+    images = [png_bytes(shape="circle"), png_bytes(shape="square")]
+    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    response = httpx.post(f"{server.url}/predict?top_k=2", files=files, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["deployment"] == "blue" and body["model_version"] == "models:/mc/1"
+    for prediction, image in zip(body["predictions"], images):
+        probs = expected_probs("models:/mc/1", image)
+        assert len(prediction["top_k"]) == 2
+        assert prediction["top_k"][0]["label"] == prediction["predicted"][0] == LABELS[int(np.argmax(probs))]
+        assert prediction["top_k"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+    raw = httpx.post(f"{server.url}/predict", content=images[0], headers=auth(key, **{"Content-Type": "image/png"}))
+    assert raw.status_code == 200 and len(raw.json()["predictions"]) == 1
+    assert raw.json()["predictions"][0]["top_k"][0] == body["predictions"][0]["top_k"][0]
+
+
+def test_explain_json_and_png(server: Server, key: str) -> None:
+    image = png_bytes()
+    request = {"image_base64": base64.b64encode(image).decode(), "method": "integrated_gradients",
+               "params": {"n_steps": 20, "approximation_method": "gausslegendre"}, "targets": ["square"],
+               "attributions_encoding": "float16"}
+    response = httpx.post(f"{server.url}/explain", json=request, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["deployment"] == "blue" and body["method"] == "integrated_gradients"
+    assert [e["label"] for e in body["explanations"]] == ["square"]
+    assert np.asarray(body["explanations"][0]["attributions"]).shape == (3, 32, 32)
+    assert body["fidelity"]["params"]["n_steps"] == 20 and body["fidelity"]["targets"] == [1]
+    assert body["fidelity"]["completeness_error"] is not None
+
+    png = httpx.post(f"{server.url}/explain?method=guided_gradcam", content=image,
+                     headers=auth(key, **{"Content-Type": "image/png", "Accept": "image/png"}), timeout=60)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["x-lantern-deployment"] == "blue"
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"
+
+    files = {"image": ("x.png", image, "image/png")}
+    multipart = httpx.post(f"{server.url}/explain?method=xrai&n_steps=4&attributions=false", files=files,
+                           headers=auth(key), timeout=60)
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json()["explanations"][0].get("attributions") is None
+
+
+def test_torch_backend_answers_like_onnxruntime(server: Server, key: str) -> None:
+    image = png_bytes(size=200)
+    torch_answer = httpx.post(f"{server.url}/predict", content=image, timeout=60,
+                              headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "torchy"}))
+    assert torch_answer.status_code == 200, torch_answer.text
+    probs = expected_probs("models:/mc/1", image)  # settings differ (160 px): compare with the same settings below
+    assert len(torch_answer.json()["predictions"][0]["top_k"]) == len(probs)
+    onnx_answer = httpx.post(f"{server.url}/predict", content=image, timeout=60,
+                             headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "slow"}))
+    for a, b in zip(torch_answer.json()["predictions"][0]["top_k"], onnx_answer.json()["predictions"][0]["top_k"]):
+        assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+# auth, routing, readiness -------------------------------------------------------------------------------------------
+
+def test_auth_missing_wrong_and_secondary_key(server: Server, key: str) -> None:
+    image = png_bytes()
+    headers = {"Content-Type": "image/png"}
+    missing = httpx.post(f"{server.url}/predict", content=image, headers=headers)
+    wrong = httpx.post(f"{server.url}/predict", content=image, headers={**headers, "Authorization": "Bearer nope"})
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized" and "Bearer" in missing.json()["error"]["message"]
+    out = subprocess.run([lantern_executable(), "endpoint", "get-credentials", "e2e"], capture_output=True, text=True,
+                         check=True, env=server.env)
+    keys = json.loads(out.stdout)
+    assert keys["primary"] == key and keys["secondary"] != key
+    assert httpx.post(f"{server.url}/predict", content=image, headers=auth(keys["secondary"], **headers)).status_code == 200
+    credentials = Path(server.env["LANTERN_HOME"]) / "endpoints" / "e2e" / "credentials.json"
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    assert key not in server.log()  # keys are never logged
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200
+
+
+def test_pinning_unknown_and_unready_deployments(server: Server, key: str) -> None:
+    image = png_bytes()
+    headers = auth(key, **{"Content-Type": "image/png"})
+    for header in ("x-lantern-deployment", "azureml-model-deployment"):
+        pinned = httpx.post(f"{server.url}/predict", content=image, headers={**headers, header: "green"})
+        assert pinned.status_code == 200 and pinned.headers["x-lantern-deployment"] == "green"
+    unknown = httpx.post(f"{server.url}/predict", content=image, headers={**headers, "x-lantern-deployment": "nope"})
+    assert unknown.status_code == 404 and "blue" in unknown.json()["error"]["message"]
+    late = httpx.post(f"{server.url}/predict", content=image, headers={**headers, "x-lantern-deployment": "late"})
+    assert late.status_code == 503 and "late" in late.json()["error"]["message"]
+
+
+# bad input ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "invalid_json"),
+    (json.dumps({"input_data": {"columns": ["image"], "data": ["%%%not base64%%%"]}}).encode(), 400, "invalid_base64"),
+    (json.dumps({"input_data": {"columns": ["image"], "data": ["https://example.com/cat.png"]}}).encode(), 400,
+     "url_not_accepted"),
+    (json.dumps({"input_data": {"columns": ["image"], "data": [base64.b64encode(b"plain text").decode()]}}).encode(),
+     415, "unsupported_media_type"),
+    (json.dumps({"inputs": []}).encode(), 422, "invalid_request"),
+    (json.dumps(score_body(row(png_bytes(), model_explainability=True,
+                               xai_parameters={"xai_algorithm": "xrai", "n_steps": 1}))).encode(), 422,
+     "invalid_xai_parameters"),
+    (json.dumps(score_body(row(png_bytes(), xai_parameters={"xai_algorithm": "gradcam"}))).encode(), 422,
+     "invalid_row"),
+    (json.dumps(score_body(row(png_bytes(), colour="red"))).encode(), 422, "invalid_row"),
+])
+def test_score_bad_input_gets_a_clear_4xx(server: Server, key: str, body: bytes, status: int, code: str) -> None:
+    response = httpx.post(f"{server.url}/score", content=body, headers=auth(key, **{"Content-Type": "application/json"}))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, key: str) -> None:
+    body = score_body(row(png_bytes(), model_explainability=True,
+                          xai_parameters={"xai_algorithm": "integrated_gradients", "steps": 5}))
+    response = httpx.post(f"{server.url}/score", json=body, headers=auth(key))
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "steps" in message and "n_steps" in message and "approximation_method" in message
+
+
+def test_size_limits(server: Server, key: str) -> None:
+    too_big = httpx.post(f"{server.url}/predict", content=b"\0" * 1_100_000,
+                         headers=auth(key, **{"Content-Type": "image/png"}))
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+    bomb = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (0, 0, 0)).save(bomb, format="PNG")  # 16 M pixels in a few KB
+    assert len(bomb.getvalue()) < 100_000
+    refused = httpx.post(f"{server.url}/predict", content=bomb.getvalue(),
+                         headers=auth(key, **{"Content-Type": "image/png"}))
+    assert refused.status_code == 413 and "pixels" in refused.json()["error"]["message"]
+    not_image = httpx.post(f"{server.url}/predict", content=b"GIF89a but not really",
+                           headers=auth(key, **{"Content-Type": "image/gif"}))
+    assert not_image.status_code == 415
+    json_to_predict = httpx.post(f"{server.url}/predict", json={"image": "x"}, headers=auth(key))
+    assert json_to_predict.status_code == 415 and "/score" in json_to_predict.json()["error"]["message"]
+
+
+# deadlines, abandonment, admission ----------------------------------------------------------------------------------
+
+def wait_for_metric(server: Server, name: str, at_least: float, timeout: float = 60, **labels: str) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = server.metric(name, **labels)
+        if value >= at_least:
+            return value
+        time.sleep(0.25)
+    return server.metric(name, **labels)
+
+
+def slow_explain(server: Server, key: str, deployment: str, timeout: float = 120) -> httpx.Response:
+    body = {"image_base64": base64.b64encode(png_bytes()).decode(), **SLOW_IG}
+    return httpx.post(f"{server.url}/explain", json=body, headers=auth(key, **{"x-lantern-deployment": deployment}),
+                      timeout=timeout)
+
+
+def test_request_over_its_timeout_is_408_and_its_work_is_abandoned(server: Server, key: str) -> None:
+    before = server.metric("lantern_explanation_runs_total", deployment="slow", outcome="abandoned")
+    response = slow_explain(server, key, "slow")
+    assert response.status_code == 408, response.text
+    assert response.json()["error"]["code"] == "request_timeout"
+    assert response.headers["x-lantern-deployment"] == "slow"
+    # the explanation stops at its next forward pass instead of running its 1024 steps for nobody
+    assert wait_for_metric(server, "lantern_explanation_runs_total", before + 1, deployment="slow",
+                           outcome="abandoned") == before + 1
+    assert server.metric("lantern_explanation_runs_total", deployment="slow", outcome="completed") == 0
+    assert server.metric("lantern_abandoned_requests_total", deployment="slow", reason="timeout") >= 1
+
+
+def test_client_disconnect_abandons_the_work(server: Server, key: str) -> None:
+    before = server.metric("lantern_explanation_runs_total", deployment="torchy", outcome="abandoned")
+    with pytest.raises(httpx.TimeoutException):
+        slow_explain(server, key, "torchy", timeout=1.5)
+    assert wait_for_metric(server, "lantern_explanation_runs_total", before + 1, deployment="torchy",
+                           outcome="abandoned") == before + 1
+    assert wait_for_metric(server, "lantern_abandoned_requests_total", 1, deployment="torchy",
+                           reason="disconnect") >= 1
+    assert server.metric("lantern_explanation_runs_total", deployment="torchy", outcome="completed") == 0
+
+
+def test_more_in_flight_than_allowed_is_429_at_once(server: Server, key: str) -> None:
+    # predictions: max 1 at a time on `slow`, no queue wait, so concurrent requests beyond one are refused
+    image = png_bytes(size=160)
+    statuses: list[int] = []
+
+    def one() -> None:
+        response = httpx.post(f"{server.url}/predict", content=image, timeout=60,
+                              headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "slow"}))
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0
+
+    # explanations have their own limit (1 at a time here): a second one is refused while prediction traffic flows
+    first: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: first.append(slow_explain(server, key, "torchy")))
+    worker.start()
+    time.sleep(1.0)
+    second = slow_explain(server, key, "blue")
+    assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_requests"
+    prediction = httpx.post(f"{server.url}/predict", content=png_bytes(), headers=auth(key, **{"Content-Type": "image/png"}))
+    assert prediction.status_code == 200
+    worker.join()
+    assert first[0].status_code == 200
+
+
+def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str) -> None:
+    image = png_bytes()
+    before = server.metric("lantern_batch_size_count", deployment="blue")
+    images_before = server.metric("lantern_images_total", deployment="blue")
+
+    def one(_: int) -> int:
+        return httpx.post(f"{server.url}/predict", content=image, timeout=60,
+                          headers=auth(key, **{"Content-Type": "image/png"})).status_code
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(96)))
+    assert statuses == [200] * 96
+    calls = server.metric("lantern_batch_size_count", deployment="blue") - before
+    images = server.metric("lantern_images_total", deployment="blue") - images_before
+    print(f"96 concurrent predictions: {images:.0f} images in {calls:.0f} model calls")
+    assert images == 96 and calls < images
+
+
+def test_openapi_describes_every_route(server: Server) -> None:
+    paths = httpx.get(f"{server.url}/docs.json").json()["paths"]
+    for path in ("/score", "/predict", "/explain", "/livez", "/readyz", "/metrics"):
+        assert path in paths
+    score = paths["/score"]["post"]
+    assert {"401", "404", "408", "413", "424", "429", "503"} <= set(score["responses"])
+
+
+def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run([str(Path(lantern_executable()).with_name("bentoml")), "build", str(root), "--output", "tag"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bentos = list((tmp_path / "bentoml" / "bentos" / "lantern").glob("*/bento.yaml"))
+    assert len(bentos) == 1
+    source = bentos[0].parent / "src"
+    assert (source / "endpoint.yaml").read_text() == (root / "endpoint.yaml").read_text()
+    assert (source / "serving" / "service.py").exists()
+    assert "serving.service:Lantern" in bentos[0].read_text()
