@@ -57,13 +57,23 @@ class BatchedPredictor:
         predictor = self.deployment.require_model().predictor
         try:
             logits = await anyio.to_thread.run_sync(predictor, batch)
-        except Exception as error:  # noqa: BLE001 - the model failing on this input is the caller's 424
-            for i in live:
-                results[i] = error
-            return results
+        except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
+            if len(live) == 1:
+                raise
+            return await self._run_one_by_one(jobs, live, predictor, results)
         metrics().batch_size.labels(self.deployment.name).observe(len(live))
         for row, i in enumerate(live):
             results[i] = logits[row]
+        return results
+
+    async def _run_one_by_one(self, jobs: Sequence[Job], live: list[int], predictor,
+                              results: list[np.ndarray | Exception | None]) -> list[np.ndarray | Exception | None]:
+        for i in live:
+            try:
+                results[i] = (await anyio.to_thread.run_sync(predictor, jobs[i].pixels[None]))[0]
+                metrics().batch_size.labels(self.deployment.name).observe(1)
+            except Exception as error:  # noqa: BLE001 - this input is the caller's 424
+                results[i] = error
         return results
 
     async def logits(self, job: Job) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
@@ -46,6 +47,7 @@ def endpoint_config() -> dict:
             {"name": "torchy", "model": "models:/mc/1", "backend": "torch", "settings": SLOW_SETTINGS,
              "request_settings": fast, "readiness_probe": probe()},
             {"name": "late", "model": "models:/mc/1", "readiness_probe": probe(initial_delay=3600)},
+            {"name": "picky", "model": "models:/picky/1", "request_settings": fast, "readiness_probe": probe()},
         ],
         "traffic": {"blue": 100},
     }
@@ -58,7 +60,28 @@ def registered(module_store: str, checkpoints: dict[str, Path]) -> str:
     register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
                         alias="champion")
     register_checkpoint("ml", checkpoints["safetensors"], "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
+    register_checkpoint("picky", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    make_picky("models:/picky/1")
     return module_store
+
+
+class Picky(torch.nn.Module):
+    """Logits for most images, but a runtime error (a gather out of bounds) for an all-white one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a white image normalises to > 2 in every channel (warm-up zeros do not): any white image fails the batch
+        white = (x.flatten(1).amin(1).amax() > 2.0).to(torch.int64)
+        return torch.index_select(x.mean((2, 3)), 1, torch.arange(3) + 10 * white)
+
+
+def make_picky(uri: str) -> None:
+    """Swap the downloaded ONNX model of `uri` for one that fails on some inputs, as a user's model may."""
+    from registry.onnx_export import export_onnx
+    from registry.resolve import download_version
+    from registry.store import open_client
+
+    downloaded = download_version(open_client(), uri)
+    export_onnx(Picky(), 32, downloaded.files.onnx)
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +260,28 @@ def test_torch_backend_answers_like_onnxruntime(server: Server, key: str) -> Non
                              headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "slow"}))
     for a, b in zip(torch_answer.json()["predictions"][0]["top_k"], onnx_answer.json()["predictions"][0]["top_k"]):
         assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_model_failing_on_an_input_is_424_with_the_reason(server: Server, key: str) -> None:
+    headers = auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "picky"})
+    assert httpx.post(f"{server.url}/predict", content=png_bytes(), headers=headers).status_code == 200
+    white = png_bytes(color=(255, 255, 255))
+    white_image = io.BytesIO()
+    Image.new("RGB", (48, 48), (255, 255, 255)).save(white_image, format="PNG")
+    failed = httpx.post(f"{server.url}/predict", content=white_image.getvalue(), headers=headers)
+    assert failed.status_code == 424, failed.text
+    assert failed.json()["error"]["code"] == "model_error" and "picky" in failed.json()["error"]["message"]
+    assert "out of data bounds" in failed.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/predict", content=white, headers=headers).status_code == 200  # not all white
+
+    # in a batch, only the failing input gets 424: the other requests batched with it are answered
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [white_image.getvalue() if i % 8 == 0 else png_bytes() for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda b: httpx.post(f"{server.url}/predict", content=b, headers=headers,
+                                                      timeout=60).status_code, bodies))
+    assert statuses == [424 if i % 8 == 0 else 200 for i in range(32)]
 
 
 # auth, routing, readiness -------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""The endpoint configuration: every rule gives a message naming the problem; `lantern serve` checks the registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import LABELS, SMALL_SETTINGS, lantern_executable
+from serving.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, scoring_keys
+from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
+
+
+def config(**changes) -> dict:
+    values = {"name": "shop", "deployments": [{"name": "blue", "model": "models:/m/1"},
+                                              {"name": "green", "model": "models:/m@challenger"}],
+              "traffic": {"blue": 100}}
+    values.update(changes)
+    return values
+
+
+def test_defaults_follow_the_spec() -> None:
+    parsed = parse_endpoint_config(config())
+    blue = parsed.deployment("blue")
+    assert parsed.auth_mode == "key"
+    assert blue.request_settings.request_timeout_ms == 5000
+    assert blue.request_settings.max_concurrent_requests_per_instance == 1
+    assert blue.request_settings.max_queue_wait_ms == 500
+    assert blue.readiness_probe.model_dump() == {"initial_delay": 10, "period": 10, "timeout": 2,
+                                                 "success_threshold": 1, "failure_threshold": 30}
+    assert blue.device == "auto" and blue.backend == "onnxruntime"
+
+
+def test_the_shipped_example_is_valid() -> None:
+    example = load_endpoint_config(Path(__file__).resolve().parents[1] / "endpoint.yaml")
+    assert example.traffic == {"blue": 100} and example.deployments[0].model == "models:/shapes-demo@champion"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": "red"}, "colour: unknown key"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1", "gpu": True}]}, "gpu: unknown key"),
+    ({"traffic": {"blue": 60, "green": 30}}, "sum to 100 (or all be 0); they sum to 90"),
+    ({"traffic": {"blue": 100, "red": 0}}, "unknown deployment(s) red"),
+    ({"traffic": {"blue": 100.0}}, "valid integer"),
+    ({"traffic": {"blue": "100"}}, "valid integer"),
+    ({"traffic": {"blue": 120, "green": -20}}, "from 0 to 100"),
+    ({"mirror_traffic": {"green": 60}}, "at most 50 percent"),
+    ({"mirror_traffic": {"blue": 10}}, "live or mirrored traffic, never both"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1"}] * 2}, "must be unique"),
+    ({"deployments": [{"name": "Blue!", "model": "models:/m/1"}]}, "not a deployment name"),
+    ({"deployments": [{"name": "blue", "model": "https://example.com/model.onnx"}]}, "models come only from the "
+                                                                                     "registry"),
+    ({"deployments": [{"name": "blue", "model": "models:/m"}]}, "models:/NAME/VERSION"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1", "device": "tpu"}]}, "unknown device 'tpu'"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1", "backend": "tensorrt"}]}, "onnxruntime"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1",
+                       "request_settings": {"request_timeout_ms": 200_000}}]}, "less than or equal to 180000"),
+    ({"auth_mode": "aml_token"}, "auth_mode"),
+])
+def test_invalid_configurations_name_the_problem(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_endpoint_config(config(**changes))
+    assert message in str(error.value)
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_endpoint_config(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_endpoint_config(tmp_path / "missing.yaml")
+
+
+def test_scoring_keys_from_environment_or_generated_once(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LANTERN_API_KEY", raising=False)
+    monkeypatch.delenv("LANTERN_API_KEY_SECONDARY", raising=False)
+    generated = scoring_keys("shop")
+    assert generated.source == "generated" and generated.primary != generated.secondary
+    assert credentials_path("shop").stat().st_mode & 0o777 == 0o600
+    again = scoring_keys("shop")
+    assert (again.primary, again.secondary, again.source) == (generated.primary, generated.secondary, "file")
+    monkeypatch.setenv("LANTERN_API_KEY", "k1")
+    monkeypatch.setenv("LANTERN_API_KEY_SECONDARY", "k2")
+    assert scoring_keys("shop") == ScoringKeys("k1", "k2", "environment")
+    check = KeyCheck(ScoringKeys("k1", "k2", "environment"))
+    assert check.accepts("k1") and check.accepts("k2") and not check.accepts("k3") and not check.accepts("")
+    assert bearer_token("Bearer abc ") == "abc" and bearer_token("bearer abc") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+
+
+def test_serve_checks_the_registry_before_starting(store: str, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    from registry.register import register_checkpoint
+
+    register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    path = tmp_path / "endpoint.yaml"
+    path.write_text(yaml.safe_dump(config(deployments=[
+        {"name": "blue", "model": "models:/m/1", "settings": {"valid_crop_size": 64, "confidence_score_threshold_"
+                                                                                   "multilabel": 0.3}},
+        {"name": "green", "model": "models:/m/7"},
+        {"name": "red", "model": "models:/nobody@champion"},
+    ])))
+    out = subprocess.run([lantern_executable(), "serve", str(path), "--port", "1"], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    message = " ".join(out.stderr.split())
+    assert "deployment blue" in message and "confidence_score_threshold_multilabel: unknown setting" in message
+    assert "deployment green: models:/m/7 does not exist" in message
+    assert "deployment red: no registered model named 'nobody'" in message
