@@ -1,4 +1,5 @@
 # Lantern: `make demo` and `make test` work on a fresh clone.
+# `make demo` trains and registers the demo model, then serves endpoint.yaml on http://127.0.0.1:$(PORT) (Ctrl+C stops it).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,8 +17,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+PORT ?= 3000
+
 demo: $(STAMP)
-	$(BIN)/lantern demo
+	$(BIN)/lantern demo --port $(PORT)
+	$(BIN)/lantern serve endpoint.yaml --port $(PORT)
 
 clean:
 	rm -rf .lantern demo-data

@@ -29,8 +29,9 @@ def _train(session_dir: Path, count: int, iterations: int) -> None:
 @click.option("--data-dir", default="demo-data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--count", default=3000, show_default=True, help="Shapes images to generate.")
 @click.option("--iterations", default=1000, show_default=True, help="Training iterations.")
+@click.option("--port", default=3000, show_default=True, help="The port the printed requests use.")
 @user_errors
-def demo(data_dir: str, count: int, iterations: int) -> None:
+def demo(data_dir: str, count: int, iterations: int, port: int) -> None:
     """Make the shapes data, train the demo model, and register it as shapes-demo@champion."""
     from registry.register import register_session_checkpoint
     from registry.resolve import parse_model_ref, resolve_version
@@ -54,3 +55,30 @@ def demo(data_dir: str, count: int, iterations: int) -> None:
     from registry.cli import show_model
 
     show_model.callback(ref=f"{DEMO_MODEL}@{DEMO_ALIAS}", as_json=False, tracking_uri=None)
+    sample = write_sample(Path(data_dir))
+    console.print(ready_to_paste(sample, port))
+
+
+def write_sample(data_dir: Path) -> Path:
+    """A shapes image the model has not seen (another seed), to send to the endpoint."""
+    from training.shapes import ShapesConfig, make_sample
+
+    shape = make_sample(ShapesConfig(image_size=64, seed=2026), 0)
+    path = data_dir / f"sample-{shape.labels[0]}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape.image.save(path)
+    return path
+
+
+def ready_to_paste(sample: Path, port: int) -> str:
+    base = f"http://127.0.0.1:{port}"
+    key = "KEY=$(.venv/bin/lantern endpoint get-credentials endpoint.yaml --key primary)"
+    return (
+        f"\n[bold]Next: `make demo` serves endpoint.yaml on {base}[/bold] (docs: {base}/docs, metrics: {base}/metrics)."
+        f"\nOnce it says ready, paste into another terminal:\n"
+        f"  {key}\n"
+        f"  curl -s {base}/predict -H \"Authorization: Bearer $KEY\" -H 'Content-Type: image/png' "
+        f"--data-binary @{sample}\n"
+        f"  curl -s {base}/explain?method=xrai -H \"Authorization: Bearer $KEY\" -H 'Content-Type: image/png' "
+        f"-H 'Accept: image/png' --data-binary @{sample} -o xrai.png\n"
+    )

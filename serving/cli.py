@@ -55,13 +55,18 @@ def endpoint_group() -> None:
 
 @endpoint_group.command("get-credentials")
 @click.argument("endpoint", metavar="ENDPOINT_YAML_OR_NAME")
+@click.option("--key", "which", type=click.Choice(["primary", "secondary"]), default=None,
+              help="Print only this key, bare (for KEY=$(...) in a shell).")
 @user_errors
-def get_credentials(endpoint: str) -> None:
+def get_credentials(endpoint: str, which: str | None) -> None:
     """Print the endpoint's two scoring keys as JSON (generated and stored on first use)."""
     from serving.auth import scoring_keys
     from serving.config import load_endpoint_config
 
     name = load_endpoint_config(endpoint).name if Path(endpoint).is_file() else endpoint
     keys = scoring_keys(name)
+    if which:
+        click.echo(getattr(keys, which))
+        return
     stdout.print_json(json.dumps({"endpoint": name, "primary": keys.primary, "secondary": keys.secondary,
                                   "source": keys.source}))

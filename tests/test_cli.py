@@ -94,3 +94,36 @@ def test_demo_command_trains_registers_and_shows(tmp_path):
     assert "models:/shapes-demo/1" in out.stdout and "champion" in out.stdout
     again = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), env=env, cwd=tmp_path)
     assert "already registered (version 1)" in again.stderr
+
+
+def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
+    """What `make demo` does after training: serve the shipped endpoint.yaml, then the printed request works."""
+    import re
+    import shlex
+
+    import httpx
+    import yaml
+
+    from tests.serving_support import Server
+
+    env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / ".lantern")}
+    out = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), "--count", "60", "--iterations", "5",
+                  "--port", "3999", env=env, cwd=tmp_path)
+    printed = " ".join(out.stderr.split())
+    assert "KEY=$(.venv/bin/lantern endpoint get-credentials endpoint.yaml --key primary)" in printed
+    command = re.search(r"curl -s http://127\.0\.0\.1:3999/predict [^\n]*?\.png", printed).group(0)
+    sample = Path(shlex.split(command)[-1].lstrip("@"))
+    assert sample.exists() and sample.name.startswith("sample-")
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "endpoint.yaml").read_text())
+    server = Server(config, tmp_path, env).start()
+    try:
+        key = lantern("endpoint", "get-credentials", str(server.config_path), "--key", "primary", env=env,
+                      cwd=tmp_path).stdout.strip()
+        response = httpx.post(f"{server.url}/predict", content=sample.read_bytes(), timeout=60,
+                              headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == "models:/shapes-demo/1"
+        assert response.headers["x-lantern-deployment"] == "blue"
+    finally:
+        server.stop()
