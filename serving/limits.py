@@ -13,7 +13,7 @@ from serving.abandon import CancelToken
 from serving.errors import timed_out, too_many
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.1
+DISCONNECT_POLL_S = 0.25
 
 
 class Admission:

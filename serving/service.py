@@ -39,7 +39,6 @@ app = build_app()
     name="lantern",
     workers=arguments.workers,
     traffic={"timeout": longest_request_s + 30},
-    logging={"access": {"enabled": True, "request_content_length": True, "response_content_length": True}},
 )
 @bentoml.asgi_app(app, path="/")
 class Lantern:

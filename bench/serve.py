@@ -1,0 +1,245 @@
+"""Serving benchmark, run by hand: `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N]`.
+
+One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
+1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
+   in-process latency of one image is decode + preprocess + a batch-1 run;
+2. Lantern served over HTTP (`lantern serve`, POST /predict with a JPEG) at concurrency 1, 8 and 32: throughput and
+   p50/p99 latency;
+3. `mlflow models serve` on the same registered model (its pyfunc flavour) at the same concurrencies.
+It prints the ratios behind the goals: served throughput at concurrency 32 vs the limit (goal >= 90 %), p50 at
+concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `mlflow models serve` (goal >= 3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import yaml
+
+RESULTS = Path(__file__).parent / "results" / "serve.json"
+LABELS = [f"class-{i}" for i in range(10)]
+CONCURRENCY = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def jpeg_image() -> bytes:
+    from training.shapes import ShapesConfig, make_sample
+
+    out = io.BytesIO()
+    make_sample(ShapesConfig(image_size=256, seed=5), 0).image.convert("RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def register_resnet50(folder: Path) -> str:
+    from safetensors.torch import save_file
+
+    from registry.architectures import ARCHITECTURES
+    from registry.register import register_checkpoint
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES["resnet50"].build(len(LABELS)).eval()
+    checkpoint = folder / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    version = register_checkpoint("bench-resnet50", checkpoint, "resnet50", LABELS, "multiclass")
+    return version.uri
+
+
+def in_process(uri: str, image: bytes, device: str, quick: bool) -> dict:
+    from registry.images import decode_image
+    from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
+    from registry.preprocess import Preprocess
+    from registry.resolve import load_bundle
+
+    bundle = load_bundle(uri)
+    preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
+    session = make_session(bundle.onnx_path, device)
+    x = preprocess(decode_image(image))[None].numpy()
+    throughput = {}
+    for batch_size in (1, 2, 4, 8, 16, 32):
+        batch = np.repeat(x, batch_size, axis=0)
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < (1.5 if quick else 4) or runs < 3:
+            session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            runs += 1
+        throughput[batch_size] = runs * batch_size / (time.perf_counter() - start)
+        print(f"  in-process ONNX Runtime, batch {batch_size:2d}: {throughput[batch_size]:7.1f} images/s")
+    latencies = []
+    for _ in range(10 if quick else 30):
+        start = time.perf_counter()
+        session.run([OUTPUT_NAME], {INPUT_NAME: preprocess(decode_image(image))[None].numpy()})
+        latencies.append(time.perf_counter() - start)
+    best = max(throughput, key=throughput.get)
+    return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
+            "latency_p50_s": float(np.median(latencies)), "providers": session.get_providers()}
+
+
+async def load(url: str, make_request, concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients sending back to back for `seconds`: throughput and latency percentiles."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def one_client() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                response = await make_request(client)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        for _ in range(2):  # warm-up round trips, not counted
+            await make_request(client)
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "images_per_s": len(latencies) / elapsed,
+            "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_s": float(np.percentile(latencies, 99)) if latencies else None}
+
+
+class Process:
+    def __init__(self, command: list[str], env: dict[str, str], log: Path, ready_url: str) -> None:
+        self.log = log
+        self.process = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command[:3]} exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{command[:3]} not ready:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, workers: int, best_batch: int,
+           seconds: float) -> list[dict]:
+    config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
+        "name": "resnet", "model": uri, "device": device, "max_batch_size": max(2, best_batch), "max_latency_ms": 60000,
+        "request_settings": {"request_timeout_ms": 120000, "max_concurrent_requests_per_instance": 64,
+                             "max_queue_wait_ms": 60000},
+        "readiness_probe": {"initial_delay": 0, "period": 5}}]}
+    path = folder / "endpoint.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    lantern = str(Path(sys.executable).with_name("lantern"))
+    server = Process([lantern, "serve", str(path), "--port", str(port), "--workers", str(workers)], env,
+                     folder / "lantern.log", f"http://127.0.0.1:{port}/readyz")
+    key = subprocess.run([lantern, "endpoint", "get-credentials", str(path), "--key", "primary"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}
+    try:
+        results = []
+        for concurrency in CONCURRENCY:
+            result = asyncio.run(load(f"http://127.0.0.1:{port}", lambda c: c.post("/predict", content=image,
+                                                                                  headers=headers),
+                                      concurrency, seconds))
+            print(f"  lantern, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
+                  f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
+            results.append(result)
+        return results
+    finally:
+        server.stop()
+
+
+def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float) -> list[dict]:
+    port = free_port()
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}  # it runs `uvicorn`
+    server = Process([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri, "--env-manager",
+                      "local", "--port", str(port), "--host", "127.0.0.1"], env, folder / "mlflow.log",
+                     f"http://127.0.0.1:{port}/ping")
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+    try:
+        results = []
+        for concurrency in CONCURRENCY:
+            result = asyncio.run(load(f"http://127.0.0.1:{port}", lambda c: c.post("/invocations", json=body),
+                                      concurrency, seconds))
+            print(f"  mlflow models serve, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
+                  f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
+            results.append(result)
+        return results
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=None, help="per concurrency level (default 20, quick 8)")
+    parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    args = parser.parse_args()
+    seconds = args.seconds or (8 if args.quick else 20)
+
+    with tempfile.TemporaryDirectory(prefix="lantern-bench-serve-") as temporary:
+        folder = Path(temporary)
+        home = folder / "lantern-home"
+        env = {**os.environ, "LANTERN_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+        os.environ.update(env)
+        print("registering resnet50 (random weights) ...")
+        uri = register_resnet50(folder)
+        image = jpeg_image()
+        print("in-process:")
+        reference = in_process(uri, image, args.device, args.quick)
+        print("lantern serve:")
+        lantern = served(uri, image, folder, env, args.device, args.workers, reference["best_batch"], seconds)
+        print("mlflow models serve:")
+        mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds)
+
+    at32 = lantern[-1]["images_per_s"] / reference["limit_images_per_s"]
+    p50_ratio = lantern[0]["p50_s"] / reference["latency_p50_s"]
+    vs_mlflow = {r["concurrency"]: r["images_per_s"] / m["images_per_s"] for r, m in zip(lantern, mlflow)}  # {} if skipped
+    print(f"\nserved throughput at concurrency 32 vs in-process limit: {at32:.0%} (goal >= 90 %)")
+    print(f"p50 at concurrency 1 vs in-process latency: {p50_ratio:.2f}x (goal <= 1.3x)")
+    print("served vs mlflow models serve: " + ", ".join(f"c{c} {v:.1f}x" for c, v in vs_mlflow.items())
+          + " (goal >= 3x)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "workers": args.workers,
+        "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
+        "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow},
+    }, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
