@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from registry.devices import DEVICE_PATTERN
 from registry.errors import LanternError, describe_validation_error
@@ -16,6 +16,16 @@ from registry.resolve import URI_PATTERN
 Percent = Annotated[int, Field(strict=True)]
 """A whole percent; YAML and JSON give ints, and a string or a float is refused rather than rounded."""
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+def _resource_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not a valid name: use 1-32 lowercase letters, digits and dashes")
+    return name
+
+
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+"""An endpoint or deployment name: it appears in URLs, headers and file names."""
 MAX_REQUEST_TIMEOUT_MS = 180_000
 MAX_MIRROR_PERCENT = 50
 
@@ -53,7 +63,7 @@ class Probe(Strict):
 class DeploymentConfig(Strict):
     """One registered model version served under a name."""
 
-    name: str = Field(description="lowercase letters, digits and dashes, 1-32 characters")
+    name: ResourceName = Field(description="lowercase letters, digits and dashes, 1-32 characters")
     model: str = Field(description="models:/NAME/VERSION or models:/NAME@ALIAS")
     settings: dict[str, Any] = Field(default_factory=dict,
                                      description="overrides of the version's settings.json (validated per task)")
@@ -65,13 +75,6 @@ class DeploymentConfig(Strict):
     request_settings: RequestSettings = Field(default_factory=RequestSettings)
     readiness_probe: Probe = Field(default_factory=Probe)
     liveness_probe: Probe = Field(default_factory=Probe)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not NAME_PATTERN.match(name):
-            raise ValueError(f"{name!r} is not a deployment name: use 1-32 lowercase letters, digits and dashes")
-        return name
 
     @field_validator("model")
     @classmethod
@@ -104,20 +107,13 @@ class Limits(Strict):
 class EndpointConfig(Strict):
     """A whole endpoint: its deployments, the live traffic split and the mirrored share."""
 
-    name: str
+    name: ResourceName
     auth_mode: Literal["key", "none"] = "key"
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     traffic: dict[str, Percent] = Field(default_factory=dict, description="deployment -> percent of live traffic")
     mirror_traffic: dict[str, Percent] = Field(default_factory=dict,
                                            description="at most one deployment -> percent of live traffic copied to it")
     limits: Limits = Field(default_factory=Limits)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not NAME_PATTERN.match(name):
-            raise ValueError(f"{name!r} is not an endpoint name: use 1-32 lowercase letters, digits and dashes")
-        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> "EndpointConfig":

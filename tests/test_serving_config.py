@@ -50,7 +50,7 @@ def test_the_shipped_example_is_valid() -> None:
     ({"mirror_traffic": {"green": 60}}, "at most 50 percent"),
     ({"mirror_traffic": {"blue": 10}}, "live or mirrored traffic, never both"),
     ({"deployments": [{"name": "blue", "model": "models:/m/1"}] * 2}, "must be unique"),
-    ({"deployments": [{"name": "Blue!", "model": "models:/m/1"}]}, "not a deployment name"),
+    ({"deployments": [{"name": "Blue!", "model": "models:/m/1"}]}, "not a valid name"),
     ({"deployments": [{"name": "blue", "model": "https://example.com/model.onnx"}]}, "models come only from the "
                                                                                      "registry"),
     ({"deployments": [{"name": "blue", "model": "models:/m"}]}, "models:/NAME/VERSION"),
