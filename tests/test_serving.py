@@ -426,17 +426,31 @@ def test_more_in_flight_than_allowed_is_429_at_once(server: Server, key: str) ->
         thread.join()
     assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0
 
-    # explanations have their own limit (1 at a time here): a second one is refused while prediction traffic flows
-    first: list[httpx.Response] = []
-    worker = threading.Thread(target=lambda: first.append(slow_explain(server, key, "torchy")))
+    # explanations have their own limit (1 at a time here): while one runs, another is refused at once (`slow` has no
+    # queue wait) and prediction traffic still flows; the first is then abandoned by its client
+    before = server.metric("lantern_explanation_runs_total", deployment="torchy", outcome="abandoned")
+    first: list[BaseException] = []
+
+    def long_explanation() -> None:
+        body = {"image_base64": base64.b64encode(png_bytes()).decode(), "method": "xrai", "params": {"n_steps": 1024}}
+        try:
+            httpx.post(f"{server.url}/explain", json=body, headers=auth(key, **{"x-lantern-deployment": "torchy"}),
+                       timeout=5)
+        except httpx.TimeoutException as error:
+            first.append(error)
+
+    worker = threading.Thread(target=long_explanation)
     worker.start()
     time.sleep(1.0)
-    second = slow_explain(server, key, "blue")
+    second = slow_explain(server, key, "slow")
     assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_requests"
+    assert "explanations" in second.json()["error"]["message"]
     prediction = httpx.post(f"{server.url}/predict", content=png_bytes(), headers=auth(key, **{"Content-Type": "image/png"}))
     assert prediction.status_code == 200
     worker.join()
-    assert first[0].status_code == 200
+    assert first, "the long explanation should still have been running when its client gave up"
+    assert wait_for_metric(server, "lantern_explanation_runs_total", before + 1, deployment="torchy",
+                           outcome="abandoned") == before + 1
 
 
 def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str) -> None:
