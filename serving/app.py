@@ -31,7 +31,7 @@ from serving.schemas import (
     ScoreRow,
     TargetExplanation,
     TopLabel,
-    check_method,
+    describe_fields,
     parse_score_rows,
 )
 
@@ -129,8 +129,7 @@ def parse_json_body(body: bytes, schema: type[BaseModel], what: str) -> Any:
     try:
         return schema.model_validate(values)
     except ValidationError as error:
-        raise unprocessable(describe_validation_error(error, f"{what} body").replace("unknown setting",
-                                                                                       "unknown field")) from None
+        raise unprocessable(describe_fields(error, f"{what} body")) from None
 
 
 def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
@@ -221,7 +220,6 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
     body = request._body  # read (with the size limit) by `handle`
     parsed, blob = await explain_request(request, body, limits.max_body_bytes)
     options = parsed or query_explain_options(request)
-    check_method(options.method)
     if "internal_batch_size" in options.params:
         raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
     deployment = context.deployment

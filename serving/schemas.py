@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from explain.params import METHODS, ExplainError, parse_params
+from explain.params import ExplainError, parse_params
 from registry.errors import describe_validation_error
 from serving.errors import ApiError, unprocessable
 
@@ -119,6 +119,11 @@ class ExplainResponse(BaseModel):
     fidelity: dict[str, Any]
 
 
+def describe_fields(error: ValidationError, what: str) -> str:
+    """One readable line per problem of a request body; extra keys are called unknown fields."""
+    return describe_validation_error(error, what).replace("unknown setting", "unknown field")
+
+
 def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
     """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults."""
     columns = request.input_data.columns
@@ -147,13 +152,6 @@ def _parse_row(item: str, position: int) -> ScoreRow:
     try:
         row = ScoreRow.model_validate(values)
     except ValidationError as error:
-        raise unprocessable(describe_validation_error(error, f"input_data.data[{position}]")
-                            .replace("unknown setting", "unknown field"), "invalid_row") from None
+        raise unprocessable(describe_fields(error, f"input_data.data[{position}]"), "invalid_row") from None
     row.xai_parameters.method_params()
     return row
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise unprocessable(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}", "invalid_method")
-    return method
