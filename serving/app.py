@@ -15,11 +15,13 @@ from starlette.responses import JSONResponse, Response
 
 from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
+from serving.config import DeploymentConfig
 from serving.deployment import Deployment
-from serving.endpoint import Endpoint
+from serving.endpoint import Endpoint, Route, endpoint_of
 from serving.errors import ApiError, bad_request, unprocessable, unsupported_media
 from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
 from serving.limits import ClientGone, within_deadline
+from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
 from serving.schemas import (
     ExplainRequest,
@@ -31,7 +33,7 @@ from serving.schemas import (
     ScoreRow,
     TargetExplanation,
     TopLabel,
-    describe_fields,
+    parse_json_body,
     parse_score_rows,
 )
 
@@ -54,10 +56,12 @@ ERRORS = {status: {"description": text, "content": {"application/json": {"exampl
 
 
 class Context:
-    """The routed deployment and cancellation token of one request."""
+    """The routed deployment instance (and mirror) and the cancellation token of one request."""
 
-    def __init__(self, deployment: Deployment) -> None:
-        self.deployment = deployment
+    def __init__(self, route: Route) -> None:
+        self.instance = route.instance
+        self.mirror = route.mirror
+        self.deployment = route.instance.deployment
         self.token = CancelToken()
 
     def headers(self) -> dict[str, str]:
@@ -70,14 +74,7 @@ def deployment_headers(deployment: Deployment | None) -> dict[str, str]:
     return {"x-lantern-deployment": deployment.name, "x-lantern-model-version": deployment.model_version or ""}
 
 
-def endpoint_of(request: Request) -> Endpoint:
-    endpoint = getattr(request.app.state, "endpoint", None)
-    if endpoint is None:
-        raise ApiError(503, "not_ready", "the endpoint is starting")
-    return endpoint
-
-
-async def handle(request: Request, route: str, explains: Callable[[], bool] | bool,
+async def handle(request: Request, path: str, explains: Callable[[], bool] | bool,
                  work: Callable[[Endpoint, Context], Awaitable[Response]]) -> Response:
     """Auth, routing, admission, deadline, metrics and error answers around a route's `work`."""
     start = time.perf_counter()
@@ -86,50 +83,38 @@ async def handle(request: Request, route: str, explains: Callable[[], bool] | bo
     try:
         endpoint = endpoint_of(request)
         endpoint.authenticate(request.headers.get("authorization"))
-        deployment = endpoint.route(request.headers)
+        route = endpoint.route(request.headers)
+        deployment = route.instance.deployment
         await read_body(request, endpoint.config.limits.max_body_bytes)
-        context = Context(deployment)
+        context = Context(route)
         wants_explanation = explains() if callable(explains) else explains
-        admission = endpoint.explain_admission if wants_explanation else endpoint.admissions[deployment.name]
+        admission = endpoint.explain_admission if wants_explanation else route.instance.admission
         wait = deployment.config.request_settings.max_queue_wait_ms / 1000
         async with admission.enter(wait):
             timeout = deployment.config.request_settings.request_timeout_ms / 1000
             response = await within_deadline(request, work(endpoint, context), timeout, context.token,
-                                             f"{route} on deployment {deployment.name}")
+                                             f"{path} on deployment {deployment.name}")
         response.headers.update(context.headers())
         status = response.status_code
         return response
     except ApiError as error:
         status = error.status
         if error.status == 408 and deployment is not None:
-            metrics().abandoned.labels(deployment.name, route, "timeout").inc()
+            metrics().abandoned.labels(deployment.name, path, "timeout").inc()
         return error.response(deployment_headers(deployment))
     except ClientGone:
         status = CLIENT_CLOSED
         if deployment is not None:
-            metrics().abandoned.labels(deployment.name, route, "disconnect").inc()
+            metrics().abandoned.labels(deployment.name, path, "disconnect").inc()
         return Response(status_code=CLIENT_CLOSED)
     except Exception:
-        logger.exception("unexpected error on %s", route)
+        logger.exception("unexpected error on %s", path)
         return ApiError(500, "internal_error", "an unexpected error occurred; see the server log").response(
             deployment_headers(deployment))
     finally:
         name = deployment.name if deployment else ""
-        metrics().requests.labels(name, route, str(status)).inc()
-        metrics().latency.labels(name, route).observe(time.perf_counter() - start)
-
-
-def parse_json_body(body: bytes, schema: type[BaseModel], what: str) -> Any:
-    if not body:
-        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
-    try:
-        values = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad_request(f"the {what} body is not valid JSON: {error}", "invalid_json") from None
-    try:
-        return schema.model_validate(values)
-    except ValidationError as error:
-        raise unprocessable(describe_fields(error, f"{what} body")) from None
+        metrics().requests.labels(name, path, str(status)).inc()
+        metrics().latency.labels(name, path).observe(time.perf_counter() - start)
 
 
 def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
@@ -150,7 +135,8 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
     images = await endpoint.in_thread(
         lambda: [decode(blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)])
     model = deployment.require_model()
-    predictions = await endpoint.predict(deployment, images,
+    endpoint.mirror(context.mirror, images, "/score")
+    predictions = await endpoint.predict(context.instance, images,
                                          [row.confidence_score_threshold_multilabel for row in rows])
     multilabel = model.bundle.spec.task == "multilabel"
     items = []
@@ -160,7 +146,7 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
         if row.model_explainability:
             xai = row.xai_parameters
             cropped = model.preprocess.crop(image)
-            explanation = await endpoint.explain(deployment, cropped, xai.xai_algorithm, xai.method_params(),
+            explanation = await endpoint.explain(context.instance, cropped, xai.xai_algorithm, xai.method_params(),
                                                  context.token, targets=prediction.predicted,
                                                  threshold=row.confidence_score_threshold_multilabel)
             count = len(explanation.targets)
@@ -231,7 +217,7 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
     image = await endpoint.in_thread(decode, blob, "the image", limits.max_image_pixels)
     cropped = model.preprocess.crop(image)
     targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None
-    explanation = await endpoint.explain(deployment, cropped, options.method, options.params, context.token,
+    explanation = await endpoint.explain(context.instance, cropped, options.method, options.params, context.token,
                                          targets=targets)
     labels = [model.bundle.labels[t] for t in explanation.targets]
     if "image/png" in request.headers.get("accept", ""):
@@ -276,7 +262,8 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
         lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
     deployment = context.deployment
     labels = deployment.require_model().bundle.labels
-    predictions = await endpoint.predict(deployment, images)
+    endpoint.mirror(context.mirror, images, "/predict")
+    predictions = await endpoint.predict(context.instance, images)
     items = []
     for prediction in predictions:
         order = sorted(range(len(labels)), key=lambda i: -prediction.probs[i])[:top_k]
@@ -293,7 +280,9 @@ def build_app() -> FastAPI:
     app = FastAPI(title="Lantern endpoint", version="1", docs_url="/docs", redoc_url=None,
                   description="Predictions and explanations from registered image models. Scoring routes take "
                               "`Authorization: Bearer <key>`; `x-lantern-deployment` (or "
-                              "`azureml-model-deployment`) pins a deployment.")
+                              "`azureml-model-deployment`) pins a deployment. The management routes under "
+                              "`/manage` take the admin key.")
+    app.include_router(build_router())
 
     @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -339,13 +328,15 @@ def build_app() -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ScoreRequest, ExplainRequest):
+            for model in (ScoreRequest, ExplainRequest, DeploymentConfig):
                 definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition
-            schema["components"]["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"}}
-            for path in ("/score", "/predict", "/explain"):
-                schema["paths"][path]["post"]["security"] = [{"scoringKey": []}]
+            schema["components"]["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"},
+                                                       "adminKey": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -93,7 +93,15 @@ class BatchedPredictor:
         return result
 
     def shutdown(self) -> None:
-        self.dispatcher.shutdown()
+        """Stop the dispatcher (from any thread: its controller task lives on the event loop that first used it)."""
+        loop = self.dispatcher.__dict__.get("_loop")
+        if loop is None or loop.is_closed():
+            self.dispatcher.shutdown()
+            return
+        try:
+            loop.call_soon_threadsafe(self.dispatcher.shutdown)
+        except RuntimeError:  # the loop is closing with the server
+            pass
 
 
 def model_error(deployment: Deployment, error: Exception) -> ApiError:

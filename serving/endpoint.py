@@ -1,14 +1,18 @@
-"""The running endpoint: its deployments, scoring keys, routing, admission and the work behind each route."""
+"""The running endpoint in one worker: its deployment instances, keys, routing (weighted split, pinning, mirror),
+admission and the work behind each route. It follows the persisted endpoint state, so every worker applies a change
+within a fraction of a second."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bentoml._internal.marshal.dispatcher import NonBlockSema
@@ -17,113 +21,270 @@ from PIL import Image
 from explain.attribute import Explanation
 from explain.params import ExplainError
 from serving.abandon import Abandoned, CancelToken, running_under
-from serving.auth import KeyCheck, bearer_token, scoring_keys
-from serving.batching import BatchedPredictor, Job, Overloaded, model_error
+from serving.auth import KeyCheck, bearer_token
+from serving.batching import Job, Overloaded, model_error
 from serving.config import EndpointConfig
-from serving.deployment import Deployment, Prediction
-from serving.errors import ApiError, not_found, not_ready, unauthorized, unprocessable
+from serving.deployment import Prediction
+from serving.errors import ApiError, forbidden, not_found, not_ready, unauthorized, unprocessable
+from serving.instance import DeploymentInstance
 from serving.limits import Admission
 from serving.metrics import metrics
-from serving.probes import Prober
+from serving.state import DeploymentRecord, EndpointState, StateStore
+from serving.workers import HEARTBEAT_S, InstanceStatus, StatusBoard, WorkerStatus
 
 logger = logging.getLogger("lantern.serving")
 PIN_HEADERS = ("x-lantern-deployment", "azureml-model-deployment")
+WATCH_S = 0.2
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: the instance that answers it, and the instance that gets a mirrored copy."""
+
+    instance: DeploymentInstance
+    mirror: DeploymentInstance | None = None
+
+
 class Endpoint:
-    """Everything one worker process serves with; built once per worker from the endpoint configuration."""
+    """Everything one worker process serves with."""
 
     def __init__(self, config: EndpointConfig, tracking_uri: str | None = None) -> None:
-        self.config = config
-        self.deployments = {d.name: Deployment(d, tracking_uri) for d in config.deployments}
-        self.keys = KeyCheck(scoring_keys(config.name)) if config.auth_mode == "key" else None
-        self.admissions = {
-            d.name: Admission(f"deployment {d.name}", d.request_settings.max_concurrent_requests_per_instance,
-                              d.request_settings.max_queue_wait_ms / 1000)
-            for d in config.deployments
-        }
+        self.config = config  # name, auth mode and limits; deployments and traffic come from the state
+        self.tracking_uri = tracking_uri
+        self.store = StateStore(config.name)
+        self.board = StatusBoard(self.store.folder)
+        self.worker = f"{os.getpid()}"
+        self.state, _ = self.store.prepare(config)
+        self._stamp = self.store.stamp()
+        self.instances: dict[str, DeploymentInstance] = {}
+        self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
+        self._semaphores: dict[str, NonBlockSema] = {}
+        self._changes = threading.Lock()
+        self._stop = threading.Event()
+        self._random = random.Random()
+        self._mirror_tasks: set[asyncio.Task] = set()
         explain_limit = config.limits.max_concurrent_explanations
         self.explain_admission = Admission("explanations", explain_limit, 0.5)
         self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain")
         self.work_pool = ThreadPoolExecutor(8, thread_name_prefix="lantern-decode")
-        semaphores: dict[str, NonBlockSema] = {}
-        self.batchers = {
-            d.name: BatchedPredictor(self.deployments[d.name], semaphores.setdefault(d.device, NonBlockSema(1)))
-            for d in config.deployments
-        }
-        self.probers = [Prober(self.deployments[d.name]) for d in config.deployments]
-        self._random = random.Random()
+        self._apply(self.state, start=False)
 
+    # following the state -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Load every deployment in the background; each becomes routable when loaded, warmed up and probed."""
-        for prober in self.probers:
-            threading.Thread(target=prober.run, name=f"lantern-load-{prober.deployment.name}", daemon=True).start()
+        """Load every deployment in the background, and follow the state file from now on."""
+        for instance in self.instances.values():
+            instance.start()
+        self.publish()
+        threading.Thread(target=self._follow, name="lantern-state", daemon=True).start()
 
     def stop(self) -> None:
-        for prober in self.probers:
-            prober.stop()
-        for batcher in self.batchers.values():
-            batcher.shutdown()
+        self._stop.set()
+        for instance in [*self.instances.values(), *self.next_instances.values()]:
+            instance.stop()
+        self.board.withdraw(self.worker)
         self.explain_pool.shutdown(wait=False, cancel_futures=True)
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
-    # readiness and routing
+    def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
+        device = record.config.device
+        semaphore = self._semaphores.setdefault(device, NonBlockSema(1))
+        return DeploymentInstance(record.config, record.generation, self.tracking_uri, semaphore)
+
+    def _apply(self, state: EndpointState, start: bool = True) -> None:
+        """Bring this worker's instances to `state`: new deployments load, updated ones ready a new generation beside
+        the serving one, removed ones retire once their requests are answered."""
+        with self._changes:
+            instances, upcoming = dict(self.instances), dict(self.next_instances)
+            for record in state.deployments:
+                name = record.config.name
+                current = instances.get(name)
+                if current is not None and current.generation == record.generation:
+                    if name in upcoming:  # an update was undone before its instance was ready
+                        upcoming.pop(name).stop()
+                    continue
+                pending = upcoming.get(name)
+                if pending is not None and pending.generation == record.generation:
+                    continue
+                instance = self._new_instance(record)
+                if pending is not None:
+                    pending.stop()
+                if current is None or not current.deployment.ready:
+                    instances[name] = instance  # nothing served by the old one: replace it at once
+                    upcoming.pop(name, None)
+                    if current is not None:
+                        current.retire()
+                else:
+                    upcoming[name] = instance
+                if start:
+                    instance.start()
+            kept = set(state.names)
+            self.instances = instances  # new deployments first: the state may route to them
+            self.state = state
+            self.scoring_keys = KeyCheck([state.keys.primary, state.keys.secondary])
+            self.admin_keys = KeyCheck([state.keys.admin])
+            self.instances = {n: i for n, i in instances.items() if n in kept}
+            self.next_instances = {n: i for n, i in upcoming.items() if n in kept}
+            for name, instance in instances.items():
+                if name not in kept:
+                    instance.retire()
+                    logger.info("deployment %s removed", name)
+            for name, instance in upcoming.items():
+                if name not in kept:
+                    instance.stop()
+
+    def _promote(self) -> bool:
+        """Swap in each new generation that became ready; True when something changed."""
+        ready = [name for name, instance in self.next_instances.items() if instance.deployment.ready]
+        if not ready:
+            return False
+        with self._changes:
+            instances, upcoming = dict(self.instances), dict(self.next_instances)
+            for name in ready:
+                previous = instances.get(name)
+                instances[name] = upcoming.pop(name)
+                if previous is not None:
+                    previous.retire()
+                logger.info("deployment %s now serves generation %d", name, instances[name].generation)
+            self.instances, self.next_instances = instances, upcoming
+        return True
+
+    def _follow(self) -> None:
+        last_published = time.monotonic()
+        signature = self._signature()
+        while not self._stop.wait(WATCH_S):
+            try:
+                stamp = self.store.stamp()
+                if stamp != self._stamp:
+                    state = self.store.read()
+                    self._stamp = stamp
+                    if state is not None and state.revision != self.state.revision:
+                        self._apply(state)
+                self._promote()
+                now_signature = self._signature()
+                if now_signature != signature or time.monotonic() - last_published >= HEARTBEAT_S:
+                    self.publish()
+                    signature, last_published = now_signature, time.monotonic()
+            except Exception:  # noqa: BLE001 - keep following; the log says what went wrong
+                logger.exception("following the endpoint state failed")
+
+    def _signature(self) -> tuple:
+        return (self.state.revision,
+                tuple((n, i.generation, i.deployment.state) for n, i in self.instances.items()),
+                tuple((n, i.generation, i.deployment.state) for n, i in self.next_instances.items()))
+
+    def status(self) -> WorkerStatus:
+        deployments = {}
+        for name, instance in self.instances.items():
+            upcoming = self.next_instances.get(name)
+            deployment = instance.deployment
+            deployments[name] = InstanceStatus(
+                generation=instance.generation, state=deployment.state, reason=deployment.reason,
+                model_version=deployment.model_version,
+                next_generation=upcoming.generation if upcoming else None,
+                next_state=upcoming.deployment.state if upcoming else None,
+                next_reason=upcoming.deployment.reason if upcoming else None)
+        return WorkerStatus(worker=self.worker, pid=os.getpid(), revision=self.state.revision,
+                            heartbeat=time.time(), deployments=deployments)
+
+    def publish(self) -> None:
+        self.board.publish(self.status())
+
+    def refresh(self) -> None:
+        """Apply the persisted state now (after this worker changed it) rather than at the next poll."""
+        state = self.store.read()
+        if state is not None and state.revision > self.state.revision:
+            self._stamp = self.store.stamp()
+            self._apply(state)
+            self.publish()
+
+    # readiness, keys and routing -----------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         """Ready when every deployment with live traffic is ready (or, with no traffic set, every deployment)."""
-        live = [name for name, percent in self.config.traffic.items() if percent > 0] or list(self.deployments)
-        return all(self.deployments[name].ready for name in live)
+        instances = self.instances
+        live = list(self.state.live()) or list(instances)
+        return all(name in instances and instances[name].deployment.ready for name in live)
 
     def authenticate(self, authorization: str | None) -> None:
-        if self.keys is None:
+        """A scoring key (unless the endpoint's auth mode is none)."""
+        if self.config.auth_mode != "key":
             return
         token = bearer_token(authorization)
         if token is None:
             raise unauthorized("missing scoring key: send the header 'Authorization: Bearer <key>' "
                                "(`lantern endpoint get-credentials` prints the keys)")
-        if not self.keys.accepts(token):
+        if not self.scoring_keys.accepts(token):
             raise unauthorized("the scoring key is not valid for this endpoint")
 
-    def route(self, headers: dict[str, str] | Any) -> Deployment:
-        """The pinned deployment (header), else a weighted pick over ready deployments with live traffic."""
+    def authenticate_admin(self, authorization: str | None) -> None:
+        """The admin key, whatever the auth mode: a scoring key is refused with 403."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise unauthorized("missing admin key: send 'Authorization: Bearer <admin key>' (`lantern endpoint "
+                               "get-credentials ENDPOINT --key admin` prints it; the CLI reads $LANTERN_ADMIN_KEY)")
+        admin, scoring = self.admin_keys.accepts(token), self.scoring_keys.accepts(token)
+        if admin:
+            return
+        if scoring:
+            raise forbidden("a scoring key cannot change the endpoint: the management API takes the admin key")
+        raise unauthorized("the admin key is not valid for this endpoint")
+
+    def route(self, headers: dict[str, str] | Any) -> Route:
+        """The pinned deployment (header; never mirrored), else a weighted pick over ready deployments with live
+        traffic, plus the mirror's share."""
+        instances, state = self.instances, self.state
         pinned = next((headers.get(h) for h in PIN_HEADERS if headers.get(h)), None)
-        names = ", ".join(self.deployments) or "none"
+        names = ", ".join(instances) or "none"
         if pinned:
-            deployment = self.deployments.get(pinned.strip())
-            if deployment is None:
+            instance = instances.get(pinned.strip())
+            if instance is None:
                 raise not_found(f"no deployment named {pinned!r} on endpoint {self.config.name}; deployments: {names}")
-            return self._check_ready(deployment)
-        weights = [(name, percent) for name, percent in self.config.traffic.items() if percent > 0]
+            return Route(self._check_ready(instance))
+        weights = state.live()
         if not weights:
             raise not_found(f"endpoint {self.config.name} has no deployment with live traffic; set traffic, or pin "
                             f"a deployment with the header x-lantern-deployment (deployments: {names})")
-        ready = [(name, percent) for name, percent in weights if self.deployments[name].ready]
+        ready = [(name, percent) for name, percent in weights.items()
+                 if name in instances and instances[name].deployment.ready]
         if not ready:
-            name = weights[0][0]
-            return self._check_ready(self.deployments[name])
+            name = next(iter(weights))
+            if name not in instances:
+                raise not_ready(f"deployment {name} is starting; retry when /readyz answers 200")
+            self._check_ready(instances[name])
         chosen = self._random.choices([n for n, _ in ready], weights=[p for _, p in ready])[0]
-        return self.deployments[chosen]
+        return Route(instances[chosen], self._mirror_pick(state, instances))
+
+    def _mirror_pick(self, state: EndpointState, instances: dict[str, DeploymentInstance]) -> DeploymentInstance | None:
+        for name, percent in state.mirror_traffic.items():
+            if percent > 0 and self._random.random() * 100 < percent:
+                instance = instances.get(name)
+                if instance is None or not instance.deployment.ready:
+                    metrics().mirrored.labels(name, "", "skipped_unready").inc()
+                    return None
+                return instance
+        return None
 
     @staticmethod
-    def _check_ready(deployment: Deployment) -> Deployment:
+    def _check_ready(instance: DeploymentInstance) -> DeploymentInstance:
+        deployment = instance.deployment
         if deployment.state == "failed":
             raise not_ready(f"deployment {deployment.name} failed to load: {deployment.reason}")
         if not deployment.ready:
             raise not_ready(f"deployment {deployment.name} is {deployment.state}; retry when /readyz answers 200")
-        return deployment
+        return instance
 
-    # the work
+    # the work ------------------------------------------------------------------------------------------------------
     async def in_thread(self, func: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool or self.work_pool, func, *args)
 
-    async def predict(self, deployment: Deployment, images: list[Image.Image],
+    async def predict(self, instance: DeploymentInstance, images: list[Image.Image],
                       threshold: list[float | None] | None = None) -> list[Prediction]:
         """Predictions for decoded images, each batched adaptively with other requests' images."""
+        deployment = instance.deployment
         model = deployment.require_model()
         pixels = await self.in_thread(lambda: [model.preprocess(image).numpy() for image in images])
-        batcher = self.batchers[deployment.name]
         try:
-            logits = await asyncio.gather(*(batcher.logits(Job(p)) for p in pixels))
+            logits = await asyncio.gather(*(instance.batcher.logits(Job(p)) for p in pixels))
         except Overloaded:
             raise ApiError(503, "overloaded", f"deployment {deployment.name} could not batch this request within its "
                                               f"max_latency_ms ({deployment.config.max_latency_ms} ms)") from None
@@ -135,10 +296,37 @@ class Endpoint:
         thresholds = threshold or [None] * len(images)
         return [deployment.postprocess(row[None], t)[0] for row, t in zip(logits, thresholds)]
 
-    async def explain(self, deployment: Deployment, cropped: Image.Image, method: str, params: dict[str, Any],
+    def mirror(self, target: DeploymentInstance | None, images: list[Image.Image], route: str) -> None:
+        """Send a copy of a request's images to the mirrored deployment in the background; its answer is only
+        counted (lantern_mirrored_requests_total), never returned, and the caller never waits for it."""
+        if target is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._mirrored(target, list(images), route))
+        self._mirror_tasks.add(task)
+        task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _mirrored(self, target: DeploymentInstance, images: list[Image.Image], route: str) -> None:
+        start, outcome = time.perf_counter(), "failed"
+        timeout = target.config.request_settings.request_timeout_ms / 1000
+        try:
+            async with target.admission.enter():
+                await asyncio.wait_for(self.predict(target, images), timeout)
+            outcome = "completed"
+        except ApiError as error:
+            outcome = "dropped" if error.status in (429, 503) else "failed"
+        except TimeoutError:
+            outcome = "timeout"
+        except Exception:  # noqa: BLE001 - a mirrored copy never affects anything but its own count
+            logger.exception("mirrored copy to %s failed", target.name)
+        finally:
+            metrics().mirrored.labels(target.name, route, outcome).inc()
+            metrics().mirror_latency.labels(target.name, route).observe(time.perf_counter() - start)
+
+    async def explain(self, instance: DeploymentInstance, cropped: Image.Image, method: str, params: dict[str, Any],
                       token: CancelToken, targets: list[int] | None = None,
                       threshold: float | None = None) -> Explanation:
         """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled)."""
+        deployment = instance.deployment
 
         def run() -> Explanation:
             outcome = "failed"
@@ -165,3 +353,11 @@ class Endpoint:
             raise model_error(deployment, error) from None
         metrics().explanation_seconds.labels(deployment.name, method).observe(time.perf_counter() - start)
         return explanation
+
+
+def endpoint_of(request: Any) -> Endpoint:
+    """The worker's endpoint, kept on the ASGI app's state by the BentoML service."""
+    endpoint = getattr(request.app.state, "endpoint", None)
+    if endpoint is None:
+        raise ApiError(503, "not_ready", "the endpoint is starting")
+    return endpoint

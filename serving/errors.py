@@ -32,8 +32,16 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="lantern"'})
 
 
-def not_found(message: str) -> ApiError:
-    return ApiError(404, "no_deployment", message)
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def not_found(message: str, code: str = "no_deployment") -> ApiError:
+    return ApiError(404, code, message)
+
+
+def conflict(message: str, code: str = "conflict") -> ApiError:
+    return ApiError(409, code, message)
 
 
 def timed_out(message: str) -> ApiError:

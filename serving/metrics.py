@@ -21,6 +21,8 @@ class Metrics:
     batch_size: object
     images: object
     explanation_runs: object
+    mirrored: object
+    mirror_latency: object
 
 
 @functools.cache
@@ -45,4 +47,10 @@ def metrics() -> Metrics:
                                  "Explanation computations by how they ended: completed, abandoned (stopped early "
                                  "because the request timed out or its client left) or failed",
                                  ["deployment", "method", "outcome"]),
+        mirrored=Counter("lantern_mirrored_requests_total",
+                         "Mirrored copies of live requests (shadow traffic), by how they ended: completed, failed, "
+                         "timeout, dropped (the mirrored deployment was full) or skipped_unready; never counted in "
+                         "lantern_requests_total", ["deployment", "route", "outcome"]),
+        mirror_latency=Histogram("lantern_mirror_duration_seconds", "Time to answer a mirrored copy",
+                                 ["deployment", "route"], buckets=LATENCY_BUCKETS),
     )

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from explain.params import ExplainError, parse_params
 from registry.errors import describe_validation_error
-from serving.errors import ApiError, unprocessable
+from serving.errors import ApiError, bad_request, unprocessable
 
 AttributionEncoding = Literal["float32", "float16", "npy_base64"]
 XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
@@ -123,6 +123,20 @@ def describe_fields(error: ValidationError, what: str) -> str:
     """One readable line per problem of a request body; extra keys are called unknown fields."""
     return describe_validation_error(error, what).replace("unknown setting", "unknown field")
 
+
+def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> Any:
+    """`body` validated by a pydantic model (or TypeAdapter); 400 for missing or malformed JSON, 422 naming each
+    invalid field."""
+    if not body:
+        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
+    try:
+        values = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"the {what} body is not valid JSON: {error}", "invalid_json") from None
+    try:
+        return schema.model_validate(values) if hasattr(schema, "model_validate") else schema.validate_python(values)
+    except ValidationError as error:
+        raise unprocessable(describe_fields(error, f"{what} body")) from None
 
 def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
     """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults."""

@@ -13,7 +13,7 @@ import bentoml
 from pydantic import BaseModel
 
 from serving.app import build_app
-from serving.config import EndpointConfig, load_endpoint_config
+from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
 from serving.endpoint import Endpoint
 
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
@@ -31,14 +31,13 @@ class ServeArguments(BaseModel):
 arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
-longest_request_s = max([d.request_settings.request_timeout_ms for d in endpoint_config.deployments] or [5000]) / 1000
 app = build_app()
 
 
 @bentoml.service(
     name="lantern",
     workers=arguments.workers,
-    traffic={"timeout": longest_request_s + 30},
+    traffic={"timeout": MAX_REQUEST_TIMEOUT_MS / 1000 + 30},  # deployments added later may take the longest
 )
 @bentoml.asgi_app(app, path="/")
 class Lantern:

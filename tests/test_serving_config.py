@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
-from serving.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, scoring_keys
+from serving.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
 from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
 
 
@@ -86,7 +86,7 @@ def test_scoring_keys_from_environment_or_generated_once(store: str, monkeypatch
     monkeypatch.setenv("LANTERN_API_KEY", "k1")
     monkeypatch.setenv("LANTERN_API_KEY_SECONDARY", "k2")
     assert scoring_keys("shop") == ScoringKeys("k1", "k2", "environment")
-    check = KeyCheck(ScoringKeys("k1", "k2", "environment"))
+    check = KeyCheck([key_digest("k1"), key_digest("k2")])
     assert check.accepts("k1") and check.accepts("k2") and not check.accepts("k3") and not check.accepts("")
     assert bearer_token("Bearer abc ") == "abc" and bearer_token("bearer abc") == "abc"
     assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
