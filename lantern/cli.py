@@ -8,6 +8,7 @@ from lantern.demo import demo
 from lantern.explain_cli import explain_command
 from registry.cli import models, register
 from serving.cli import endpoint_group, serve
+from serving.manage_cli import deploy_group, endpoint_show, keys_group, rollout_command, traffic_group
 from training.cli import data, train_group
 
 
@@ -25,3 +26,8 @@ main.add_command(demo)
 main.add_command(explain_command)
 main.add_command(serve)
 main.add_command(endpoint_group)
+endpoint_group.add_command(endpoint_show)
+main.add_command(deploy_group)
+main.add_command(traffic_group)
+main.add_command(keys_group)
+main.add_command(rollout_command)

@@ -18,7 +18,7 @@ from serving.limits import Admission
 from serving.probes import Prober
 
 logger = logging.getLogger("lantern.serving")
-RETIRE_GRACE_S = 5.0
+RETIRE_GRACE_S = 2.0  # a request routed just before the change may not be admitted yet
 
 
 class DeploymentInstance:
@@ -52,9 +52,10 @@ class DeploymentInstance:
         self.batcher.shutdown()
 
     def retire(self) -> None:
-        """Stop once no admitted request is left (waiting at most its request timeout and a grace period)."""
+        """Stop after a grace period, once no admitted request is left (waiting at most its request timeout)."""
         def wait_then_stop() -> None:
-            deadline = time.monotonic() + self.config.request_settings.request_timeout_ms / 1000 + RETIRE_GRACE_S
+            time.sleep(RETIRE_GRACE_S)
+            deadline = time.monotonic() + self.config.request_settings.request_timeout_ms / 1000
             while self.admission.in_flight and time.monotonic() < deadline:
                 time.sleep(0.1)
             self.stop()

@@ -1,0 +1,155 @@
+"""The persisted endpoint state and the rules every change is checked against, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from registry.errors import LanternError
+from serving.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
+from serving.config import DeploymentConfig, parse_endpoint_config
+from serving.control import _aggregate, merge_patch
+from serving.counters import quantile_ms
+from serving.manage_cli import deployment_fields
+from serving.rollout import Thresholds, Window, parse_duration, parse_steps, shifted_split
+from serving.state import DeploymentRecord, InvalidChange, StateStore
+from serving.workers import InstanceStatus
+
+
+@pytest.fixture()
+def keyless(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("LANTERN_API_KEY", "LANTERN_API_KEY_SECONDARY", "LANTERN_ADMIN_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def shop(**overrides) -> dict:
+    return {"name": "shop", "deployments": [{"name": "blue", "model": "models:/m/1"},
+                                            {"name": "green", "model": "models:/m/2"}],
+            "traffic": {"blue": 100}, **overrides}
+
+
+def test_state_is_created_from_the_configuration_then_restored(keyless: None) -> None:
+    store = StateStore("shop")
+    state, restored = store.prepare(parse_endpoint_config(shop()))
+    assert not restored and state.revision == 1 and state.names == ["blue", "green"] and state.traffic == {"blue": 100}
+    changed = store.change(lambda s: s.model_copy(update={"traffic": {"blue": 50, "green": 50}}), "half")
+    assert changed.revision == 2 and changed.last_change == "half"
+    again, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})))
+    assert restored and again.revision == 2 and again.traffic == {"blue": 50, "green": 50}
+    reset, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})), reset=True)
+    assert not restored and reset.traffic == {"green": 100}
+
+
+def test_state_keeps_key_digests_only(keyless: None) -> None:
+    store = StateStore("shop")
+    state, _ = store.prepare(parse_endpoint_config(shop()))
+    text = store.path.read_text()
+    keys = scoring_keys("shop")
+    for key in (keys.primary, keys.secondary, admin_key("shop").key):
+        assert key not in text
+    assert len({state.keys.primary, state.keys.secondary, state.keys.admin}) == 3
+    new = regenerate_key("shop", "secondary")
+    assert scoring_keys("shop").secondary == new and scoring_keys("shop").primary == keys.primary
+    refreshed, _ = store.prepare(parse_endpoint_config(shop()))
+    assert refreshed.keys.secondary != state.keys.secondary and refreshed.keys.primary == state.keys.primary
+
+
+def test_keys_from_the_environment_cannot_be_regenerated(keyless: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LANTERN_ADMIN_KEY", "admin-from-env")
+    assert admin_key("shop").key == "admin-from-env" and admin_key("shop").source == "environment"
+    with pytest.raises(KeySourceError, match="LANTERN_ADMIN_KEY"):
+        regenerate_key("shop", "admin")
+    monkeypatch.setenv("LANTERN_API_KEY", "k1")
+    with pytest.raises(KeySourceError, match="LANTERN_API_KEY"):
+        regenerate_key("shop", "primary")
+
+
+@pytest.mark.parametrize(("traffic", "mirror", "message"), [
+    ({"blue": 90}, {}, "sum to 100"),
+    ({"blue": 90, "green": 20}, {}, "sum to 100"),
+    ({"blue": 100, "red": 0}, {}, "unknown deployment"),
+    ({"blue": 101}, {}, "from 0 to 100"),
+    ({"blue": 100}, {"green": 51}, "at most 50"),
+    ({"blue": 100}, {"blue": 10}, "live or mirrored"),
+    ({"blue": 100}, {"green": 10, "red": 10}, "unknown deployment"),
+    ({"blue": 50, "green": 50}, {"green": 10}, "live or mirrored"),
+])
+def test_a_refused_change_leaves_the_state_untouched(keyless: None, traffic: dict, mirror: dict,
+                                                     message: str) -> None:
+    store = StateStore("shop")
+    store.prepare(parse_endpoint_config(shop()))
+    before = store.path.read_text()
+    with pytest.raises(InvalidChange, match=message):
+        store.change(lambda s: s.model_copy(update={"traffic": traffic, "mirror_traffic": mirror}), "bad")
+    assert store.path.read_text() == before
+
+
+def test_a_failing_mutation_changes_nothing(keyless: None) -> None:
+    store = StateStore("shop")
+    store.prepare(parse_endpoint_config(shop()))
+    before = store.path.read_text()
+
+    def mutate(state):
+        state.deployments.append(DeploymentRecord(config=DeploymentConfig(name="red", model="models:/m/3")))
+        raise LanternError("refused")
+
+    with pytest.raises(LanternError, match="refused"):
+        store.change(mutate, "x")
+    assert store.path.read_text() == before
+    assert json.loads(before)["revision"] == 1
+
+
+def test_a_damaged_state_file_is_named(keyless: None) -> None:
+    store = StateStore("shop")
+    store.path.write_text("{not json")
+    with pytest.raises(LanternError, match="damaged"):
+        store.read()
+
+
+def test_rollout_splits_and_thresholds() -> None:
+    assert shifted_split({"blue": 100}, "green", 10) == {"blue": 90, "green": 10}
+    assert shifted_split({"blue": 100, "green": 0}, "green", 100) == {"blue": 0, "green": 100}
+    three = shifted_split({"a": 50, "b": 50}, "c", 33)
+    assert sum(three.values()) == 100 and three["c"] == 33 and abs(three["a"] - three["b"]) <= 1
+    with pytest.raises(LanternError, match="no other deployment"):
+        shifted_split({}, "green", 10)
+    assert parse_steps("10, 50,100") == [10, 50, 100]
+    for bad in ("50,10", "0,100", "10,101", "ten", ""):
+        with pytest.raises(LanternError):
+            parse_steps(bad)
+    assert parse_duration("30s") == 30 and parse_duration("2m") == 120 and parse_duration("500ms") == 0.5
+    assert parse_duration("7") == 7
+    with pytest.raises(LanternError, match="duration"):
+        parse_duration("soon")
+    before = {"requests": 10, "failed": 0, "latency_buckets": {"0.01": 10, "0.1": 10, "+Inf": 10}}
+    after = {"requests": 110, "failed": 5, "latency_buckets": {"0.01": 50, "0.1": 109, "+Inf": 110}}
+    window = Window.between(before, after)
+    assert (window.requests, window.failed, window.error_rate) == (100, 5, 0.05)
+    assert window.p99_ms == pytest.approx(100)
+    assert "error rate" in Thresholds(0.01, 1000, 20).breach(window)
+    assert "p99" in Thresholds(0.1, 50, 20).breach(window)
+    assert Thresholds(0.1, 1000, 20).breach(window) is None
+    assert Thresholds(0.0, 1, 1000).breach(window) is None  # too few requests to judge
+    assert quantile_ms({"0.01": 0, "+Inf": 0}, 0.5) is None and quantile_ms({"0.5": 3, "+Inf": 4}, 0.99) is None
+
+
+def test_merge_patch_and_set_options() -> None:
+    config = {"model": "models:/m/1", "settings": {"valid_crop_size": 32, "valid_resize_size": 40}}
+    assert merge_patch(config, {"settings": {"valid_crop_size": 28}}) == {
+        "model": "models:/m/1", "settings": {"valid_crop_size": 28, "valid_resize_size": 40}}
+    assert merge_patch(config, {"settings": None}) == {"model": "models:/m/1"}
+    assert deployment_fields(("valid_crop_size=224", "device=cpu", "request_settings.request_timeout_ms=90000")) == {
+        "settings": {"valid_crop_size": 224}, "device": "cpu", "request_settings": {"request_timeout_ms": 90000}}
+
+
+def test_aggregate_state_over_workers() -> None:
+    record = DeploymentRecord(config=DeploymentConfig(name="blue", model="models:/m/1"), generation=2)
+    ready = InstanceStatus(generation=2, state="ready")
+    assert _aggregate(record, [ready, ready]) == ("ready", None)
+    assert _aggregate(record, [ready, None])[0] == "loading"
+    old = InstanceStatus(generation=1, state="ready", next_generation=2, next_state="loading")
+    assert _aggregate(record, [ready, old])[0] == "updating"
+    broken = InstanceStatus(generation=1, state="ready", next_generation=2, next_state="failed", next_reason="boom")
+    state, reason = _aggregate(record, [ready, broken])
+    assert state == "failed" and "boom" in reason and "still serves" in reason
