@@ -16,7 +16,6 @@ from typing import Literal
 from filelock import FileLock
 
 from registry.errors import LanternError
-from registry.store import lantern_home
 
 PRIMARY_ENV = "LANTERN_API_KEY"
 SECONDARY_ENV = "LANTERN_API_KEY_SECONDARY"
@@ -32,6 +31,8 @@ class KeySourceError(LanternError):
 
 def endpoint_dir(endpoint: str) -> Path:
     """Where an endpoint keeps its state: `<lantern home>/endpoints/<name>`, next to the registry store."""
+    from registry.store import lantern_home  # MLflow is imported with it: not for CLI commands that only talk HTTP
+
     return lantern_home() / "endpoints" / endpoint
 
 
