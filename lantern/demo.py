@@ -81,4 +81,8 @@ def ready_to_paste(sample: Path, port: int) -> str:
         f"--data-binary @{sample}\n"
         f"  curl -s {base}/explain?method=xrai -H \"Authorization: Bearer $KEY\" -H 'Content-Type: image/png' "
         f"-H 'Accept: image/png' --data-binary @{sample} -o xrai.png\n"
+        f"Roll a version out (README \"Rolling out a new version\"):\n"
+        f"  export LANTERN_ADMIN_KEY=$(.venv/bin/lantern endpoint get-credentials endpoint.yaml --key admin) "
+        f"LANTERN_URL={base}\n"
+        f"  .venv/bin/lantern endpoint show\n"
     )

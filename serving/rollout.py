@@ -128,5 +128,8 @@ def rollout(client: ManageClient, config: dict[str, Any], steps: list[int], inte
             progress(f"{name} at {step} %: {window.requests} requests, {window.failed} failed, p99 "
                      f"{'-' if window.p99_ms is None else f'{window.p99_ms:.0f} ms'}; "
                      f"{deadline - time.monotonic():.0f} s left")
-        report(f"{name} at {step} % held for {interval_s:g} s: {window.requests} requests, {window.failed} failed")
+        judged = "" if window.requests >= thresholds.min_requests else (
+            f" (fewer than {thresholds.min_requests} requests: not enough to judge)")
+        report(f"{name} at {step} % held for {interval_s:g} s: {window.requests} requests, {window.failed} failed"
+               + judged)
     return split
