@@ -37,6 +37,9 @@ class DeploymentView(BaseModel):
     traffic: int
     mirror_traffic: int
     config: DeploymentConfig
+    settings: dict[str, Any] | None = Field(None, description="the settings in force: the version's settings.json "
+                                                              "with the overrides (once loaded)")
+    labels: list[str] | None = None
     workers: dict[str, InstanceStatus]
     counters: DeploymentCounters
 
@@ -116,11 +119,15 @@ class Control:
         aggregate, reason = _aggregate(record, statuses)
         version = next((s.model_version for s in statuses if s and s.generation == record.generation
                         and s.model_version), None)
+        instance = self.endpoint.instances.get(name)
+        model = instance.deployment.model if instance and instance.generation == record.generation else None
         return DeploymentView(
             name=name, model=record.config.model, generation=record.generation, state=aggregate, reason=reason,
             ready_everywhere=bool(statuses) and all(s is not None and s.state == "ready" for s in statuses),
             model_version=version, traffic=state.traffic.get(name, 0),
             mirror_traffic=state.mirror_traffic.get(name, 0), config=record.config,
+            settings=model.settings.model_dump(mode="json") if model else None,
+            labels=list(model.bundle.labels) if model else None,
             workers={w.worker: s for w, s in zip(workers, statuses) if s is not None},
             counters=counters.get(name, DeploymentCounters()))
 

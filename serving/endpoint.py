@@ -270,7 +270,8 @@ class Endpoint:
         if deployment.state == "failed":
             raise not_ready(f"deployment {deployment.name} failed to load: {deployment.reason}")
         if not deployment.ready:
-            raise not_ready(f"deployment {deployment.name} is {deployment.state}; retry when /readyz answers 200")
+            why = f" ({deployment.reason})" if deployment.reason else ""
+            raise not_ready(f"deployment {deployment.name} is {deployment.state}{why}; retry when /readyz answers 200")
         return instance
 
     # the work ------------------------------------------------------------------------------------------------------

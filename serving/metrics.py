@@ -23,6 +23,7 @@ class Metrics:
     explanation_runs: object
     mirrored: object
     mirror_latency: object
+    reloads: object
 
 
 @functools.cache
@@ -53,4 +54,7 @@ def metrics() -> Metrics:
                          "lantern_requests_total", ["deployment", "route", "outcome"]),
         mirror_latency=Histogram("lantern_mirror_duration_seconds", "Time to answer a mirrored copy",
                                  ["deployment", "route"], buckets=LATENCY_BUCKETS),
+        reloads=Counter("lantern_deployment_reloads_total",
+                        "Deployments reloaded because their liveness probe failed failure_threshold times in a row",
+                        ["deployment"]),
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from serving.config import Probe
 from serving.deployment import Deployment
+from serving.metrics import metrics
 
 logger = logging.getLogger("lantern.serving")
 
@@ -72,6 +73,9 @@ class Prober:
                 if live_fails >= liveness.failure_threshold:
                     logger.error("deployment %s failed its liveness probe %d times; reloading", deployment.name,
                                  live_fails)
+                    metrics().reloads.labels(deployment.name).inc()
+                    deployment.state = "loading"
+                    deployment.reason = f"reloaded after {live_fails} failed liveness probes in a row"
                     if not deployment.load():
                         return
                     passes = fails = live_fails = 0

@@ -233,6 +233,7 @@ def test_update_readies_a_new_generation_while_the_old_one_serves(server: Server
     view = admin.ready("blue", generation=2)
     assert statuses == [200] * 20
     assert view["model_version"] == "models:/mc/2" and view["config"]["settings"] == {"valid_crop_size": 28}
+    assert view["settings"]["valid_crop_size"] == 28 and view["labels"] == LABELS
     served = {predict(server, keys["primary"]).headers["x-lantern-model-version"] for _ in range(10)}
     assert served == {"models:/mc/2"}
     same = admin.http.patch("/deployments/blue", json={"settings": {"valid_crop_size": 28}}).json()

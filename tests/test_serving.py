@@ -48,6 +48,8 @@ def endpoint_config() -> dict:
              "request_settings": fast, "readiness_probe": probe()},
             {"name": "late", "model": "models:/mc/1", "readiness_probe": probe(initial_delay=3600)},
             {"name": "picky", "model": "models:/picky/1", "request_settings": fast, "readiness_probe": probe()},
+            {"name": "sick", "model": "models:/sick/1", "readiness_probe": probe(),
+             "liveness_probe": probe(period=0.2, failure_threshold=2)},
         ],
         "traffic": {"blue": 100},
     }
@@ -62,6 +64,8 @@ def registered(module_store: str, checkpoints: dict[str, Path]) -> str:
     register_checkpoint("ml", checkpoints["safetensors"], "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
     register_checkpoint("picky", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     make_picky("models:/picky/1")
+    register_checkpoint("sick", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    make_picky("models:/sick/1", Sick())
     return module_store
 
 
@@ -74,14 +78,22 @@ class Picky(torch.nn.Module):
         return torch.index_select(x.mean((2, 3)), 1, torch.arange(3) + 10 * white)
 
 
-def make_picky(uri: str) -> None:
+class Sick(torch.nn.Module):
+    """Finite logits for images, NaN for the blank image the probes send: its probes always fail."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        means = x.mean((2, 3))
+        return means / x.abs().amax()
+
+
+def make_picky(uri: str, module: torch.nn.Module | None = None) -> None:
     """Swap the downloaded ONNX model of `uri` for one that fails on some inputs, as a user's model may."""
     from registry.onnx_export import export_onnx
     from registry.resolve import download_version
     from registry.store import open_client
 
     downloaded = download_version(open_client(), uri)
-    export_onnx(Picky(), 32, downloaded.files.onnx)
+    export_onnx(module or Picky(), 32, downloaded.files.onnx)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +272,18 @@ def test_torch_backend_answers_like_onnxruntime(server: Server, key: str) -> Non
                              headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "slow"}))
     for a, b in zip(torch_answer.json()["predictions"][0]["top_k"], onnx_answer.json()["predictions"][0]["top_k"]):
         assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_failing_liveness_probe_reloads_the_deployment(server: Server, key: str) -> None:
+    deadline = time.monotonic() + 60
+    while server.metric("lantern_deployment_reloads_total", deployment="sick") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.metric("lantern_deployment_reloads_total", deployment="sick") >= 2
+    pinned = httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=30,
+                        headers=auth(key, **{"Content-Type": "image/png", "x-lantern-deployment": "sick"}))
+    assert pinned.status_code == 503 and "sick is loading" in pinned.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200  # sick has no live traffic
+    assert "failed its liveness probe 2 times; reloading" in server.log_path.read_text()
 
 
 def test_model_failing_on_an_input_is_424_with_the_reason(server: Server, key: str) -> None:
@@ -474,11 +498,20 @@ def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str)
 
 
 def test_openapi_describes_every_route(server: Server) -> None:
-    paths = httpx.get(f"{server.url}/docs.json").json()["paths"]
+    paths = httpx.get(f"{server.url}/docs.json").json()["paths"]  # BentoML's document, with its own routes
     for path in ("/score", "/predict", "/explain", "/livez", "/readyz", "/metrics"):
         assert path in paths
+    document = httpx.get(f"{server.url}/openapi.json").json()  # the one /docs shows
+    paths = document["paths"]
+    assert {"ScoreRequest", "ExplainRequest", "DeploymentConfig"} <= set(document["components"]["schemas"])
     score = paths["/score"]["post"]
     assert {"401", "404", "408", "413", "424", "429", "503"} <= set(score["responses"])
+    assert score["security"] == [{"scoringKey": []}]
+    for path in ("/manage/endpoint", "/manage/deployments", "/manage/deployments/{name}", "/manage/traffic",
+                 "/manage/mirror-traffic", "/manage/keys/{kind}/regenerate"):
+        for operation in paths[path].values():
+            assert operation["security"] == [{"adminKey": []}] and "403" in operation["responses"]
+    assert set(paths["/manage/deployments/{name}"]) == {"get", "patch", "delete"}
 
 
 def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None:
