@@ -55,7 +55,10 @@ class Endpoint:
         self.store = StateStore(config.name)
         self.board = StatusBoard(self.store.folder)
         self.worker = f"{os.getpid()}"
-        self.state, _ = self.store.prepare(config)
+        self.state, restored = self.store.prepare(config)
+        if restored:
+            logger.info("endpoint %s: state restored from %s (revision %d: %s)", config.name, self.store.path,
+                        self.state.revision, self.state.last_change)
         self._stamp = self.store.stamp()
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
