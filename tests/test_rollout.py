@@ -191,7 +191,10 @@ def test_split_follows_the_traffic_in_every_worker(server: Server, keys: dict[st
     pinned = predict(server, keys["primary"], **{"azureml-model-deployment": "green"})
     assert pinned.status_code == 200 and pinned.headers["x-lantern-deployment"] == "green"  # 0 % yet pinnable
     for split in ({"blue": 0, "green": 100}, {"blue": 100, "green": 0}):
+        start = time.monotonic()
         view = admin.traffic(**split)
+        print(f"traffic {split} answered and applied by {len(view['workers'])} workers in "
+              f"{time.monotonic() - start:.2f} s")
         assert len(view["workers"]) == 2 and all(w["revision"] == view["revision"] for w in view["workers"])
         served = Counter(predict(server, keys["primary"]).headers["x-lantern-deployment"] for _ in range(40))
         assert served == Counter({max(split, key=split.get): 40})
