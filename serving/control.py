@@ -233,7 +233,8 @@ class Control:
     def set_traffic(self, traffic: dict[str, int]) -> EndpointState:
         """Replace the live split (deployments left out get 0 %); a deployment whose share grows must be ready in
         every worker."""
-        ready = {view.name: view for view in self.deployments()}
+        current, workers = self.current(), self.workers()
+        ready = {r.config.name: self.deployment_view(r, current, workers, {}) for r in current.deployments}
 
         def mutate(state: EndpointState) -> EndpointState:
             before = dict(state.traffic)

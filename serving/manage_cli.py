@@ -14,7 +14,7 @@ from rich.table import Table
 
 from lantern.console import console, stdout, user_errors
 from serving.auth import ADMIN_ENV
-from serving.manage_client import DEFAULT_URL, URL_ENV, ManageClient, ManageError
+from serving.manage_client import DEFAULT_URL, URL_ENV, ManageClient
 
 TOP_LEVEL = {"model", "settings", "device", "backend", "max_batch_size", "max_latency_ms", "request_settings",
              "readiness_probe", "liveness_probe"}
@@ -29,15 +29,18 @@ def connection(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def client_for(url: str, admin_key: str | None) -> ManageClient:
-    return ManageClient(url, admin_key)
-
-
 @contextlib.contextmanager
 def waiting(description: str) -> Iterator[Callable[[str], None]]:
     """A spinner whose text follows the wait's progress."""
     with console.status(f"{description} ...") as status:
         yield lambda text: status.update(f"{description}: {text}")
+
+
+def applied(client: ManageClient, result: dict[str, Any], description: str) -> dict[str, Any]:
+    """`result` (a change's answer) once every worker has applied its revision."""
+    with waiting(description) as progress:
+        client.wait_applied(result["revision"], progress=progress)
+    return result
 
 
 def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def show_endpoint(view: dict[str, Any]) -> None:
 @user_errors
 def endpoint_show(url: str, admin_key: str | None, as_json: bool) -> None:
     """Deployments (state in every worker, model version, traffic, live counters), traffic and mirror."""
-    view = client_for(url, admin_key).endpoint()
+    view = ManageClient(url, admin_key).endpoint()
     if as_json:
         stdout.print_json(json.dumps(view))
     else:
@@ -124,7 +127,7 @@ def deploy_group() -> None:
 def deploy_add(name: str, model_uri: str, assignments: tuple[str, ...], no_wait: bool, url: str,
                admin_key: str | None) -> None:
     """Add deployment NAME serving MODEL_URI with 0 % traffic, and wait until it is ready in every worker."""
-    client = client_for(url, admin_key)
+    client = ManageClient(url, admin_key)
     view = client.add({"name": name, "model": model_uri, **deployment_fields(assignments)})
     console.print(f"[green]✓[/green] added deployment {name} ({model_uri}) with 0 % traffic")
     if not no_wait:
@@ -149,7 +152,7 @@ def deploy_update(name: str, model_uri: str | None, assignments: tuple[str, ...]
         patch["model"] = model_uri
     if not patch:
         raise click.UsageError("nothing to update: give --model and/or --set KEY=VALUE")
-    client = client_for(url, admin_key)
+    client = ManageClient(url, admin_key)
     view = client.update(name, patch)
     console.print(f"[green]✓[/green] deployment {name} updated to generation {view['generation']}")
     if not no_wait:
@@ -165,10 +168,8 @@ def deploy_update(name: str, model_uri: str | None, assignments: tuple[str, ...]
 @user_errors
 def deploy_remove(name: str, url: str, admin_key: str | None) -> None:
     """Remove deployment NAME (refused while it has live or mirrored traffic)."""
-    client = client_for(url, admin_key)
-    result = client.remove(name)
-    with waiting(f"removing {name}") as progress:
-        client.wait_applied(result["revision"], progress=progress)
+    client = ManageClient(url, admin_key)
+    applied(client, client.remove(name), f"removing {name}")
     console.print(f"[green]✓[/green] removed deployment {name} from every worker")
 
 
@@ -185,10 +186,8 @@ def traffic_group() -> None:
 @user_errors
 def traffic_set(split: tuple[str, ...], url: str, admin_key: str | None) -> None:
     """Set the live split, e.g. `blue=90 green=10` (deployments left out get 0 %)."""
-    client = client_for(url, admin_key)
-    result = client.set_traffic(parse_split(split, "split"))
-    with waiting("applying the traffic split") as progress:
-        client.wait_applied(result["revision"], progress=progress)
+    client = ManageClient(url, admin_key)
+    result = applied(client, client.set_traffic(parse_split(split, "split")), "applying the traffic split")
     console.print("[green]✓[/green] traffic " + ", ".join(f"{n}={p}" for n, p in result["traffic"].items())
                   + " in every worker")
 
@@ -202,10 +201,8 @@ def traffic_mirror(split: tuple[str, ...], off: bool, url: str, admin_key: str |
     """Copy a share of live requests to a deployment with no live traffic, e.g. `green=20` (at most 50)."""
     if bool(split) == off:
         raise click.UsageError("give NAME=PERCENT, or --off")
-    client = client_for(url, admin_key)
-    result = client.set_mirror({} if off else parse_split(split, "split"))
-    with waiting("applying the mirror") as progress:
-        client.wait_applied(result["revision"], progress=progress)
+    client = ManageClient(url, admin_key)
+    result = applied(client, client.set_mirror({} if off else parse_split(split, "split")), "applying the mirror")
     mirrored = ", ".join(f"{n}={p}" for n, p in result["mirror_traffic"].items() if p) or "off"
     console.print(f"[green]✓[/green] mirror traffic {mirrored} in every worker")
 
@@ -223,10 +220,8 @@ def keys_group() -> None:
 @user_errors
 def keys_regenerate(kind: str, url: str, admin_key: str | None) -> None:
     """Replace a key; the new key is printed once (on stdout), the old one stops working in every worker."""
-    client = client_for(url, admin_key)
-    result = client.regenerate(kind)
-    with waiting(f"applying the new {kind} key") as progress:
-        client.wait_applied(result["revision"], progress=progress)
+    client = ManageClient(url, admin_key)
+    result = applied(client, client.regenerate(kind), f"applying the new {kind} key")
     console.print(f"[green]✓[/green] new {kind} key in force in every worker")
     click.echo(result["key"])
 
@@ -254,7 +249,7 @@ def rollout_command(name: str, model_uri: str, steps: str, interval: str, max_er
     and roll the traffic back when its error rate or p99 latency goes past a threshold."""
     from serving.rollout import RolloutFailed, Thresholds, parse_duration, parse_steps, rollout
 
-    client = client_for(url, admin_key)
+    client = ManageClient(url, admin_key)
     config = {"name": name, "model": model_uri, **deployment_fields(assignments)}
     report = lambda text: console.print(f"[green]✓[/green] {text}")  # noqa: E731
     try:
@@ -266,5 +261,3 @@ def rollout_command(name: str, model_uri: str, steps: str, interval: str, max_er
         raise click.exceptions.Exit(1) from None
     console.print(f"[green]✓[/green] rollout of {name} done: " + ", ".join(f"{n}={p}" for n, p in split.items()))
 
-
-__all__ = ["ManageError", "deploy_group", "endpoint_show", "keys_group", "rollout_command", "traffic_group"]
