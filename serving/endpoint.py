@@ -64,6 +64,7 @@ class Endpoint:
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
         self._semaphores: dict[str, NonBlockSema] = {}
         self._changes = threading.Lock()
+        self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()
         self._mirror_tasks: set[asyncio.Task] = set()
@@ -98,6 +99,8 @@ class Endpoint:
         """Bring this worker's instances to `state`: new deployments load, updated ones ready a new generation beside
         the serving one, removed ones retire once their requests are answered."""
         with self._changes:
+            if state.revision < self.state.revision:  # the state thread already applied a newer one
+                return
             instances, upcoming = dict(self.instances), dict(self.next_instances)
             for record in state.deployments:
                 name = record.config.name
@@ -191,7 +194,8 @@ class Endpoint:
                             heartbeat=time.time(), deployments=deployments)
 
     def publish(self) -> None:
-        self.board.publish(self.status())
+        with self._publishing:  # one writer at a time (they share the temporary file), the freshest status last
+            self.board.publish(self.status())
 
     def refresh(self) -> None:
         """Apply the persisted state now (after this worker changed it) rather than at the next poll."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class StatusBoard:
 
     def publish(self, status: WorkerStatus) -> None:
         path = self.folder / f"{status.worker}.json"
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # threads may publish at once
         temporary.write_text(status.model_dump_json())
         os.replace(temporary, path)
 

@@ -53,7 +53,7 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 180) -> "Server":
-        log = self.log_path.open("wb")
+        log = self.log_path.open("ab")  # a restart keeps the earlier log
         self.process = subprocess.Popen(
             [lantern_executable(), "serve", str(self.config_path), "--port", str(self.port),
              "--workers", str(self.workers)],

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +18,7 @@ from serving.counters import quantile_ms
 from serving.manage_cli import deployment_fields
 from serving.rollout import Thresholds, Window, parse_duration, parse_steps, shifted_split
 from serving.state import DeploymentRecord, InvalidChange, StateStore
-from serving.workers import InstanceStatus
+from serving.workers import InstanceStatus, StatusBoard, WorkerStatus
 
 
 @pytest.fixture()
@@ -153,3 +157,27 @@ def test_aggregate_state_over_workers() -> None:
     broken = InstanceStatus(generation=1, state="ready", next_generation=2, next_state="failed", next_reason="boom")
     state, reason = _aggregate(record, [ready, broken])
     assert state == "failed" and "boom" in reason and "still serves" in reason
+
+
+def test_status_published_from_several_threads_at_once(tmp_path: Path) -> None:
+    """A worker publishes from its state thread and from the request that changed the state: concurrent writes
+    each land whole (this failed with FileNotFoundError when the threads shared one temporary file)."""
+    board = StatusBoard(tmp_path)
+    errors: list[BaseException] = []
+
+    def publish(revision: int) -> None:
+        status = WorkerStatus(worker="7", pid=os.getpid(), revision=revision, heartbeat=time.time(), deployments={})
+        for _ in range(300):
+            try:
+                board.publish(status)
+            except OSError as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=publish, args=(revision,)) for revision in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [status.revision in (1, 2, 3) for status in board.live()] == [True]
+    assert sorted(path.name for path in board.folder.iterdir()) == ["7.json"]

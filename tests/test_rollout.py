@@ -59,6 +59,7 @@ class Admin:
     """The management API with the admin key; each change waits until every worker applied it."""
 
     def __init__(self, server: Server, key: str) -> None:
+        self.server = server
         self.http = httpx.Client(base_url=f"{server.url}/manage", headers={"Authorization": f"Bearer {key}"},
                                  timeout=60)
 
@@ -68,7 +69,7 @@ class Admin:
         return response.json()
 
     def applied(self, answer: httpx.Response) -> dict:
-        assert answer.status_code in (200, 202), answer.text
+        assert answer.status_code in (200, 202), f"{answer.text}\n{self.server.log()}"
         revision = self.endpoint()["revision"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
