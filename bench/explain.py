@@ -50,7 +50,7 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
 
 
 def normalise(picture: np.ndarray, device: torch.device) -> torch.Tensor:
-    pixels = torch.from_numpy(picture).permute(2, 0, 1).float().div(255)
+    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((pixels - mean) / std).to(device)
 
@@ -69,36 +69,57 @@ def resnet50_section(device: torch.device, quick: bool) -> dict:
         print(f"  {key:22s} {seconds:8.2f} s")
     target = int(model(x[None]).argmax())
     black = normalise(np.zeros_like(picture), device)[None]
-    ours_seconds, _ = timed(lambda: attribute(model, x, "integrated_gradients", {"n_steps": 50}, targets=[target]))
-    captum_times = {}
-    for batch in ([25, 50] if quick else [None, 10, 25, 50, 100]):
-        captum_times[str(batch)], _ = timed(lambda b=batch: IntegratedGradients(model).attribute(
-            x[None], baselines=black, target=target, n_steps=50, method="riemann_middle", internal_batch_size=b))
-    best_batch = min(captum_times, key=captum_times.get)
-    ratio = ours_seconds / captum_times[best_batch]
-    out["integrated_gradients"] = {"ours_seconds": ours_seconds, "captum_seconds": captum_times,
-                                   "captum_best_batch": best_batch, "ours_over_captum": ratio}
-    print(f"  IG: ours {ours_seconds:.2f} s vs captum {captum_times[best_batch]:.2f} s (batch {best_batch}): "
+
+    def ours() -> object:
+        return attribute(model, x, "integrated_gradients", {"n_steps": 50}, targets=[target])
+
+    def captum(batch: int | None) -> object:
+        return IntegratedGradients(model).attribute(x[None], baselines=black, target=target, n_steps=50,
+                                                    method="riemann_middle", internal_batch_size=batch)
+
+    sweep = {str(batch): timed(lambda b=batch: captum(b))[0]
+             for batch in ([8, 10, 25] if quick else [4, 8, 10, 16, 25, 50, None])}
+    best = min(sweep, key=sweep.get)
+    # then ours and captum at its best batch, alternately: a slow spell of a shared machine slows both, and the best
+    # of each is compared
+    ours_runs, captum_runs = [], []
+    for _ in range(1 if quick else 3):
+        seconds, explanation = timed(ours)
+        ours_runs.append(seconds)
+        captum_runs.append(timed(lambda: captum(None if best == "None" else int(best)))[0])
+    ratio = min(ours_runs) / min(captum_runs)
+    out["integrated_gradients"] = {
+        "captum_sweep_seconds": sweep, "captum_best_batch": best, "ours_internal_batch_size":
+        explanation.fidelity.internal_batch_size, "ours_seconds": ours_runs, "captum_best_seconds": captum_runs,
+        "ours_over_captum": ratio}
+    print(f"  IG: ours {min(ours_runs):.2f} s (batch {explanation.fidelity.internal_batch_size}) vs captum "
+          f"{min(captum_runs):.2f} s (best batch {best} of {', '.join(sweep)}), alternated {len(ours_runs)}x: "
           f"{ratio:.2f}x (goal <= 1.1x)")
     return out
 
 
-def region_section() -> dict:
+def region_section(quick: bool) -> dict:
     picture = np.asarray(make_sample(ShapesConfig(image_size=224, seed=11), 0).image.convert("RGB")).astype(np.float64)
     base = np.random.default_rng(0).normal(size=picture.shape)
     out = {}
     print("XRAI region stage (segmentation + selection, the same base attribution), 224 x 224:")
     for algorithm in ("full", "fast"):
         parameters = reference.XRAIParameters(algorithm=algorithm)
-        ref_seconds, expected = timed(lambda p=parameters: reference.XRAI().GetMask(
-            picture, None, base_attribution=base, extra_parameters=p))
-        ours_seconds, ours = timed(lambda a=algorithm: select_regions(
-            torch.from_numpy(base.max(axis=-1)), segment_masks(picture), fast=a == "fast"))
+        ours_runs, reference_runs = [], []
+        for _ in range(1 if quick else 3):  # alternately, the best of each (see the IG comparison)
+            seconds, expected = timed(lambda p=parameters: reference.XRAI().GetMask(
+                picture, None, base_attribution=base, extra_parameters=p))
+            reference_runs.append(seconds)
+            seconds, ours = timed(lambda a=algorithm: select_regions(
+                torch.from_numpy(base.max(axis=-1)), segment_masks(picture), fast=a == "fast"))
+            ours_runs.append(seconds)
         equal = bool(np.allclose(ours.gains.numpy(), expected, rtol=0, atol=1e-12))
-        out[algorithm] = {"ours_seconds": ours_seconds, "reference_seconds": ref_seconds,
-                          "speedup": ref_seconds / ours_seconds, "equal_output": equal}
-        print(f"  {algorithm}: ours {ours_seconds:.2f} s vs reference {ref_seconds:.2f} s: "
-              f"{ref_seconds / ours_seconds:.1f}x faster (goal >= 5x), equal output: {equal}")
+        speedup = min(reference_runs) / min(ours_runs)
+        out[algorithm] = {"ours_seconds": ours_runs, "reference_seconds": reference_runs, "speedup": speedup,
+                          "equal_output": equal}
+        each = ", ".join(f"{r / o:.1f}x" for r, o in zip(reference_runs, ours_runs))
+        print(f"  {algorithm}: ours {min(ours_runs):.2f} s vs reference {min(reference_runs):.2f} s: "
+              f"{speedup:.1f}x faster (goal >= 5x; run by run {each}), equal output: {equal}")
     return out
 
 
@@ -171,7 +192,7 @@ def main() -> None:
     result = {"machine": platform.processor() or platform.machine(), "device": str(device),
               "torch_threads": torch.get_num_threads()}
     result["resnet50"] = resnet50_section(device, args.quick)
-    result["xrai_region_stage"] = region_section()
+    result["xrai_region_stage"] = region_section(args.quick)
     result["deletion_auc"] = deletion_section(20 if args.quick else 100)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
