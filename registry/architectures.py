@@ -4,38 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
-
-
-def _conv_block(c_in: int, c_out: int, pool: bool, stride: int = 1) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                               nn.ReLU()]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-class SmallCNN(nn.Module):
-    """A four-block CNN that trains in seconds on the CPU on small images.
-
-    The first convolution has stride 2 and the first three blocks max-pool, so a 64 px image becomes 4 x 4 features
-    (an eighth of the first block's full-resolution cost, which dominated the training step on the CPU)."""
-
-    def __init__(self, num_classes: int, width: int = 16) -> None:
-        super().__init__()
-        widths = [width, width * 2, width * 4, width * 8]
-        self.features = nn.Sequential(
-            _conv_block(3, widths[0], pool=True, stride=2),
-            _conv_block(widths[0], widths[1], pool=True),
-            _conv_block(widths[1], widths[2], pool=True),
-            _conv_block(widths[2], widths[3], pool=False),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(widths[3], num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+if TYPE_CHECKING:  # torch is imported when a model is built: commands that only read the registry start faster
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -45,6 +17,12 @@ class Architecture:
     build: Callable[[int], nn.Module]
     gradcam_layer: str | None  # None: the last Conv2d module
     head: str  # the final classifier layer (replaced when fine-tuning onto new labels)
+
+
+def _small_cnn(num_classes: int) -> nn.Module:
+    from registry.small_cnn import SmallCNN
+
+    return SmallCNN(num_classes)
 
 
 def _torchvision(name: str) -> Callable[[int], nn.Module]:
@@ -57,7 +35,7 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "small_cnn": Architecture(SmallCNN, "features.3", "classifier"),
+    "small_cnn": Architecture(_small_cnn, "features.3", "classifier"),
     "resnet18": Architecture(_torchvision("resnet18"), "layer4.1", "fc"),
     "resnet34": Architecture(_torchvision("resnet34"), "layer4.2", "fc"),
     "resnet50": Architecture(_torchvision("resnet50"), "layer4.2", "fc"),
@@ -69,6 +47,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def last_conv_layer(model: nn.Module) -> str:
     """Name of the last nn.Conv2d module in registration order."""
+    from torch import nn
+
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not names:
         raise ValueError("the model has no Conv2d layer; name a Grad-CAM layer explicitly")

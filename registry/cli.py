@@ -11,8 +11,13 @@ from rich.table import Table
 from lantern.console import StepProgress, console, stdout, user_errors
 from registry.architectures import ARCHITECTURES
 from registry.labels import read_labels
-from registry.model_files import TAG_DERIVED_FROM, TAG_PARITY, TAG_TRAINING_ITERATION, TAG_TRAINING_SESSION
-from registry.onnx_export import DEFAULT_PARITY_TOLERANCE
+from registry.model_files import (
+    DEFAULT_PARITY_TOLERANCE,
+    TAG_DERIVED_FROM,
+    TAG_PARITY,
+    TAG_TRAINING_ITERATION,
+    TAG_TRAINING_SESSION,
+)
 from registry.settings import TASKS, parse_assignments
 
 # registry.register/resolve/store import MLflow (seconds): each command imports what it uses when it runs
@@ -156,8 +161,7 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
 @user_errors
 def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -> None:
     """Point ALIAS of NAME at VERSION (moving it if it pointed elsewhere)."""
-    from registry.register import validate_alias
-    from registry.resolve import resolve_version
+    from registry.resolve import resolve_version, validate_alias
     from registry.store import open_client
 
     client = open_client(tracking_uri)

@@ -19,6 +19,7 @@ LABELS = "labels.json"
 SETTINGS = "settings.json"
 ONNX = "model.onnx"
 TAG_PARITY = "lantern.onnx_max_abs_diff"
+DEFAULT_PARITY_TOLERANCE = 1e-3  # the largest ONNX vs torch logit difference registration accepts by default
 TAG_DERIVED_FROM = "lantern.derived_from"
 ARTIFACT_KEYS = {"weights": WEIGHTS, "spec": SPEC, "labels": LABELS, "settings": SETTINGS, "onnx": ONNX}
 TAG_TRAINING_SESSION = "lantern.training_session"

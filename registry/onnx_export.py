@@ -18,7 +18,6 @@ from registry.errors import ParityError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-DEFAULT_PARITY_TOLERANCE = 1e-3
 OPSET = 17
 
 

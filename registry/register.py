@@ -27,6 +27,7 @@ from registry.errors import CheckpointError, SpecError
 from registry.labels import validate_labels
 from registry.model_files import (
     CHECKPOINTS_DIR,
+    DEFAULT_PARITY_TOLERANCE,
     SPEC,
     TAG_DERIVED_FROM,
     TAG_PARITY,
@@ -37,16 +38,15 @@ from registry.model_files import (
     checkpoint_dir,
     write_metadata,
 )
-from registry.onnx_export import DEFAULT_PARITY_TOLERANCE, check_parity, export_onnx, parity_max_abs_diff
+from registry.onnx_export import check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
-from registry.resolve import download_version
+from registry.resolve import download_version, validate_alias
 from registry.settings import ClassificationSettings, build_settings, with_overrides
 from registry.spec import ModelSpec, build_module, make_spec
 from registry.store import experiment_id, open_client, write_lock
 
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 REGISTER_ATTEMPTS = 8
 
 
@@ -85,15 +85,6 @@ def validate_name(name: str) -> str:
             f"invalid model name {name!r}: use letters, digits, '_', '.' and '-' (starting with a letter or digit)"
         )
     return name
-
-
-def validate_alias(alias: str) -> str:
-    if not ALIAS_PATTERN.match(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
-        raise SpecError(
-            f"invalid alias {alias!r}: use letters, digits, '_' and '-', starting with a letter; "
-            "'latest' and 'v<number>' are reserved"
-        )
-    return alias
 
 
 def _requirements() -> list[str]:

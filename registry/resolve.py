@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import yaml
@@ -16,16 +17,18 @@ from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from torch import nn
 
-from registry.checkpoint import fit_state_dict, load_state_dict
-from registry.errors import LanternError, ModelNotFoundError
+from registry.errors import LanternError, ModelNotFoundError, SpecError
 from registry.model_files import ARTIFACT_KEYS, TAG_DERIVED_FROM, TAG_PARITY, ModelFiles
 from registry.settings import ClassificationSettings
 from registry.spec import ModelSpec, build_module
 from registry.store import lantern_home, open_client
 
+if TYPE_CHECKING:
+    from torch import nn
+
 URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
+ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 SHORT_PATTERN = re.compile(r"^(?P<name>[^/@:\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
 COMPLETE_MARKER = ".lantern-complete"
 
@@ -45,6 +48,15 @@ class ModelRef:
         if self.alias is not None:
             return f"models:/{self.name}@{self.alias}"
         return f"models:/{self.name}"
+
+
+def validate_alias(alias: str) -> str:
+    if not ALIAS_PATTERN.match(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+        raise SpecError(
+            f"invalid alias {alias!r}: use letters, digits, '_' and '-', starting with a letter; "
+            "'latest' and 'v<number>' are reserved"
+        )
+    return alias
 
 
 def parse_model_ref(text: str, allow_short: bool = True) -> ModelRef:
@@ -154,6 +166,8 @@ def load_bundle(ref: ModelRef | str, tracking_uri: str | None = None, device: st
     client = client or open_client(tracking_uri)
     downloaded = download_version(client, ref)
     files, version = downloaded.files, downloaded.version
+    from registry.checkpoint import fit_state_dict, load_state_dict  # torch: only commands that build a module
+
     spec = files.read_spec()
     module = build_module(spec)
     fit_state_dict(module, load_state_dict(files.weights))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.architectures import SmallCNN
+from registry.small_cnn import SmallCNN
 
 LABELS = ["circle", "square", "triangle"]
 SMALL_SETTINGS = {"valid_resize_size": 40, "valid_crop_size": 32}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.architectures import SmallCNN
+from registry.small_cnn import SmallCNN
 from registry.checkpoint import fit_state_dict, load_state_dict
 from registry.errors import CheckpointError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from registry.architectures import SmallCNN
+from registry.small_cnn import SmallCNN
 from registry.errors import ParityError
 from registry.onnx_export import INPUT_NAME, check_parity, export_onnx, make_session, parity_max_abs_diff
 from registry.spec import build_module, make_spec

@@ -105,7 +105,7 @@ def test_pyfunc_model_predicts_labels_and_probabilities(store, checkpoints, shap
 
 
 def test_multilabel_pyfunc_returns_label_lists(store, tmp_path, shapes_dir):
-    from registry.architectures import SmallCNN
+    from registry.small_cnn import SmallCNN
 
     torch.manual_seed(1)
     model = SmallCNN(3)

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
 from explain.xrai import pair_integrated_gradients
-from registry.architectures import SmallCNN
+from registry.small_cnn import SmallCNN
 from training.shapes import ShapesConfig, make_sample
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
