@@ -199,9 +199,10 @@ class Endpoint:
 
     def refresh(self) -> None:
         """Apply the persisted state now (after this worker changed it) rather than at the next poll."""
+        stamp = self.store.stamp()  # before reading: a change written meanwhile then shows as a new stamp
         state = self.store.read()
         if state is not None and state.revision > self.state.revision:
-            self._stamp = self.store.stamp()
+            self._stamp = stamp
             self._apply(state)
             self.publish()
 
