@@ -1,4 +1,4 @@
-"""Explanation benchmarks, run by hand: `.venv/bin/python bench/explain.py [--device cuda] [--quick]`.
+"""Explanation benchmarks, run by hand: `.venv/bin/python bench/explain.py [--device cuda] [--quick] [--only ...]`.
 
 Prints, with ratios against references measured in the same run, and writes bench/results/explain.json:
 1. resnet50 at 224: the time of each method through `explain.attribute`;
@@ -34,6 +34,7 @@ from registry.devices import torch_device
 from training.shapes import ShapesConfig, make_sample
 
 RESULTS = Path(__file__).parent / "results" / "explain.json"
+SECTIONS = ["methods", "integrated_gradients", "xrai_region_stage", "deletion_auc"]
 METHODS = [("guided_backprop", None), ("guided_gradcam", None), ("integrated_gradients", {"n_steps": 50}),
            ("xrai", {"n_steps": 50, "xrai_fast": True}), ("xrai", {"n_steps": 50, "xrai_fast": False})]
 
@@ -55,18 +56,28 @@ def normalise(picture: np.ndarray, device: torch.device) -> torch.Tensor:
     return ((pixels - mean) / std).to(device)
 
 
-def resnet50_section(device: torch.device, quick: bool) -> dict:
+def resnet50_input(device: torch.device) -> tuple[torch.nn.Module, np.ndarray, torch.Tensor]:
     model = ARCHITECTURES["resnet50"].build(1000).eval().to(device)
     picture = np.asarray(make_sample(ShapesConfig(image_size=224, seed=11), 0).image.convert("RGB"))
-    x = normalise(picture, device)
-    out: dict = {"methods": {}}
-    print(f"resnet50 at 224 on {device}:")
+    return model, picture, normalise(picture, device)
+
+
+def methods_section(device: torch.device) -> dict:
+    model, picture, x = resnet50_input(device)
+    out: dict = {}
+    print(f"resnet50 at 224 on {device}, each method:")
     for method, params in METHODS:
         seconds, explanation = timed(lambda: attribute(model, x, method, params, gradcam_layer="layer4.2",
                                                        image=picture))
         key = method if method != "xrai" else f"xrai_{'fast' if params['xrai_fast'] else 'full'}"
-        out["methods"][key] = {"seconds": seconds, "stage_seconds": explanation.fidelity.stage_seconds}
+        out[key] = {"seconds": seconds, "stage_seconds": explanation.fidelity.stage_seconds}
         print(f"  {key:22s} {seconds:8.2f} s")
+    return out
+
+
+def integrated_gradients_section(device: torch.device, quick: bool) -> dict:
+    model, picture, x = resnet50_input(device)
+    print(f"resnet50 at 224 on {device}, integrated gradients (50 steps):")
     target = int(model(x[None]).argmax())
     black = normalise(np.zeros_like(picture), device)[None]
 
@@ -88,7 +99,7 @@ def resnet50_section(device: torch.device, quick: bool) -> dict:
         ours_runs.append(seconds)
         captum_runs.append(timed(lambda: captum(None if best == "None" else int(best)))[0])
     ratio = min(ours_runs) / min(captum_runs)
-    out["integrated_gradients"] = {
+    out = {
         "captum_sweep_seconds": sweep, "captum_best_batch": best, "ours_internal_batch_size":
         explanation.fidelity.internal_batch_size, "ours_seconds": ours_runs, "captum_best_seconds": captum_runs,
         "ours_over_captum": ratio}
@@ -186,14 +197,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer captum batch sizes and deletion images")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="run these sections (default: all); the JSON keeps the others' last results")
     args = parser.parse_args()
     device = torch_device(args.device)
     torch.manual_seed(0)
-    result = {"machine": platform.processor() or platform.machine(), "device": str(device),
-              "torch_threads": torch.get_num_threads()}
-    result["resnet50"] = resnet50_section(device, args.quick)
-    result["xrai_region_stage"] = region_section(args.quick)
-    result["deletion_auc"] = deletion_section(20 if args.quick else 100)
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.only != SECTIONS else {}
+    result.update({"machine": platform.processor() or platform.machine(), "device": str(device),
+                   "torch_threads": torch.get_num_threads()})
+    result.pop("resnet50", None)  # the layout before sections
+    runs = {"methods": lambda: methods_section(device),
+            "integrated_gradients": lambda: integrated_gradients_section(device, args.quick),
+            "xrai_region_stage": lambda: region_section(args.quick),
+            "deletion_auc": lambda: deletion_section(20 if args.quick else 100)}
+    for section in args.only:
+        result[section] = runs[section]()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -135,18 +135,20 @@ def attribute(
                       stage_seconds={"gradients": result.gradient_seconds, "regions": result.region_seconds})
     else:
         inputs = x.expand(len(chosen), -1, -1, -1).contiguous()
-        attributions = _run(model, inputs, chosen, method, typed, gradcam_layer, mean, std, report)
+        attributions = _run(model, inputs, chosen, method, typed, gradcam_layer, mean, std, report,
+                            logits[chosen])
     report["seconds"] = time.perf_counter() - start
     return Explanation(method, chosen, attributions.detach().float().cpu(), picture, FidelityReport(**report))
 
 
 def _run(model: nn.Module, inputs: Tensor, targets: list[int], method: str, params: BaseModel,
-         gradcam_layer: str | None, mean: Sequence[float], std: Sequence[float], report: dict[str, Any]) -> Tensor:
+         gradcam_layer: str | None, mean: Sequence[float], std: Sequence[float], report: dict[str, Any],
+         scores: Tensor) -> Tensor:
     if method == "integrated_gradients":
         assert isinstance(params, IntegratedGradientsParams)
         black = ((torch.zeros(3, device=inputs.device) - torch.tensor(mean, device=inputs.device))
                  / torch.tensor(std, device=inputs.device)).view(1, 3, 1, 1).expand_as(inputs)
-        result = integrated_gradients(model, inputs, targets, params, baselines=black.contiguous())
+        result = integrated_gradients(model, inputs, targets, params, baselines=black.contiguous(), input_scores=scores)
         gap = result.gap.abs().clamp_min(1e-12)
         report.update(completeness_error=(result.delta.abs() / gap).tolist(),
                       convergence_delta=result.delta.tolist(), internal_batch_size=result.internal_batch_size)

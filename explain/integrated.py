@@ -3,6 +3,7 @@ batches that fit memory, the convergence delta, and an optional SmoothGrad wrapp
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,20 @@ class IGResult:
     internal_batch_size: int
 
 
+_ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
 def activation_bytes(model: nn.Module, sample: Tensor) -> int:
-    """Bytes of every module output of one forward pass on `sample` (one image): what autograd keeps per point."""
+    """Bytes of every module output of one forward pass on `sample` (one image): what autograd keeps per point.
+    Measured once per model, input shape, dtype and device (a served model explains many images of one size)."""
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device)
+    known = _ACTIVATION_BYTES.setdefault(model, {})
+    if key not in known:
+        known[key] = _measure_activation_bytes(model, sample)
+    return known[key]
+
+
+def _measure_activation_bytes(model: nn.Module, sample: Tensor) -> int:
     total = 0
 
     def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
@@ -59,8 +72,9 @@ def target_scores(model: nn.Module, inputs: Tensor, targets: list[int]) -> Tenso
 
 
 def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], params: IntegratedGradientsParams,
-                         baselines: Tensor | None = None) -> IGResult:
+                         baselines: Tensor | None = None, input_scores: Tensor | None = None) -> IGResult:
     """IG of each row of `inputs` [N, 3, H, W] for its target, from `baselines` (same shape; None means zeros).
+    `input_scores` [N]: each row's target output when the caller has it already (saves a forward pass).
 
     Zeros in a normalised input space are the mean colour, not black: callers pass the normalised black image."""
     baselines = torch.zeros_like(inputs) if baselines is None else baselines
@@ -75,6 +89,8 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
     else:
         attributions = ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
                                     method=params.approximation_method, internal_batch_size=batch)
-    gap = target_scores(model, inputs, targets) - target_scores(model, baselines, targets)
+    if input_scores is None:
+        input_scores = target_scores(model, inputs, targets)
+    gap = input_scores - target_scores(model, baselines, targets)
     delta = attributions.sum(dim=(1, 2, 3)) - gap
     return IGResult(attributions.detach(), delta.detach(), gap.detach(), batch)

@@ -60,7 +60,8 @@ def xrai(model: nn.Module, x: Tensor, targets: Sequence[int], steps: int, fast: 
     m = torch.tensor(mean, device=device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device, dtype=x.dtype).view(1, 3, 1, 1)
     pixels = (x[None] * s + m)[0]  # the model's input before normalisation: PAIR works in this space
-    baselines = torch.stack([torch.full_like(pixels, float(pixels.min())), torch.full_like(pixels, float(pixels.max()))])
+    baselines = torch.stack([torch.full_like(pixels, float(pixels.min())),
+                             torch.full_like(pixels, float(pixels.max()))])
     chunk = batch_size or path_batch_size(model, x[None])
 
     start = time.perf_counter()

@@ -24,7 +24,8 @@ from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
 from explain.encoding import decode_npy_base64
 from explain.guided import guided_backprop
 from explain.params import ExplainError, parse_params
-from registry.architectures import ARCHITECTURES, SmallCNN
+from registry.architectures import ARCHITECTURES
+from registry.small_cnn import SmallCNN
 from registry.model_files import WEIGHTS, ModelFiles
 from registry.preprocess import Preprocess
 from registry.spec import build_module
