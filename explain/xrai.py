@@ -62,7 +62,7 @@ def xrai(model: nn.Module, x: Tensor, targets: Sequence[int], steps: int, fast: 
     pixels = (x[None] * s + m)[0]  # the model's input before normalisation: PAIR works in this space
     baselines = torch.stack([torch.full_like(pixels, float(pixels.min())),
                              torch.full_like(pixels, float(pixels.max()))])
-    chunk = batch_size or path_batch_size(model, x[None])
+    chunk = batch_size or path_batch_size(model, x[None], 1, 2 * steps)  # both baselines' points share the passes
 
     start = time.perf_counter()
     igs, errors = [], []

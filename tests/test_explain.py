@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
 from explain.encoding import decode_npy_base64
 from explain.guided import guided_backprop
+from explain.integrated import PATH_MEMORY_BUDGET, activation_bytes, path_batch_size
 from explain.params import ExplainError, parse_params
 from registry.architectures import ARCHITECTURES
 from registry.small_cnn import SmallCNN
@@ -81,6 +82,24 @@ def test_integrated_gradients_equals_captum_and_is_batch_invariant(cnn: SmallCNN
     assert ours.fidelity.internal_batch_size == 7 and unbatched.fidelity.internal_batch_size >= 24
     assert ours.targets == [int(cnn(x[None]).argmax())]
     assert ours.attributions.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("points_in_budget", "rows", "steps", "expected"), [
+    (12, 1, 50, 10),  # 5 passes of 10, not 4 of 12 and one of 2
+    (8, 1, 50, 8),  # 7 passes: 6 of 8, one of 2 is the fewest passes
+    (12, 2, 50, 12),  # 6 steps of both rows a pass
+    (100, 1, 50, 50),  # everything in one pass
+    (3, 5, 20, 5),  # the budget is smaller than the rows: one step of every row a pass
+])
+def test_path_batches_fit_the_memory_budget_in_passes_of_equal_size(
+        cnn: SmallCNN, monkeypatch: pytest.MonkeyPatch, points_in_budget: int, rows: int, steps: int,
+        expected: int) -> None:
+    sample = image_tensor()[None]
+    budget = 2 * activation_bytes(cnn, sample) * points_in_budget
+    monkeypatch.setitem(PATH_MEMORY_BUDGET, "cpu", budget)
+    batch = path_batch_size(cnn, sample, rows, steps)
+    assert batch == expected
+    assert batch % rows == 0
 
 
 def test_completeness_is_measured_and_shrinks_with_more_steps(cnn: SmallCNN) -> None:
