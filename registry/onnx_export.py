@@ -54,15 +54,12 @@ def onnx_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: str | Path, device: str = "auto", threads: int | None = None,
-                 spinning: bool = True) -> ort.InferenceSession:
+def make_session(path: str | Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session tuned for throughput on `device` (`auto`, `cpu`, `cuda` or `cuda:N`).
 
-    `spinning=False` stops idle intra-op threads from busy-waiting: in a server, they would take CPU from the request
-    handling that runs beside them."""
+    Intra-op threads keep ONNX Runtime's default of spinning while they wait for work, also in the server: without
+    it, resnet50 at batch 8 on 2 cores ran 22 % slower in-process (12.7 vs 16.3 images/s) and 17 % slower served."""
     options = ort.SessionOptions()
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)

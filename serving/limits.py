@@ -57,8 +57,11 @@ class ClientGone(Exception):
 
 
 async def _disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
+    """Return when the client goes away. The body has been read, so the server's next message is the disconnect:
+    waiting for it costs nothing, where polling `is_disconnected()` ran the middleware stack 4 times a second for
+    every request in flight (a third of the event loop's time at 32 concurrent predictions)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(DISCONNECT_POLL_S)  # a server that sends more (empty) body messages: keep asking, slowly
 
 
 async def within_deadline(request: Request, work: Awaitable[T], timeout_s: float, token: CancelToken,

@@ -29,7 +29,7 @@ class OnnxPredictor:
 
     def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None) -> None:
         name = "cuda" if device.type == "cuda" and device.index is None else str(device)
-        self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads(), spinning=False)
+        self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads())
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.description = f"onnxruntime ({self.providers[0]})"
