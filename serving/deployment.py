@@ -75,18 +75,6 @@ class Deployment:
     def model_version(self) -> str | None:
         return self.model.bundle.uri if self.model else None
 
-    def describe(self) -> dict[str, Any]:
-        model = self.model
-        return {
-            "name": self.name, "state": self.state, "reason": self.reason, "model": self.config.model,
-            "model_version": self.model_version,
-            "backend": model.predictor.description if model else None,
-            "device": str(model.explain_device) if model else None,
-            "settings": model.settings.model_dump() if model else None,
-            "labels": model.bundle.labels if model else None,
-            "task": model.bundle.spec.task if model else None,
-        }
-
     def load(self) -> bool:
         """Resolve, load, warm up. The state stays `loading` (the readiness probe makes it `ready`), or becomes
         `failed` with the reason."""

@@ -184,9 +184,12 @@ class Endpoint:
         for name, instance in self.instances.items():
             upcoming = self.next_instances.get(name)
             deployment = instance.deployment
+            model = deployment.model
             deployments[name] = InstanceStatus(
                 generation=instance.generation, state=deployment.state, reason=deployment.reason,
                 model_version=deployment.model_version,
+                backend=model.predictor.description if model else None,
+                explain_device=str(model.explain_device) if model else None,
                 next_generation=upcoming.generation if upcoming else None,
                 next_state=upcoming.deployment.state if upcoming else None,
                 next_reason=upcoming.deployment.reason if upcoming else None)

@@ -80,13 +80,15 @@ def parse_split(values: tuple[str, ...], what: str) -> dict[str, int]:
 
 def show_endpoint(view: dict[str, Any]) -> None:
     table = Table(title=f"endpoint {view['name']} - revision {view['revision']} ({view['last_change']})")
-    for column in ("deployment", "state", "traffic", "mirror", "model version", "gen", "requests", "failed", "p99 ms"):
+    for column in ("deployment", "state", "traffic", "mirror", "model version", "gen", "runs on", "requests", "failed",
+                   "p99 ms"):
         table.add_column(column)
     for d in view["deployments"]:
         counters = d["counters"]
         state = d["state"] + (f" ({d['reason']})" if d["reason"] else "")
+        runs_on = ", ".join(sorted({w["backend"] for w in d["workers"].values() if w.get("backend")})) or "-"
         table.add_row(d["name"], state, f"{d['traffic']} %", f"{d['mirror_traffic']} %", d["model_version"] or "-",
-                      str(d["generation"]), str(counters["requests"]), str(counters["failed"]),
+                      str(d["generation"]), runs_on, str(counters["requests"]), str(counters["failed"]),
                       "-" if counters["p99_ms"] is None else f"{counters['p99_ms']:.0f}")
     stdout.print(table)
     workers = ", ".join(f"{w['worker']} (rev {w['revision']})" for w in view["workers"])

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
+from registry.errors import LanternError
 from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
 
 
@@ -31,6 +33,10 @@ class OnnxPredictor:
         name = "cuda" if device.type == "cuda" and device.index is None else str(device)
         self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads())
         self.providers = self.session.get_providers()
+        if device.type == "cuda" and self.providers[0] != "CUDAExecutionProvider":  # ORT falls back without a word
+            raise LanternError(f"ONNX Runtime could not run on {device}: its CUDAExecutionProvider did not load "
+                               f"(it offers {', '.join(ort.get_available_providers())}); serve this deployment with "
+                               f"device: cpu, or backend: torch")
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.description = f"onnxruntime ({self.providers[0]})"
 

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 HEARTBEAT_S = 1.0
 STALE_S = 5.0
@@ -23,6 +23,9 @@ class InstanceStatus(BaseModel):
     state: str
     reason: str | None = None
     model_version: str | None = None
+    backend: str | None = Field(None, description="what runs predictions once loaded, e.g. 'onnxruntime "
+                                                  "(CUDAExecutionProvider)': the provider ONNX Runtime really chose")
+    explain_device: str | None = Field(None, description="the torch device explanations run on")
     next_generation: int | None = None
     next_state: str | None = None
     next_reason: str | None = None

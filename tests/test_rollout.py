@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
 from serving_support import Server, png_bytes
@@ -144,6 +145,17 @@ def test_admin_key_alone_changes_the_endpoint(server: Server, keys: dict[str, st
     assert admin.endpoint()["key_fingerprints"]["admin"] == before["key_fingerprints"]["admin"]
 
 
+def test_every_worker_says_where_a_deployment_runs(admin: Admin) -> None:
+    provider = "CUDAExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the deployments ask for device auto
+    admin.add(deployment("green", backend="torch", device="cpu"))
+    for name, backend, explain_device in (("blue", f"onnxruntime ({provider})", device),
+                                          ("green", "torch (cpu)", "cpu")):
+        workers = admin.http.get(f"/deployments/{name}").json()["workers"]
+        assert len(workers) == 2
+        assert {(w["backend"], w["explain_device"]) for w in workers.values()} == {(backend, explain_device)}, workers
+
+
 def test_every_rule_refuses_the_whole_change(server: Server, admin: Admin) -> None:
     admin.add(deployment("green"))
     http = admin.http
@@ -266,6 +278,7 @@ def test_cli_changes_wait_until_they_take_effect(server: Server, keys: dict[str,
     assert view["traffic"] == {"blue": 90, "green": 10} and view["applied"]
     shown = cli(server, keys["admin"], "endpoint", "show")
     assert "green" in shown.stdout and "10 %" in shown.stdout and "ready" in shown.stdout
+    assert "onnxruntime" in shown.stdout, shown.stdout
     as_json = json.loads(cli(server, keys["admin"], "endpoint", "show", "--json").stdout)
     assert as_json["traffic"] == {"blue": 90, "green": 10}
     refused = cli(server, keys["admin"], "deploy", "remove", "green", check=False)
