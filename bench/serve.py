@@ -1,4 +1,5 @@
-"""Serving benchmark, run by hand: `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N]`.
+"""Serving benchmark, run by hand:
+`.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -17,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -24,9 +26,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -95,30 +100,72 @@ def in_process(uri: str, image: bytes, device: str, quick: bool) -> dict:
             "latency_p50_s": float(np.median(latencies)), "providers": session.get_providers()}
 
 
-async def load(url: str, make_request, concurrency: int, seconds: float) -> dict:
-    """`concurrency` clients sending back to back for `seconds`: throughput and latency percentiles."""
+@dataclass(frozen=True)
+class Request:
+    """One POST the load generator repeats (picklable: it is sent to the loader processes)."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+async def _clients(url: str, request: Request, clients: int, seconds: float, barrier) -> tuple[list[float], int, float]:
+    """`clients` aiohttp clients in this process, each sending `request` back to back for `seconds` once every loader
+    has warmed up (`barrier`): latencies, errors and the seconds from the start to the last answer."""
     latencies: list[float] = []
     errors = 0
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def send() -> int:
+            async with session.post(request.path, data=request.body, headers=request.headers) as response:
+                await response.read()
+                return response.status
+
+        await asyncio.gather(*(send() for _ in range(2 * clients)))  # connections open, the server warm
+        await asyncio.to_thread(barrier.wait)
+        start = time.perf_counter()
+        deadline = start + seconds
+
         async def one_client() -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                response = await make_request(client)
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
+                began = time.perf_counter()
+                if await send() == 200:
+                    latencies.append(time.perf_counter() - began)
                 else:
                     errors += 1
 
-        for _ in range(2):  # warm-up round trips, not counted
-            await make_request(client)
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "images_per_s": len(latencies) / elapsed,
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        return latencies, errors, time.perf_counter() - start
+
+
+def _loader(url: str, request: Request, clients: int, seconds: float, barrier, results) -> None:
+    results.put(asyncio.run(_clients(url, request, clients, seconds, barrier)))
+
+
+def load(url: str, request: Request, concurrency: int, seconds: float, loaders: int) -> dict:
+    """`concurrency` clients sending back to back for `seconds`, spread over `loaders` processes (one Python process
+    sends a few hundred requests a second at most: a fast server would measure the load generator): throughput and
+    latency percentiles."""
+    loaders = max(1, min(loaders, concurrency))
+    shares = [concurrency // loaders + (i < concurrency % loaders) for i in range(loaders)]
+    if loaders == 1:
+        results = [asyncio.run(_clients(url, request, concurrency, seconds, threading.Barrier(1)))]
+    else:
+        context = multiprocessing.get_context("spawn")
+        barrier, queue = context.Barrier(loaders), context.Queue()
+        processes = [context.Process(target=_loader, args=(url, request, share, seconds, barrier, queue))
+                     for share in shares]
+        for process in processes:
+            process.start()
+        results = [queue.get(timeout=seconds + 600) for _ in processes]
+        for process in processes:
+            process.join()
+    latencies = [latency for found, _, _ in results for latency in found]
+    elapsed = max(e for _, _, e in results)
+    return {"concurrency": concurrency, "loaders": loaders, "requests": len(latencies),
+            "errors": sum(e for _, e, _ in results), "images_per_s": len(latencies) / elapsed,
             "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_s": float(np.percentile(latencies, 99)) if latencies else None}
 
@@ -149,7 +196,7 @@ class Process:
 
 
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, workers: int, best_batch: int,
-           seconds: float) -> list[dict]:
+           seconds: float, loaders: int) -> list[dict]:
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
         "name": "resnet", "model": uri, "device": device, "max_batch_size": max(2, best_batch), "max_latency_ms": 60000,
         "request_settings": {"request_timeout_ms": 120000, "max_concurrent_requests_per_instance": 64,
@@ -167,9 +214,8 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
     try:
         results = []
         for concurrency in CONCURRENCY:
-            result = asyncio.run(load(f"http://127.0.0.1:{port}", lambda c: c.post("/predict", content=image,
-                                                                                  headers=headers),
-                                      concurrency, seconds))
+            result = load(f"http://127.0.0.1:{port}", Request("/predict", image, headers), concurrency, seconds,
+                          loaders)
             print(f"  lantern, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
                   f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
             results.append(result)
@@ -178,18 +224,19 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
         server.stop()
 
 
-def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float) -> list[dict]:
+def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float,
+                  loaders: int) -> list[dict]:
     port = free_port()
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}  # it runs `uvicorn`
     server = Process([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri, "--env-manager",
                       "local", "--port", str(port), "--host", "127.0.0.1"], env, folder / "mlflow.log",
                      f"http://127.0.0.1:{port}/ping")
-    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+    frame = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+    request = Request("/invocations", json.dumps(frame).encode(), {"Content-Type": "application/json"})
     try:
         results = []
         for concurrency in CONCURRENCY:
-            result = asyncio.run(load(f"http://127.0.0.1:{port}", lambda c: c.post("/invocations", json=body),
-                                      concurrency, seconds))
+            result = load(f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders)
             print(f"  mlflow models serve, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
                   f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
             results.append(result)
@@ -205,6 +252,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=None, help="per concurrency level (default 20, quick 8)")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--loaders", type=int, default=max(1, (os.cpu_count() or 1) // 4),
+                        help="load-generating processes (default: a quarter of the cores, at least one)")
     args = parser.parse_args()
     seconds = args.seconds or (8 if args.quick else 20)
 
@@ -219,9 +268,10 @@ def main() -> None:
         print("in-process:")
         reference = in_process(uri, image, args.device, args.quick)
         print("lantern serve:")
-        lantern = served(uri, image, folder, env, args.device, args.workers, reference["best_batch"], seconds)
+        lantern = served(uri, image, folder, env, args.device, args.workers, reference["best_batch"], seconds,
+                         args.loaders)
         print("mlflow models serve:")
-        mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds)
+        mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
 
     at32 = lantern[-1]["images_per_s"] / reference["limit_images_per_s"]
     p50_ratio = lantern[0]["p50_s"] / reference["latency_p50_s"]
@@ -235,6 +285,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "workers": args.workers,
+        "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
         "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow},
     }, indent=2))
