@@ -1,5 +1,6 @@
 """Serving benchmark, run by hand:
-`.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]`.
+`.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
+[--skip-overhead]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -9,6 +10,10 @@ One run, one registered resnet50 (random weights, 224 px), measured three ways, 
 3. `mlflow models serve` on the same registered model (its pyfunc flavour) at the same concurrencies.
 It prints the ratios behind the goals: served throughput at concurrency 32 vs the limit (goal >= 90 %), p50 at
 concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `mlflow models serve` (goal >= 3x).
+4. Serving overhead: both servers again at concurrency 32 on a tiny model (the small CNN at 64 px), where the model
+   costs next to nothing: requests per second and the server's CPU milliseconds per request. On a CPU the resnet50
+   comparison measures the same ONNX Runtime on both sides; this one shows what each server adds, which is what bounds
+   a GPU server.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import multiprocessing
@@ -34,6 +40,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+import psutil
 import torch
 import yaml
 
@@ -68,6 +75,21 @@ def register_resnet50(folder: Path) -> str:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
     version = register_checkpoint("bench-resnet50", checkpoint, "resnet50", LABELS, "multiclass")
     return version.uri
+
+
+def register_tiny(folder: Path) -> str:
+    """The small CNN at 64 px: a model that costs next to nothing, so serving costs are all that is measured."""
+    from safetensors.torch import save_file
+
+    from registry.architectures import ARCHITECTURES
+    from registry.register import register_checkpoint
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES["small_cnn"].build(len(LABELS)).eval()
+    checkpoint = folder / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    return register_checkpoint("bench-tiny", checkpoint, "small_cnn", LABELS, "multiclass",
+                               {"valid_resize_size": 64, "valid_crop_size": 64}).uri
 
 
 def in_process(uri: str, image: bytes, device: str, quick: bool) -> dict:
@@ -165,6 +187,7 @@ def load(url: str, request: Request, concurrency: int, seconds: float, loaders: 
     latencies = [latency for found, _, _ in results for latency in found]
     elapsed = max(e for _, _, e in results)
     return {"concurrency": concurrency, "loaders": loaders, "requests": len(latencies),
+            "warm_up_requests": 2 * concurrency,
             "errors": sum(e for _, e, _ in results), "images_per_s": len(latencies) / elapsed,
             "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_s": float(np.percentile(latencies, 99)) if latencies else None}
@@ -195,8 +218,32 @@ class Process:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
+def server_cpu_seconds(server: "Process") -> float:
+    """CPU time used so far by a server process and its children (BentoML's workers)."""
+    root = psutil.Process(server.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def measured(server: "Process", url: str, request: Request, concurrency: int, seconds: float, loaders: int,
+             what: str) -> dict:
+    """One load level, with the server's CPU milliseconds per answered request."""
+    before = server_cpu_seconds(server)
+    result = load(url, request, concurrency, seconds, loaders)
+    answered = result["requests"] + result["errors"] + result["warm_up_requests"]
+    result["server_cpu_ms_per_request"] = 1000 * (server_cpu_seconds(server) - before) / max(1, answered)
+    print(f"  {what}, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
+          f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, "
+          f"server CPU {result['server_cpu_ms_per_request']:5.1f} ms/request, errors {result['errors']}")
+    return result
+
+
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, workers: int, best_batch: int,
-           seconds: float, loaders: int) -> list[dict]:
+           seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
         "name": "resnet", "model": uri, "device": device, "max_batch_size": max(2, best_batch), "max_latency_ms": 60000,
         "request_settings": {"request_timeout_ms": 120000, "max_concurrent_requests_per_instance": 64,
@@ -206,26 +253,21 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     lantern = str(Path(sys.executable).with_name("lantern"))
-    server = Process([lantern, "serve", str(path), "--port", str(port), "--workers", str(workers)], env,
-                     folder / "lantern.log", f"http://127.0.0.1:{port}/readyz")
+    server = Process([lantern, "serve", str(path), "--port", str(port), "--workers", str(workers),
+                      "--reset-state"],  # the endpoint's state is kept between starts: this run's YAML decides
+                     env, folder / "lantern.log", f"http://127.0.0.1:{port}/readyz")
     key = subprocess.run([lantern, "endpoint", "get-credentials", str(path), "--key", "primary"], env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}
     try:
-        results = []
-        for concurrency in CONCURRENCY:
-            result = load(f"http://127.0.0.1:{port}", Request("/predict", image, headers), concurrency, seconds,
-                          loaders)
-            print(f"  lantern, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
-                  f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
-            results.append(result)
-        return results
+        return [measured(server, f"http://127.0.0.1:{port}", Request("/predict", image, headers), concurrency, seconds,
+                         loaders, "lantern") for concurrency in concurrencies]
     finally:
         server.stop()
 
 
-def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float,
-                  loaders: int) -> list[dict]:
+def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float, loaders: int,
+                  concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
     port = free_port()
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}  # it runs `uvicorn`
     server = Process([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri, "--env-manager",
@@ -234,13 +276,8 @@ def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], sec
     frame = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
     request = Request("/invocations", json.dumps(frame).encode(), {"Content-Type": "application/json"})
     try:
-        results = []
-        for concurrency in CONCURRENCY:
-            result = load(f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders)
-            print(f"  mlflow models serve, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
-                  f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, errors {result['errors']}")
-            results.append(result)
-        return results
+        return [measured(server, f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders,
+                         "mlflow models serve") for concurrency in concurrencies]
     finally:
         server.stop()
 
@@ -252,6 +289,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=None, help="per concurrency level (default 20, quick 8)")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--skip-overhead", action="store_true", help="leave out the tiny-model serving overhead run")
     parser.add_argument("--loaders", type=int, default=max(1, (os.cpu_count() or 1) // 4),
                         help="load-generating processes (default: a quarter of the cores, at least one)")
     args = parser.parse_args()
@@ -272,6 +310,15 @@ def main() -> None:
                          args.loaders)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
+        overhead = {}
+        if not args.skip_overhead:
+            print("serving overhead (a tiny model at 64 px, concurrency 32):")
+            tiny = register_tiny(folder)
+            overhead["lantern"] = served(tiny, image, folder, env, args.device, args.workers, 32, seconds,
+                                         args.loaders, (32,))[0]
+            if not args.skip_mlflow:
+                overhead["mlflow_models_serve"] = mlflow_served(tiny, image, folder, env, seconds, args.loaders,
+                                                                (32,))[0]
 
     at32 = lantern[-1]["images_per_s"] / reference["limit_images_per_s"]
     p50_ratio = lantern[0]["p50_s"] / reference["latency_p50_s"]
@@ -280,6 +327,13 @@ def main() -> None:
     print(f"p50 at concurrency 1 vs in-process latency: {p50_ratio:.2f}x (goal <= 1.3x)")
     print("served vs mlflow models serve: " + ", ".join(f"c{c} {v:.1f}x" for c, v in vs_mlflow.items())
           + " (goal >= 3x)")
+    overhead_ratio = None
+    if len(overhead) == 2:
+        ours, theirs = overhead["lantern"], overhead["mlflow_models_serve"]
+        overhead_ratio = ours["images_per_s"] / theirs["images_per_s"]
+        print(f"tiny model at concurrency 32: lantern {ours['images_per_s']:.0f} vs mlflow models serve "
+              f"{theirs['images_per_s']:.0f} requests/s ({overhead_ratio:.1f}x); server CPU per request "
+              f"{ours['server_cpu_ms_per_request']:.1f} vs {theirs['server_cpu_ms_per_request']:.1f} ms")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -287,7 +341,9 @@ def main() -> None:
         "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
-        "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow},
+        "overhead_tiny_model_c32": overhead,
+        "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow,
+                   "tiny_model_served_vs_mlflow": overhead_ratio},
     }, indent=2))
     print(f"wrote {RESULTS}")
 
