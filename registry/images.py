@@ -40,5 +40,5 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageTooLargeError(f"the image was refused as a decompression bomb: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"the data is not a readable image (PNG, JPEG, WebP, BMP, GIF, TIFF): {error}") from None
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    ImageOps.exif_transpose(image, in_place=True)  # each of these would otherwise copy the whole image
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -132,11 +132,12 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
         raise ApiError(413, "too_many_images", f"{len(rows)} images in one request; the limit is "
                                                f"{limits.max_images_per_request}")
     blobs = [decode_base64_image(row.image_base64, f"input_data.data[{i}]") for i, row in enumerate(rows)]
-    images = await endpoint.in_thread(
-        lambda: [decode(blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)])
+    prepared = await endpoint.prepare(context.instance, lambda: [
+        decode(blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)])
     model = deployment.require_model()
+    images = prepared.images
     endpoint.mirror(context.mirror, images, "/score")
-    predictions = await endpoint.predict(context.instance, images,
+    predictions = await endpoint.predict(context.instance, prepared,
                                          [row.confidence_score_threshold_multilabel for row in rows])
     multilabel = model.bundle.spec.task == "multilabel"
     items = []
@@ -258,12 +259,12 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
         raise unprocessable("top_k must be a whole number", "invalid_top_k") from None
     if top_k < 1:
         raise unprocessable("top_k must be at least 1", "invalid_top_k")
-    images = await endpoint.in_thread(
-        lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
+    prepared = await endpoint.prepare(
+        context.instance, lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
     deployment = context.deployment
     labels = deployment.require_model().bundle.labels
-    endpoint.mirror(context.mirror, images, "/predict")
-    predictions = await endpoint.predict(context.instance, images)
+    endpoint.mirror(context.mirror, prepared.images, "/predict")
+    predictions = await endpoint.predict(context.instance, prepared)
     items = []
     for prediction in predictions:
         order = sorted(range(len(labels)), key=lambda i: -prediction.probs[i])[:top_k]

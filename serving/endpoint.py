@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from bentoml._internal.marshal.dispatcher import NonBlockSema
 from PIL import Image
 
@@ -36,6 +37,14 @@ logger = logging.getLogger("lantern.serving")
 PIN_HEADERS = ("x-lantern-deployment", "azureml-model-deployment")
 WATCH_S = 0.2
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request's decoded images and the model input made from each ([3, crop, crop] float32, normalised)."""
+
+    images: list[Image.Image]
+    pixels: list[np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -289,12 +298,25 @@ class Endpoint:
     async def in_thread(self, func: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool or self.work_pool, func, *args)
 
-    async def predict(self, instance: DeploymentInstance, images: list[Image.Image],
+    async def prepare(self, instance: DeploymentInstance, decode_all: Callable[[], list[Image.Image]]) -> Prepared:
+        """A request's images decoded (`decode_all` raises the 4xx answers) and preprocessed for `instance`'s model,
+        in one trip to the work pool."""
+        model = instance.deployment.require_model()
+
+        def run() -> Prepared:
+            images = decode_all()
+            return Prepared(images, [model.preprocess(image).numpy() for image in images])
+
+        return await self.in_thread(run)
+
+    async def predict(self, instance: DeploymentInstance, images: Prepared | list[Image.Image],
                       threshold: list[float | None] | None = None) -> list[Prediction]:
-        """Predictions for decoded images, each batched adaptively with other requests' images."""
+        """Predictions for prepared (or decoded) images, each batched adaptively with other requests' images."""
         deployment = instance.deployment
-        model = deployment.require_model()
-        pixels = await self.in_thread(lambda: [model.preprocess(image).numpy() for image in images])
+        if not isinstance(images, Prepared):
+            decoded = images
+            images = await self.prepare(instance, lambda: decoded)
+        pixels = images.pixels
         try:
             logits = await asyncio.gather(*(instance.batcher.logits(Job(p)) for p in pixels))
         except Overloaded:
@@ -304,8 +326,8 @@ class Endpoint:
             raise
         except Exception as error:  # noqa: BLE001 - the model failed on this input
             raise model_error(deployment, error) from None
-        metrics().images.labels(deployment.name).inc(len(images))
-        thresholds = threshold or [None] * len(images)
+        metrics().images.labels(deployment.name).inc(len(pixels))
+        thresholds = threshold or [None] * len(pixels)
         return [deployment.postprocess(row[None], t)[0] for row, t in zip(logits, thresholds)]
 
     def mirror(self, target: DeploymentInstance | None, images: list[Image.Image], route: str) -> None:

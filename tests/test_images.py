@@ -1,0 +1,49 @@
+"""Decoding image bytes (registry/images.py): orientation, colour modes and refusals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A phone photo stored landscape with 'rotate 90' in its EXIF comes out portrait, its top row where it belongs."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # left half red, right half blue
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    image = decode_image(encoded(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes()))
+    assert image.size == (20, 40) and image.mode == "RGB"
+    top, bottom = np.asarray(image)[2, 10], np.asarray(image)[-3, 10]
+    assert top[0] > 200 and top[2] < 60, top  # the stored left (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+    assert image.getexif().get(0x0112, 1) == 1  # no orientation is left to apply twice
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "RGB"])
+def test_every_colour_mode_comes_out_rgb(mode: str) -> None:
+    image = Image.new("RGB", (16, 12), (200, 100, 50)).convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    decoded = decode_image(encoded(image, fmt))
+    assert decoded.mode == "RGB" and decoded.size == (16, 12)
+
+
+def test_refusals_name_the_problem() -> None:
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        decode_image(b"%PDF-1.7 not an image")
+    with pytest.raises(ImageTooLargeError, match="over the limit of 100"):
+        decode_image(encoded(Image.new("RGB", (20, 20)), "PNG"), max_pixels=100)
