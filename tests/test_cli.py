@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -47,6 +48,16 @@ def test_register_show_alias_settings_and_list(store, checkpoints):
     table = lantern("models", "list").stdout
     assert "shapes" in table and "@champion=2" in table
     assert "models:/shapes" in lantern("models", "show", "shapes/2").stdout
+
+
+def test_python_dash_m_lantern_is_the_same_command(store):
+    """`python -m lantern` (for installs without console scripts) runs the same CLI, under the same name."""
+    python = sys.executable
+    result = subprocess.run([python, "-m", "lantern", "models", "list"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == lantern("models", "list").stdout
+    usage = subprocess.run([python, "-m", "lantern", "--help"], capture_output=True, text=True, timeout=300).stdout
+    assert usage.startswith("Usage: lantern ") and "serve" in usage
 
 
 def test_errors_are_clear_messages_with_exit_status_2(store, checkpoints, tmp_path):
