@@ -92,34 +92,38 @@ def register_tiny(folder: Path) -> str:
                                {"valid_resize_size": 64, "valid_crop_size": 64}).uri
 
 
-def in_process(uri: str, image: bytes, device: str, quick: bool) -> dict:
+def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -> dict:
+    """The limit and the in-process latency, on the backend the served deployment uses (the same predictor class)."""
+    from registry.devices import torch_device
     from registry.images import decode_image
-    from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
     from registry.preprocess import Preprocess
     from registry.resolve import load_bundle
+    from serving.predictors import OnnxPredictor, TorchPredictor
 
     bundle = load_bundle(uri)
     preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
-    session = make_session(bundle.onnx_path, device)
+    chosen = torch_device(device)
+    predictor = OnnxPredictor(bundle.onnx_path, chosen) if backend == "onnxruntime" else \
+        TorchPredictor(bundle.module, chosen)
     x = preprocess(decode_image(image))[None].numpy()
     throughput = {}
-    for batch_size in (1, 2, 4, 8, 16, 32):
+    for batch_size in (1, 2, 4, 8, 16, 32, 64):
         batch = np.repeat(x, batch_size, axis=0)
-        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        predictor(batch)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < (1.5 if quick else 4) or runs < 3:
-            session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            predictor(batch)  # logits come back to the CPU, as served
             runs += 1
         throughput[batch_size] = runs * batch_size / (time.perf_counter() - start)
-        print(f"  in-process ONNX Runtime, batch {batch_size:2d}: {throughput[batch_size]:7.1f} images/s")
+        print(f"  in-process {predictor.description}, batch {batch_size:2d}: {throughput[batch_size]:7.1f} images/s")
     latencies = []
     for _ in range(10 if quick else 30):
         start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: preprocess(decode_image(image))[None].numpy()})
+        predictor(preprocess(decode_image(image))[None].numpy())
         latencies.append(time.perf_counter() - start)
     best = max(throughput, key=throughput.get)
     return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
-            "latency_p50_s": float(np.median(latencies)), "providers": session.get_providers()}
+            "latency_p50_s": float(np.median(latencies)), "predictor": predictor.description}
 
 
 @dataclass(frozen=True)
@@ -242,21 +246,22 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
     return result
 
 
-def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, workers: int, best_batch: int,
-           seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
+def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, backend: str, workers: int,
+           best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
-        "name": "resnet", "model": uri, "device": device, "max_batch_size": max(2, best_batch), "max_latency_ms": 60000,
+        "name": "resnet", "model": uri, "device": device, "backend": backend, "max_batch_size": max(2, best_batch),
+        "max_latency_ms": 60000,
         "request_settings": {"request_timeout_ms": 120000, "max_concurrent_requests_per_instance": 64,
                              "max_queue_wait_ms": 60000},
         "readiness_probe": {"initial_delay": 0, "period": 5}}]}
     path = folder / "endpoint.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    lantern = str(Path(sys.executable).with_name("lantern"))
-    server = Process([lantern, "serve", str(path), "--port", str(port), "--workers", str(workers),
+    lantern = [sys.executable, "-m", "lantern"]  # also where the console script is not installed
+    server = Process([*lantern, "serve", str(path), "--port", str(port), "--workers", str(workers),
                       "--reset-state"],  # the endpoint's state is kept between starts: this run's YAML decides
                      env, folder / "lantern.log", f"http://127.0.0.1:{port}/readyz")
-    key = subprocess.run([lantern, "endpoint", "get-credentials", str(path), "--key", "primary"], env=env,
+    key = subprocess.run([*lantern, "endpoint", "get-credentials", str(path), "--key", "primary"], env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}
     try:
@@ -270,7 +275,7 @@ def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], sec
                   concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
     port = free_port()
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}  # it runs `uvicorn`
-    server = Process([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri, "--env-manager",
+    server = Process([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                       "local", "--port", str(port), "--host", "127.0.0.1"], env, folder / "mlflow.log",
                      f"http://127.0.0.1:{port}/ping")
     frame = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
@@ -286,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
+                        help="what runs the model, in-process and served (mlflow models serve runs its ONNX pyfunc)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=None, help="per concurrency level (default 20, quick 8)")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
@@ -304,18 +311,18 @@ def main() -> None:
         uri = register_resnet50(folder)
         image = jpeg_image()
         print("in-process:")
-        reference = in_process(uri, image, args.device, args.quick)
+        reference = in_process(uri, image, args.device, args.backend, args.quick)
         print("lantern serve:")
-        lantern = served(uri, image, folder, env, args.device, args.workers, reference["best_batch"], seconds,
-                         args.loaders)
+        lantern = served(uri, image, folder, env, args.device, args.backend, args.workers, reference["best_batch"],
+                         seconds, args.loaders)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
         overhead = {}
         if not args.skip_overhead:
             print("serving overhead (a tiny model at 64 px, concurrency 32):")
             tiny = register_tiny(folder)
-            overhead["lantern"] = served(tiny, image, folder, env, args.device, args.workers, 32, seconds,
-                                         args.loaders, (32,))[0]
+            overhead["lantern"] = served(tiny, image, folder, env, args.device, args.backend, args.workers, 32,
+                                         seconds, args.loaders, (32,))[0]
             if not args.skip_mlflow:
                 overhead["mlflow_models_serve"] = mlflow_served(tiny, image, folder, env, seconds, args.loaders,
                                                                 (32,))[0]
@@ -338,7 +345,8 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "workers": args.workers,
+        "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "backend": args.backend,
+        "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
         "overhead_tiny_model_c32": overhead,
