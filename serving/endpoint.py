@@ -167,6 +167,7 @@ class Endpoint:
     def _follow(self) -> None:
         last_published = time.monotonic()
         signature = self._signature()
+        failing: str | None = None  # the problem last logged: logged again only when it changes, not 5 times a second
         while not self._stop.wait(WATCH_S):
             try:
                 stamp = self.store.stamp()
@@ -180,8 +181,16 @@ class Endpoint:
                 if now_signature != signature or time.monotonic() - last_published >= HEARTBEAT_S:
                     self.publish()
                     signature, last_published = now_signature, time.monotonic()
-            except Exception:  # noqa: BLE001 - keep following; the log says what went wrong
-                logger.exception("following the endpoint state failed")
+                if failing is not None:
+                    logger.info("following the endpoint state works again; serving with revision %d",
+                                self.state.revision)
+                    failing = None
+            except Exception as error:  # noqa: BLE001 - keep following (and serving the last good state)
+                problem = f"{type(error).__name__}: {error}"
+                if problem != failing:
+                    logger.exception("following the endpoint state failed; serving goes on with revision %d until "
+                                     "it works again", self.state.revision)
+                    failing = problem
 
     def _signature(self) -> tuple:
         return (self.state.revision,

@@ -19,6 +19,7 @@ from serving.endpoint import Endpoint
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
 WORKERS_ENV = "LANTERN_WORKERS"
 logger = logging.getLogger("lantern.serving")
+logger.setLevel(logging.INFO)  # lifecycle lines (loaded, ready, serving generation N, retired) beside the access log
 
 
 class ServeArguments(BaseModel):

@@ -385,6 +385,32 @@ def test_live_rollout_loses_no_request(server: Server, keys: dict[str, str], adm
         assert abs(share - green / 100) <= tolerance
 
 
+def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server, keys: dict[str, str],
+                                                                 admin: Admin) -> None:
+    """A state file broken by hand: every worker keeps serving its last good state and logs the problem once (not
+    at each of its 5 polls a second), a change is refused naming the file, and the log says when it works again."""
+    path = Path(os.environ["LANTERN_HOME"]) / "endpoints" / "ops" / "state.json"
+    good = path.read_text()
+    logged = len(server.log_path.read_text(errors="replace"))
+    path.write_text("{damaged by hand")
+    try:
+        time.sleep(2)  # about 10 polls in each worker
+        assert predict(server, keys["primary"]).status_code == 200
+        refused = admin.http.put("/traffic", json={"blue": 100})
+        assert refused.status_code == 422 and "damaged" in refused.json()["error"]["message"], refused.text
+    finally:
+        path.write_text(good)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        log = server.log_path.read_text(errors="replace")[logged:]
+        if log.count("following the endpoint state works again") >= 2:
+            break
+        time.sleep(0.2)
+    assert log.count("following the endpoint state failed") == 2, log[-3000:]  # once in each of the 2 workers
+    assert log.count("following the endpoint state works again") == 2, log[-3000:]
+    assert predict(server, keys["primary"]).status_code == 200
+
+
 def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, str]) -> None:
     """Last in this module: it stops the module's server."""
     admin = Admin(server, keys["admin"])
