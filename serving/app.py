@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse, Response
 
 from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
-from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from serving.endpoint import Endpoint, Route, endpoint_of
 from serving.errors import ApiError, bad_request, unprocessable, unsupported_media
@@ -33,6 +32,7 @@ from serving.schemas import (
     ScoreRow,
     TargetExplanation,
     TopLabel,
+    inline_schema,
     parse_json_body,
     parse_score_rows,
 )
@@ -287,7 +287,7 @@ def build_app() -> FastAPI:
 
     @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
+                  "schema": inline_schema(ScoreRequest)}}}})
     async def score(request: Request) -> Response:
         """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request."""
         rows: list[ScoreRow] = []
@@ -316,7 +316,7 @@ def build_app() -> FastAPI:
 
     @app.post("/explain", responses={200: {"model": ExplainResponse, "content": {"image/png": {}}}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"$ref": "#/components/schemas/ExplainRequest"}},
+                  "application/json": {"schema": inline_schema(ExplainRequest)},
                   "image/*": {"schema": {"type": "string", "format": "binary"}},
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "image": {"type": "string", "format": "binary"}}}}}}})
@@ -328,12 +328,7 @@ def build_app() -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ScoreRequest, ExplainRequest, DeploymentConfig):
-                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(definition.pop("$defs", {}))
-                components[model.__name__] = definition
-            schema["components"]["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"},
+            schema.setdefault("components", {})["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"},
                                                        "adminKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():
                 for operation in operations.values():

@@ -17,7 +17,7 @@ from serving.control import Control, DeploymentView, EndpointView, KeyRegenerate
 from serving.endpoint import endpoint_of
 from serving.errors import ApiError, conflict, unprocessable
 from serving.inputs import read_body
-from serving.schemas import parse_json_body
+from serving.schemas import inline_schema, parse_json_body
 from serving.state import InvalidChange
 
 logger = logging.getLogger("lantern.serving")
@@ -88,7 +88,7 @@ def build_router() -> APIRouter:
 
     @router.post("/deployments", response_model=DeploymentView, status_code=202,
                  openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                     "schema": {"$ref": "#/components/schemas/DeploymentConfig"}}}}})
+                     "schema": inline_schema(DeploymentConfig)}}}})
     async def add_deployment(request: Request) -> Response:
         """Add a deployment with 0 % traffic; it loads and warms up in the background (202: poll its state)."""
         async def work(control: Control) -> DeploymentView:

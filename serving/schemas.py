@@ -15,6 +15,26 @@ AttributionEncoding = Literal["float32", "float16", "npy_base64"]
 XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with every definition written in place (no `$ref`), for a request body declared by hand:
+    BentoML's /docs.json keeps only the components FastAPI finds on the routes, so a reference would dangle there."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            if reference.startswith("#/$defs/"):
+                rest = {key: resolve(value) for key, value in node.items() if key != "$ref"}
+                return {**resolve(definitions[reference.removeprefix("#/$defs/")]), **rest}
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

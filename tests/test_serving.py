@@ -497,13 +497,34 @@ def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str)
     assert images == 96 and calls < images
 
 
+def references(node: object) -> list[str]:
+    """Every `$ref` in an OpenAPI document."""
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [ref for value in node.values() for ref in references(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in references(value)]
+    return []
+
+
 def test_openapi_describes_every_route(server: Server) -> None:
-    paths = httpx.get(f"{server.url}/docs.json").json()["paths"]  # BentoML's document, with its own routes
-    for path in ("/score", "/predict", "/explain", "/livez", "/readyz", "/metrics"):
-        assert path in paths
+    bentoml_document = httpx.get(f"{server.url}/docs.json").json()  # BentoML's document, with its own routes
     document = httpx.get(f"{server.url}/openapi.json").json()  # the one /docs shows
+    for checked in (bentoml_document, document):
+        for path in ("/score", "/predict", "/explain", "/manage/deployments"):
+            assert path in checked["paths"]
+        schemas = checked["components"]["schemas"]
+        dangling = {ref for ref in references(checked) if ref.removeprefix("#/components/schemas/") not in schemas}
+        assert not dangling, dangling
+        bodies = {path: checked["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                  for path in ("/score", "/explain", "/manage/deployments")}
+        assert {"input_data"} <= set(bodies["/score"]["properties"])
+        assert {"columns", "data"} <= set(bodies["/score"]["properties"]["input_data"]["properties"])  # written out
+        assert {"image_base64", "method"} <= set(bodies["/explain"]["properties"])
+        assert {"name", "model", "request_settings"} <= set(bodies["/manage/deployments"]["properties"])
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert path in bentoml_document["paths"]
     paths = document["paths"]
-    assert {"ScoreRequest", "ExplainRequest", "DeploymentConfig"} <= set(document["components"]["schemas"])
     score = paths["/score"]["post"]
     assert {"401", "404", "408", "413", "424", "429", "503"} <= set(score["responses"])
     assert score["security"] == [{"scoringKey": []}]
