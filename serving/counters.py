@@ -21,22 +21,27 @@ class DeploymentCounters(BaseModel):
     latency_buckets: dict[str, int] = Field(default_factory=dict,
                                             description="cumulative count of requests answered within each bound (s)")
     latency_sum_s: float = 0.0
-    p50_ms: float | None = Field(None, description="upper bound of the median latency (from the buckets)")
-    p99_ms: float | None = Field(None, description="upper bound of the 99th percentile latency (from the buckets)")
+    p50_ms: float | None = Field(None, description="median latency, interpolated in its histogram bucket")
+    p99_ms: float | None = Field(None, description="99th percentile latency, interpolated in its histogram bucket")
     images: int = 0
     mirrored: dict[str, int] = Field(default_factory=dict, description="mirrored copies by outcome")
 
 
 def quantile_ms(buckets: dict[str, int], q: float) -> float | None:
-    """The smallest bucket bound holding a `q` share of the requests counted in cumulative `buckets`, in ms (None
-    when there is none, or only the unbounded one)."""
+    """The `q` quantile of the requests counted in cumulative `buckets`, in ms, interpolated linearly inside its
+    bucket as Prometheus' histogram_quantile does (the bucket's upper bound alone overstated a p99 by up to 2.5x).
+    None when nothing was counted, or when the quantile lies in the unbounded bucket."""
     bounds = sorted((float(le), count) for le, count in buckets.items())
     if not bounds or bounds[-1][1] == 0:
         return None
     wanted = q * bounds[-1][1]
+    lower, below = 0.0, 0
     for bound, count in bounds:
-        if count >= wanted:
-            return bound * 1000 if math.isfinite(bound) else None
+        if count >= wanted and count > below:
+            if not math.isfinite(bound):
+                return None
+            return 1000 * (lower + (bound - lower) * (wanted - below) / (count - below))
+        lower, below = bound, count
     return None
 
 

@@ -136,6 +136,11 @@ def test_rollout_splits_and_thresholds() -> None:
     assert Thresholds(0.1, 1000, 20).breach(window) is None
     assert Thresholds(0.0, 1, 1000).breach(window) is None  # too few requests to judge
     assert quantile_ms({"0.01": 0, "+Inf": 0}, 0.5) is None and quantile_ms({"0.5": 3, "+Inf": 4}, 0.99) is None
+    # inside its bucket, as Prometheus' histogram_quantile: not the bucket's upper bound
+    assert quantile_ms({"0.25": 0, "0.5": 100, "+Inf": 100}, 0.99) == pytest.approx(497.5)
+    assert quantile_ms({"0.1": 50, "0.2": 100, "+Inf": 100}, 0.5) == pytest.approx(100)
+    assert quantile_ms({"0.1": 0, "0.2": 50, "0.3": 50, "0.5": 100, "+Inf": 100}, 0.75) == pytest.approx(400)
+    assert quantile_ms({"0.1": 40, "+Inf": 40}, 0.5) == pytest.approx(50)  # the first bucket starts at 0
 
 
 def test_merge_patch_and_set_options() -> None:
