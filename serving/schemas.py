@@ -71,10 +71,19 @@ class ScoreRow(Strict):
     confidence_score_threshold_multilabel: float | None = Field(None, ge=0, le=1)
 
 
+def _describe_rows(schema: dict[str, Any]) -> None:
+    """Say in the schema what a `data` string holds: a ScoreRow as JSON text (OpenAPI 3.1 `contentSchema`)."""
+    for branch in schema.get("items", {}).get("anyOf", []):
+        if branch.get("type") == "string":
+            branch.update(contentMediaType="application/json", contentSchema=inline_schema(ScoreRow),
+                          description="a ScoreRow as JSON text (or the image's base64 bytes alone)")
+
+
 class InputData(Strict):
     columns: list[str] = Field(default_factory=lambda: ["image"])
     index: list[Any] | None = None
-    data: list[str | list[Any]] = Field(description="one item per image: a JSON string of a ScoreRow, or base64 bytes")
+    data: list[str | list[Any]] = Field(description="one item per image: a JSON string of a ScoreRow, or base64 bytes",
+                                        json_schema_extra=_describe_rows)
 
 
 class ScoreRequest(Strict):

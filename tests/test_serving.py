@@ -519,7 +519,10 @@ def test_openapi_describes_every_route(server: Server) -> None:
         bodies = {path: checked["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
                   for path in ("/score", "/explain", "/manage/deployments")}
         assert {"input_data"} <= set(bodies["/score"]["properties"])
-        assert {"columns", "data"} <= set(bodies["/score"]["properties"]["input_data"]["properties"])  # written out
+        rows = bodies["/score"]["properties"]["input_data"]["properties"]["data"]["items"]["anyOf"]
+        row = next(branch["contentSchema"] for branch in rows if "contentSchema" in branch)  # a data string's JSON
+        assert {"image_base64", "model_explainability", "xai_parameters"} <= set(row["properties"])
+        assert "xai_algorithm" in row["properties"]["xai_parameters"]["properties"]
         assert {"image_base64", "method"} <= set(bodies["/explain"]["properties"])
         assert {"name", "model", "request_settings"} <= set(bodies["/manage/deployments"]["properties"])
     for path in ("/livez", "/readyz", "/metrics"):
