@@ -328,8 +328,8 @@ def build_app() -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {"scoringKey": {"type": "http", "scheme": "bearer"},
-                                                       "adminKey": {"type": "http", "scheme": "bearer"}}
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "scoringKey": {"type": "http", "scheme": "bearer"}, "adminKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]

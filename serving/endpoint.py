@@ -318,14 +318,11 @@ class Endpoint:
 
         return await self.in_thread(run)
 
-    async def predict(self, instance: DeploymentInstance, images: Prepared | list[Image.Image],
+    async def predict(self, instance: DeploymentInstance, prepared: Prepared,
                       threshold: list[float | None] | None = None) -> list[Prediction]:
-        """Predictions for prepared (or decoded) images, each batched adaptively with other requests' images."""
+        """Predictions for prepared images, each batched adaptively with other requests' images."""
         deployment = instance.deployment
-        if not isinstance(images, Prepared):
-            decoded = images
-            images = await self.prepare(instance, lambda: decoded)
-        pixels = images.pixels
+        pixels = prepared.pixels
         try:
             logits = await asyncio.gather(*(instance.batcher.logits(Job(p)) for p in pixels))
         except Overloaded:
@@ -351,9 +348,13 @@ class Endpoint:
     async def _mirrored(self, target: DeploymentInstance, images: list[Image.Image], route: str) -> None:
         start, outcome = time.perf_counter(), "failed"
         timeout = target.config.request_settings.request_timeout_ms / 1000
+
+        async def copy() -> None:  # its own preprocessing: the mirrored version may have other settings
+            await self.predict(target, await self.prepare(target, lambda: images))
+
         try:
             async with target.admission.enter():
-                await asyncio.wait_for(self.predict(target, images), timeout)
+                await asyncio.wait_for(copy(), timeout)
             outcome = "completed"
         except ApiError as error:
             outcome = "dropped" if error.status in (429, 503) else "failed"
