@@ -38,7 +38,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLargeError(f"the image was refused as a decompression bomb: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise ImageDecodeError("the data is not a readable image (PNG, JPEG, WebP, BMP, GIF, TIFF): its format is "
+                               f"not recognised (it starts with {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"the data is not a readable image (PNG, JPEG, WebP, BMP, GIF, TIFF): {error}") from None
-    ImageOps.exif_transpose(image, in_place=True)  # each of these would otherwise copy the whole image
+    try:
+        ImageOps.exif_transpose(image, in_place=True)  # in place: each of these would otherwise copy the whole image
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error... on a damaged EXIF block; the
+        pass  # pixels are whole, so the image is served as it is (at worst without its orientation applied)
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -30,8 +30,27 @@ class Preprocess:
         """The resized, center-cropped RGB image the model sees (also what explanations are drawn on).
 
         Takes a PIL image or a [3, H, W] uint8 tensor, and returns the same kind."""
+        if isinstance(image, Image.Image):
+            return self._crop_pil(image)
         resized = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(resized, [self.crop_size, self.crop_size])
+
+    def _crop_pil(self, image: Image.Image) -> Image.Image:
+        """Resize-then-center-crop computed on the kept square only, with Pillow's `resize(box=...)`: the same
+        sampling grid and filter as resizing the whole image (Pillow's rounding to 8 bits between its two passes makes
+        some pixels differ by one grey level). Resizing the whole image first costs memory in proportion to its aspect
+        ratio: a 20000 x 1 PNG of a few hundred bytes, resized to a 256 px shorter side, is 5 million x 256 pixels."""
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        resized_long = int(self.resize_size * long / short)  # torchvision's rounding of the longer side
+        new_width, new_height = (self.resize_size, resized_long) if width <= height else (resized_long, self.resize_size)
+        top = int(round((new_height - self.crop_size) / 2.0))  # torchvision's center-crop anchor
+        left = int(round((new_width - self.crop_size) / 2.0))
+        if (new_width, new_height) == (width, height):
+            return image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (left * scale_x, top * scale_y, (left + self.crop_size) * scale_x, (top + self.crop_size) * scale_y)
+        return image.resize((self.crop_size, self.crop_size), Image.Resampling.BILINEAR, box=box)
 
     def normalize(self, cropped: Image.Image | torch.Tensor) -> torch.Tensor:
         """A [3, crop, crop] float tensor, normalised with the spec's mean and std."""

@@ -47,3 +47,20 @@ def test_refusals_name_the_problem() -> None:
         decode_image(b"%PDF-1.7 not an image")
     with pytest.raises(ImageTooLargeError, match="over the limit of 100"):
         decode_image(encoded(Image.new("RGB", (20, 20)), "PNG"), max_pixels=100)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "JPEG", "PNG"])
+def test_a_damaged_exif_block_does_not_lose_the_image(fmt: str) -> None:
+    """An EXIF block whose TIFF header is damaged made Pillow raise SyntaxError while reading the orientation (a 500
+    for a WebP): the pixels are whole, so the image is decoded as stored."""
+    damaged_exif = b"Exif\x00\x00kM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"
+    stored = Image.new("RGB", (24, 16), (10, 200, 30))
+    image = decode_image(encoded(stored, fmt, exif=damaged_exif, **({"quality": 100} if fmt != "PNG" else {})))
+    assert image.size == (24, 16) and image.mode == "RGB"
+    assert np.abs(np.asarray(image).astype(int) - (10, 200, 30)).max() < 16
+
+
+def test_an_unknown_format_is_named_by_its_first_bytes() -> None:
+    with pytest.raises(ImageDecodeError, match=r"not recognised \(it starts with b'%PDF-1.7'\)") as refused:
+        decode_image(b"%PDF-1.7 not an image")
+    assert "object at 0x" not in str(refused.value)  # no Python object's repr in a message meant for users
