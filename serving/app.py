@@ -26,6 +26,7 @@ from serving.schemas import (
     ExplainRequest,
     ExplainResponse,
     PredictItem,
+    PredictQuery,
     PredictResponse,
     ScoreItem,
     ScoreRequest,
@@ -239,6 +240,12 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
 # /predict -----------------------------------------------------------------------------------------------------------
 
 async def predict_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
+    try:
+        top_k = PredictQuery.model_validate(dict(request.query_params)).top_k
+    except ValidationError as error:
+        message = describe_validation_error(error, "predict query")
+        raise unprocessable(message.replace("unknown setting", "unknown parameter (accepted: top_k)"),
+                            "invalid_query") from None
     limits = endpoint.config.limits
     kind = media_type(request)
     body = request._body
@@ -253,12 +260,6 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
         if not body:
             raise bad_request("send an image: a raw body or multipart files in the field 'images'", "missing_image")
         named = [("body", body)]
-    try:
-        top_k = int(request.query_params.get("top_k", "5"))
-    except ValueError:
-        raise unprocessable("top_k must be a whole number", "invalid_top_k") from None
-    if top_k < 1:
-        raise unprocessable("top_k must be at least 1", "invalid_top_k")
     prepared = await endpoint.prepare(
         context.instance, lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
     deployment = context.deployment
@@ -309,7 +310,8 @@ def build_app() -> FastAPI:
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
                   "image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                  "parameters": [{"name": "top_k", "in": "query", "schema": {"type": "integer", "default": 5}}]})
+                  "parameters": [{"name": "top_k", "in": "query",
+                                  "schema": {"type": "integer", "default": 5, "minimum": 1}}]})
     async def predict(request: Request) -> Response:
         """Top-k labels with probabilities for one or more images (multipart field `images`, or a raw image body)."""
         return await handle(request, "/predict", False, lambda e, c: predict_work(e, c, request))

@@ -15,6 +15,8 @@ from serving.errors import ApiError, bad_request, too_large, unsupported_media
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 WHITESPACE = re.compile(r"\s+")
+NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 def refuse_url(text: str, where: str) -> None:
@@ -24,13 +26,19 @@ def refuse_url(text: str, where: str) -> None:
 
 
 def decode_base64_image(text: str, where: str) -> bytes:
-    """Image bytes from base64 text (MIME line breaks, as `base64.encodebytes` writes them, and data URLs allowed)."""
+    """Image bytes from base64 text: MIME line breaks (as `base64.encodebytes` writes them), data URLs, the URL-safe
+    alphabet and left-out `=` padding are all accepted; anything else is a 400 saying where the text went wrong."""
     refuse_url(text, where)
-    text = DATA_URL_PATTERN.sub("", text.strip(), count=1)
+    compact = WHITESPACE.sub("", DATA_URL_PATTERN.sub("", text.strip(), count=1)).translate(URL_SAFE_TO_STANDARD)
+    stray = NOT_BASE64.search(compact)
+    if stray:
+        raise bad_request(f"{where} is not valid base64: {stray.group()!r} at character {stray.start()}",
+                          "invalid_base64")
+    unpadded = compact.rstrip("=")
     try:
-        data = base64.b64decode(WHITESPACE.sub("", text), validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where} is not valid base64", "invalid_base64") from None
+        data = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise bad_request(f"{where} is not valid base64: {error}", "invalid_base64") from None
     if not data:
         raise bad_request(f"{where} is empty", "empty_image")
     return data
@@ -75,7 +83,8 @@ async def uploaded_images(request: Request, field: str, max_files: int, max_part
     try:
         form = await request.form(max_files=max_files, max_fields=100, max_part_size=max_part_size)
     except Exception as error:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
-        raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
+        reason = getattr(error, "detail", None) or error  # starlette's HTTPException reads "400: <detail>" otherwise
+        raise bad_request(f"the multipart body cannot be read: {reason}", "invalid_multipart") from None
     files = []
     for value in form.getlist(field):
         if isinstance(value, str):

@@ -50,16 +50,17 @@ class XaiParameters(BaseModel):
     attributions_encoding: AttributionEncoding = Field(
         "float32", description="float32 or float16 nested lists, or npy_base64 (a base64 .npy file)")
 
-    def method_params(self) -> dict[str, Any]:
-        """The algorithm's own parameters (n_steps, xrai_fast, approximation_method...), validated by `explain`."""
+    def method_params(self, where: str = "xai_parameters") -> dict[str, Any]:
+        """The algorithm's own parameters (n_steps, xrai_fast, approximation_method...), validated by `explain`;
+        an error names `where` they came from (the row of a batch)."""
         extra = dict(self.model_extra or {})
         if "internal_batch_size" in extra:  # the server sizes path batches to its memory; a client may not
-            raise unprocessable("xai_parameters: internal_batch_size is set by the server, not per request",
+            raise unprocessable(f"{where}: internal_batch_size is set by the server, not per request",
                                 "invalid_xai_parameters")
         try:
             return parse_params(self.xai_algorithm, extra).model_dump(exclude_unset=True)
         except ExplainError as error:
-            raise unprocessable(f"xai_parameters: {error}", "invalid_xai_parameters") from None
+            raise unprocessable(f"{where}: {error}", "invalid_xai_parameters") from None
 
 
 class ScoreRow(Strict):
@@ -102,6 +103,12 @@ class ScoreItem(BaseModel):
     attributions: Any = None
     deployment: str
     model_version: str
+
+
+class PredictQuery(Strict):
+    """The query of `POST /predict`: `?top_k=3` (an unknown or misspelt parameter is an error, not ignored)."""
+
+    top_k: int = Field(5, ge=1, description="how many labels to answer per image, most probable first")
 
 
 class TopLabel(BaseModel):
@@ -196,5 +203,5 @@ def _parse_row(item: str, position: int) -> ScoreRow:
         row = ScoreRow.model_validate(values)
     except ValidationError as error:
         raise unprocessable(describe_fields(error, f"input_data.data[{position}]"), "invalid_row") from None
-    row.xai_parameters.method_params()
+    row.xai_parameters.method_params(f"input_data.data[{position}].xai_parameters")
     return row

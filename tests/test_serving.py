@@ -234,6 +234,18 @@ def test_predict_multipart_and_raw_body(server: Server, key: str) -> None:
     assert raw.json()["predictions"][0]["top_k"][0] == body["predictions"][0]["top_k"][0]
 
 
+@pytest.mark.parametrize("query, named", [("topk=2", "topk: unknown parameter (accepted: top_k)"),
+                                          ("top_k=two", "top_k: Input should be a valid integer"),
+                                          ("top_k=0", "top_k: Input should be greater than or equal to 1")])
+def test_predict_query_errors_are_named(server: Server, key: str, query: str, named: str) -> None:
+    """A misspelt option is refused, not silently answered with the default."""
+    response = httpx.post(f"{server.url}/predict?{query}", content=png_bytes(),
+                          headers=auth(key, **{"Content-Type": "image/png"}))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_query" and error["message"].startswith(f"invalid predict query: {named}"), error
+
+
 def test_explain_json_and_png(server: Server, key: str) -> None:
     image = png_bytes()
     request = {"image_base64": base64.b64encode(image).decode(), "method": "integrated_gradients",
@@ -372,6 +384,48 @@ def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, k
     assert response.status_code == 422
     message = response.json()["error"]["message"]
     assert "steps" in message and "n_steps" in message and "approximation_method" in message
+
+
+def test_a_bad_row_of_a_batch_is_named(server: Server, key: str) -> None:
+    good = row(png_bytes())
+    bad = row(png_bytes(), model_explainability=True,
+              xai_parameters={"xai_algorithm": "integrated_gradients", "n_steps": 1})
+    response = httpx.post(f"{server.url}/score", json=score_body(good, bad), headers=auth(key))
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("input_data.data[1].xai_parameters: "), response.text
+
+
+def test_odd_but_valid_images_are_answered(server: Server, key: str) -> None:
+    """A 200000 x 1 strip (no larger than the crop it is cut to) and a WebP whose EXIF block is damaged (once a 500)."""
+    images = {}
+    for name, image, options in [
+        ("strip", Image.new("RGB", (200_000, 1), (200, 30, 30)), {"format": "PNG"}),
+        ("tower", Image.new("RGB", (2, 300_000), (30, 30, 200)), {"format": "PNG"}),
+        ("damaged_exif", Image.open(io.BytesIO(png_bytes())),
+         {"format": "WEBP", "exif": b"Exif\x00\x00kM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"}),
+    ]:
+        out = io.BytesIO()
+        image.save(out, **options)
+        images[name] = out.getvalue()
+    files = [("images", (f"{name}.img", data)) for name, data in images.items()]
+    response = httpx.post(f"{server.url}/predict", files=files, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3
+    explained = httpx.post(f"{server.url}/explain?method=guided_backprop&attributions=false",
+                           content=images["strip"], headers=auth(key, **{"Content-Type": "image/png"}), timeout=60)
+    assert explained.status_code == 200, explained.text
+
+
+def test_unreadable_multipart_bodies_are_400(server: Server, key: str) -> None:
+    image = png_bytes(size=16)
+    too_many = httpx.post(f"{server.url}/predict", files=[("images", (f"{i}.png", image)) for i in range(65)],
+                          headers=auth(key))
+    assert too_many.status_code == 400
+    assert too_many.json()["error"] == {"code": "invalid_multipart", "message": "the multipart body cannot be read: "
+                                        "Too many files. Maximum number of files is 64."}
+    garbled = httpx.post(f"{server.url}/predict", content=b"garbage",
+                         headers=auth(key, **{"Content-Type": "multipart/form-data; boundary=zzz"}))
+    assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_multipart"
 
 
 def test_size_limits(server: Server, key: str) -> None:
