@@ -43,7 +43,10 @@ class Preprocess:
         width, height = image.size
         short, long = min(width, height), max(width, height)
         resized_long = int(self.resize_size * long / short)  # torchvision's rounding of the longer side
-        new_width, new_height = (self.resize_size, resized_long) if width <= height else (resized_long, self.resize_size)
+        if width <= height:
+            new_width, new_height = self.resize_size, resized_long
+        else:
+            new_width, new_height = resized_long, self.resize_size
         top = int(round((new_height - self.crop_size) / 2.0))  # torchvision's center-crop anchor
         left = int(round((new_width - self.crop_size) / 2.0))
         if (new_width, new_height) == (width, height):

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -133,21 +134,19 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
         raise ApiError(413, "too_many_images", f"{len(rows)} images in one request; the limit is "
                                                f"{limits.max_images_per_request}")
     blobs = [decode_base64_image(row.image_base64, f"input_data.data[{i}]") for i, row in enumerate(rows)]
-    prepared = await endpoint.prepare(context.instance, lambda: [
-        decode(blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)])
+    sources = [partial(decode, blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)]
+    prepared = await endpoint.prepare(context.instance, sources)
     model = deployment.require_model()
-    images = prepared.images
-    endpoint.mirror(context.mirror, images, "/score")
+    endpoint.mirror(context.mirror, sources, "/score")
     predictions = await endpoint.predict(context.instance, prepared,
                                          [row.confidence_score_threshold_multilabel for row in rows])
     multilabel = model.bundle.spec.task == "multilabel"
     items = []
-    for row, image, prediction in zip(rows, images, predictions):
+    for row, cropped, prediction in zip(rows, prepared.crops, predictions):
         item = ScoreItem(probs=[float(p) for p in prediction.probs], labels=list(model.bundle.labels),
                          deployment=deployment.name, model_version=deployment.model_version or "")
         if row.model_explainability:
             xai = row.xai_parameters
-            cropped = model.preprocess.crop(image)
             explanation = await endpoint.explain(context.instance, cropped, xai.xai_algorithm, xai.method_params(),
                                                  context.token, targets=prediction.predicted,
                                                  threshold=row.confidence_score_threshold_multilabel)
@@ -216,8 +215,8 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
     if unknown:
         raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
                             f"{', '.join(model.bundle.labels)}", "invalid_targets")
-    image = await endpoint.in_thread(decode, blob, "the image", limits.max_image_pixels)
-    cropped = model.preprocess.crop(image)
+    cropped = await endpoint.in_thread(
+        lambda: model.preprocess.crop(decode(blob, "the image", limits.max_image_pixels)))  # off the event loop
     targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None
     explanation = await endpoint.explain(context.instance, cropped, options.method, options.params, context.token,
                                          targets=targets)
@@ -260,11 +259,11 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
         if not body:
             raise bad_request("send an image: a raw body or multipart files in the field 'images'", "missing_image")
         named = [("body", body)]
-    prepared = await endpoint.prepare(
-        context.instance, lambda: [decode(data, name, limits.max_image_pixels) for name, data in named])
+    sources = [partial(decode, data, name, limits.max_image_pixels) for name, data in named]
+    prepared = await endpoint.prepare(context.instance, sources)
     deployment = context.deployment
     labels = deployment.require_model().bundle.labels
-    endpoint.mirror(context.mirror, prepared.images, "/predict")
+    endpoint.mirror(context.mirror, sources, "/predict")
     predictions = await endpoint.predict(context.instance, prepared)
     items = []
     for prediction in predictions:

@@ -10,7 +10,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,10 +41,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request's decoded images and the model input made from each ([3, crop, crop] float32, normalised)."""
+    """A request's images as its deployment's model sees them: each one's center crop (what explanations are drawn
+    on) and the model input made from it ([3, crop, crop] float32, normalised)."""
 
-    images: list[Image.Image]
+    crops: list[Image.Image]
     pixels: list[np.ndarray]
+
+
+ImageSource = Callable[[], Image.Image]  # decodes one image of a request (raising its 4xx answer) when called
 
 
 @dataclass(frozen=True)
@@ -307,14 +311,19 @@ class Endpoint:
     async def in_thread(self, func: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool or self.work_pool, func, *args)
 
-    async def prepare(self, instance: DeploymentInstance, decode_all: Callable[[], list[Image.Image]]) -> Prepared:
-        """A request's images decoded (`decode_all` raises the 4xx answers) and preprocessed for `instance`'s model,
-        in one trip to the work pool."""
-        model = instance.deployment.require_model()
+    async def prepare(self, instance: DeploymentInstance, sources: Sequence[ImageSource]) -> Prepared:
+        """A request's images decoded, cropped and normalised for `instance`'s model in one trip to the work pool.
+        One image at a time: only its crop is kept, so a request of 64 images of 40 M pixels holds one decoded image
+        (120 MB), not all 64."""
+        preprocess = instance.deployment.require_model().preprocess
 
         def run() -> Prepared:
-            images = decode_all()
-            return Prepared(images, [model.preprocess(image).numpy() for image in images])
+            crops, pixels = [], []
+            for source in sources:
+                crop = preprocess.crop(source())
+                crops.append(crop)
+                pixels.append(preprocess.normalize(crop).numpy())
+            return Prepared(crops, pixels)
 
         return await self.in_thread(run)
 
@@ -336,21 +345,22 @@ class Endpoint:
         thresholds = threshold or [None] * len(pixels)
         return [deployment.postprocess(row[None], t)[0] for row, t in zip(logits, thresholds)]
 
-    def mirror(self, target: DeploymentInstance | None, images: list[Image.Image], route: str) -> None:
+    def mirror(self, target: DeploymentInstance | None, sources: Sequence[ImageSource], route: str) -> None:
         """Send a copy of a request's images to the mirrored deployment in the background; its answer is only
-        counted (lantern_mirrored_requests_total), never returned, and the caller never waits for it."""
+        counted (lantern_mirrored_requests_total), never returned, and the caller never waits for it. The copy
+        decodes the images again (the mirrored version may preprocess them differently)."""
         if target is None:
             return
-        task = asyncio.get_running_loop().create_task(self._mirrored(target, list(images), route))
+        task = asyncio.get_running_loop().create_task(self._mirrored(target, list(sources), route))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _mirrored(self, target: DeploymentInstance, images: list[Image.Image], route: str) -> None:
+    async def _mirrored(self, target: DeploymentInstance, sources: list[ImageSource], route: str) -> None:
         start, outcome = time.perf_counter(), "failed"
         timeout = target.config.request_settings.request_timeout_ms / 1000
 
         async def copy() -> None:  # its own preprocessing: the mirrored version may have other settings
-            await self.predict(target, await self.prepare(target, lambda: images))
+            await self.predict(target, await self.prepare(target, sources))
 
         try:
             async with target.admission.enter():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -426,6 +427,32 @@ def test_unreadable_multipart_bodies_are_400(server: Server, key: str) -> None:
     garbled = httpx.post(f"{server.url}/predict", content=b"garbage",
                          headers=auth(key, **{"Content-Type": "multipart/form-data; boundary=zzz"}))
     assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_multipart"
+
+
+def memory_kb(process: psutil.Process, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of a process, in kB."""
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0])
+
+
+def test_a_request_of_many_large_images_holds_one_decoded_image_at_a_time(server: Server, key: str) -> None:
+    """64 images of 1 M pixels are 256 MB decoded (Pillow keeps RGB in 4 bytes a pixel) but 15 KB as PNGs: each is
+    decoded, cropped and let go before the next, so the workers' peak memory grows by a few of them, not 64."""
+    out = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (40, 160, 90)).save(out, format="PNG")
+    workers = psutil.Process(server.process.pid).children(recursive=True)
+    try:
+        for worker in workers:  # "5" resets the peak resident size (VmHWM) to the current one
+            Path(f"/proc/{worker.pid}/clear_refs").write_text("5")
+    except OSError as error:
+        pytest.skip(f"the peak resident size cannot be reset here: {error}")
+    before = {worker.pid: memory_kb(worker, "VmRSS") for worker in workers}
+    files = [("images", (f"{i}.png", out.getvalue())) for i in range(64)]
+    response = httpx.post(f"{server.url}/predict", files=files, headers=auth(key), timeout=120)
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 64
+    growth_mb = max(memory_kb(worker, "VmHWM") - before[worker.pid] for worker in workers) / 1024
+    print(f"peak growth {growth_mb:.1f} MB")
+    assert growth_mb < 64, f"a worker's peak memory grew by {growth_mb:.0f} MB"
 
 
 def test_size_limits(server: Server, key: str) -> None:
