@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,6 @@ class Preprocess:
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return self.normalize(self.crop(image))
 
-    def batch(self, images: list[Image.Image]) -> torch.Tensor:
-        """A [N, 3, crop, crop] batch."""
+    def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        """A [N, 3, crop, crop] batch; given a generator, only one full-size image is alive at a time."""
         return torch.stack([self(image) for image in images])
