@@ -26,7 +26,7 @@ from serving.auth import KeyCheck, bearer_token
 from serving.batching import Job, Overloaded, model_error
 from serving.config import EndpointConfig
 from serving.deployment import Prediction
-from serving.errors import ApiError, forbidden, not_found, not_ready, unauthorized, unprocessable
+from serving.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
 from serving.instance import DeploymentInstance
 from serving.limits import Admission
 from serving.metrics import metrics
@@ -266,10 +266,14 @@ class Endpoint:
         """The pinned deployment (header; never mirrored), else a weighted pick over ready deployments with live
         traffic, plus the mirror's share."""
         instances, state = self.instances, self.state
-        pinned = next((headers.get(h) for h in PIN_HEADERS if headers.get(h)), None)
+        pins = {header: headers[header].strip() for header in PIN_HEADERS if headers.get(header, "").strip()}
+        if len(set(pins.values())) > 1:
+            raise bad_request("the pinning headers disagree: " + ", ".join(f"{h}: {v}" for h, v in pins.items()) +
+                              "; send one of them", "conflicting_pins")
+        pinned = next(iter(pins.values()), None)
         names = ", ".join(instances) or "none"
         if pinned:
-            instance = instances.get(pinned.strip())
+            instance = instances.get(pinned)
             if instance is None:
                 raise not_found(f"no deployment named {pinned!r} on endpoint {self.config.name}; deployments: {names}")
             return Route(self._check_ready(instance))

@@ -352,6 +352,11 @@ def test_pinning_unknown_and_unready_deployments(server: Server, key: str) -> No
     assert unknown.status_code == 404 and "blue" in unknown.json()["error"]["message"]
     late = httpx.post(f"{server.url}/predict", content=image, headers={**headers, "x-lantern-deployment": "late"})
     assert late.status_code == 503 and "late" in late.json()["error"]["message"]
+    both = {**headers, "x-lantern-deployment": "blue", "azureml-model-deployment": "blue"}
+    assert httpx.post(f"{server.url}/predict", content=image, headers=both).headers["x-lantern-deployment"] == "blue"
+    disagree = httpx.post(f"{server.url}/predict", content=image, headers={**both, "azureml-model-deployment": "green"})
+    assert disagree.status_code == 400 and disagree.json()["error"]["code"] == "conflicting_pins"
+    assert "azureml-model-deployment: green" in disagree.json()["error"]["message"]
 
 
 # bad input ------------------------------------------------------------------------------------------------------------
