@@ -195,6 +195,9 @@ def query_explain_options(request: Request) -> ExplainRequest:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
+        except RecursionError:
+            raise bad_request(f"the query parameter {key} nests its arrays or objects too deeply",
+                              "invalid_json") from None
     options["params"] = params
     try:
         return ExplainRequest.model_validate(options)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from explain.params import ExplainError, parse_params
 from registry.errors import describe_validation_error
-from serving.errors import ApiError, bad_request, unprocessable
+from serving.errors import bad_request, unprocessable
 
 AttributionEncoding = Literal["float32", "float16", "npy_base64"]
 XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
@@ -160,19 +160,27 @@ def describe_fields(error: ValidationError, what: str) -> str:
     return describe_validation_error(error, what).replace("unknown setting", "unknown field")
 
 
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests deeper than Python's parser goes)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"{what} nests its arrays or objects too deeply", "invalid_json") from None
+
+
 def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> Any:
     """`body` validated by a pydantic model (or TypeAdapter); 400 for missing or malformed JSON, 422 naming each
     invalid field."""
     if not body:
         raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
-    try:
-        values = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad_request(f"the {what} body is not valid JSON: {error}", "invalid_json") from None
+    values = load_json(body, f"the {what} body")
     try:
         return schema.model_validate(values) if hasattr(schema, "model_validate") else schema.validate_python(values)
     except ValidationError as error:
         raise unprocessable(describe_fields(error, f"{what} body")) from None
+
 
 def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
     """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults."""
@@ -195,10 +203,7 @@ def _parse_row(item: str, position: int) -> ScoreRow:
     text = item.strip()
     if not text.startswith("{"):
         return ScoreRow(image_base64=text)
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ApiError(400, "invalid_json", f"input_data.data[{position}] is not valid JSON: {error}") from None
+    values = load_json(text, f"input_data.data[{position}]")
     try:
         row = ScoreRow.model_validate(values)
     except ValidationError as error:

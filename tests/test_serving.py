@@ -383,6 +383,21 @@ def test_score_bad_input_gets_a_clear_4xx(server: Server, key: str, body: bytes,
     assert error["code"] == code and error["message"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/score", b"[" * 100_000 + b"]" * 100_000),
+    ("/score", json.dumps(score_body('{"image_base64": ' + "[" * 5000 + "]" * 5000 + "}")).encode()),
+    ("/explain", b'{"image_base64": "", "params": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("/explain?method=integrated_gradients&n_steps=" + "[" * 3000, b"\x89PNG"),
+])
+def test_json_nested_too_deeply_is_400(server: Server, key: str, path: str, body: bytes) -> None:
+    """Python's JSON parser raises RecursionError past about a thousand levels: that was a 500."""
+    kind = "image/png" if "?" in path else "application/json"
+    response = httpx.post(f"{server.url}{path}", content=body, headers=auth(key, **{"Content-Type": kind}))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert "nests its arrays or objects too deeply" in response.json()["error"]["message"]
+
+
 def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, key: str) -> None:
     body = score_body(row(png_bytes(), model_explainability=True,
                           xai_parameters={"xai_algorithm": "integrated_gradients", "steps": 5}))
