@@ -120,9 +120,14 @@ async def handle(request: Request, path: str, explains: Callable[[], bool] | boo
 
 
 def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
-    if isinstance(model, list):
-        return JSONResponse([item.model_dump(exclude_none=True) for item in model])
-    return JSONResponse(model.model_dump(exclude_none=True))
+    """The answer as JSON; NaN or infinity (which JSON cannot carry) can only come from the model: a 424."""
+    content = [item.model_dump(exclude_none=True) for item in model] if isinstance(model, list) \
+        else model.model_dump(exclude_none=True)
+    try:
+        return JSONResponse(content)
+    except ValueError:  # starlette renders with allow_nan=False
+        raise ApiError(424, "model_error", "the model's outputs for this input are not finite numbers (NaN or "
+                                           "infinity), so there is no answer to give") from None
 
 
 # /score -------------------------------------------------------------------------------------------------------------

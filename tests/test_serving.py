@@ -71,12 +71,15 @@ def registered(module_store: str, checkpoints: dict[str, Path]) -> str:
 
 
 class Picky(torch.nn.Module):
-    """Logits for most images, but a runtime error (a gather out of bounds) for an all-white one."""
+    """Logits for most images, but a runtime error (a gather out of bounds) for an all-white one, and NaN logits for
+    an all-black one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a white image normalises to > 2 in every channel (warm-up zeros do not): any white image fails the batch
         white = (x.flatten(1).amin(1).amax() > 2.0).to(torch.int64)
-        return torch.index_select(x.mean((2, 3)), 1, torch.arange(3) + 10 * white)
+        black = x.flatten(1).amax(1, keepdim=True) < -1.5  # black normalises to about -2 (zeros do not)
+        logits = torch.index_select(x.mean((2, 3)), 1, torch.arange(3) + 10 * white)
+        return torch.where(black, torch.full_like(logits, float("nan")), logits)
 
 
 class Sick(torch.nn.Module):
@@ -310,6 +313,15 @@ def test_model_failing_on_an_input_is_424_with_the_reason(server: Server, key: s
     assert failed.json()["error"]["code"] == "model_error" and "picky" in failed.json()["error"]["message"]
     assert "out of data bounds" in failed.json()["error"]["message"]
     assert httpx.post(f"{server.url}/predict", content=white, headers=headers).status_code == 200  # not all white
+
+    black = io.BytesIO()
+    Image.new("RGB", (48, 48), (0, 0, 0)).save(black, format="PNG")
+    for path, options in [("/predict", {"content": black.getvalue()}),
+                          ("/score", {"json": score_body(row(black.getvalue()))})]:
+        nan = httpx.post(f"{server.url}{path}", headers=headers if path == "/predict" else
+                         auth(key, **{"x-lantern-deployment": "picky"}), **options)
+        assert nan.status_code == 424, nan.text
+        assert nan.json()["error"]["code"] == "model_error" and "not finite" in nan.json()["error"]["message"]
 
     # in a batch, only the failing input gets 424: the other requests batched with it are answered
     from concurrent.futures import ThreadPoolExecutor
