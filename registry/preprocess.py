@@ -53,7 +53,8 @@ class Preprocess:
         if (new_width, new_height) == (width, height):
             return image.crop((left, top, left + self.crop_size, top + self.crop_size))
         scale_x, scale_y = width / new_width, height / new_height
-        box = (left * scale_x, top * scale_y, (left + self.crop_size) * scale_x, (top + self.crop_size) * scale_y)
+        box = (left * scale_x, top * scale_y,  # clamped: rounding can put the far edge a hair past the image
+               min((left + self.crop_size) * scale_x, width), min((top + self.crop_size) * scale_y, height))
         return image.resize((self.crop_size, self.crop_size), Image.Resampling.BILINEAR, box=box)
 
     def normalize(self, cropped: Image.Image | torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def torchvision_crop(image: Image.Image, resize: int, crop: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", [(256, 256), (224, 224), (300, 200), (200, 300), (640, 480), (257, 256), (1000, 37),
-                                  (31, 900), (16, 16), (4032, 3024)])
+                                  (31, 900), (16, 16), (4032, 3024), (29, 223)])
 @pytest.mark.parametrize("resize, crop", [(256, 224), (72, 64), (224, 224)])
 def test_crop_matches_torchvision_resize_then_center_crop(size: tuple[int, int], resize: int, crop: int) -> None:
     """Only the kept square is resampled, on the same grid with the same filter: within one grey level of resizing
