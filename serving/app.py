@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from registry.errors import describe_validation_error
@@ -292,6 +293,16 @@ def build_app() -> FastAPI:
                               "`azureml-model-deployment`) pins a deployment. The management routes under "
                               "`/manage` take the admin key.")
     app.include_router(build_router())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        """Routing errors (a method a route does not take) in Lantern's error format, not FastAPI's `detail`."""
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            allowed = next((value for name, value in headers.items() if name.lower() == "allow"), "another method")
+            return ApiError(405, "method_not_allowed", f"{request.method} {request.url.path}: this route takes "
+                                                       f"{allowed}", headers).response()
+        return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
     @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from serving.app import build_app
 from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
 from serving.endpoint import Endpoint
+from serving.unrouted import UnroutedRequests
 
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
 WORKERS_ENV = "LANTERN_WORKERS"
@@ -55,3 +56,6 @@ class Lantern:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.endpoint.stop()
+
+
+Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

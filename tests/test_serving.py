@@ -410,6 +410,34 @@ def test_json_nested_too_deeply_is_400(server: Server, key: str, path: str, body
     assert "nests its arrays or objects too deeply" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("method, path, status, code, named", [
+    ("POST", "/scores", 404, "unknown_route", "did you mean /score?"),
+    ("POST", "/v1/score", 404, "unknown_route", "POST /score, /predict and /explain"),
+    ("GET", "/manage/nothing", 404, "unknown_route", "no route GET /manage/nothing"),
+    ("GET", "/score", 405, "method_not_allowed", "this route takes POST"),
+    ("PUT", "/manage/endpoint", 405, "method_not_allowed", "this route takes GET"),
+    ("POST", "/livez", 405, "method_not_allowed", "this route takes GET, HEAD"),
+    ("DELETE", "/metrics", 405, "method_not_allowed", "this route takes GET, HEAD"),
+])
+def test_unknown_routes_and_methods_get_a_json_error(server: Server, key: str, method: str, path: str, status: int,
+                                                     code: str, named: str) -> None:
+    """Starlette answers these in plain text ("Not Found") or FastAPI's `detail`; a client expects Lantern's error."""
+    response = httpx.request(method, f"{server.url}{path}", headers=auth(key), content=png_bytes())
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and named in error["message"], error
+    if status == 405:
+        assert response.headers["allow"]
+
+
+def test_known_routes_are_not_taken_for_unknown_ones(server: Server, key: str) -> None:
+    """The JSON 404 leaves BentoML's own routes and Starlette's trailing-slash redirect alone."""
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    redirect = httpx.post(f"{server.url}/score/", headers=auth(key), json={})
+    assert redirect.status_code == 307 and redirect.headers["location"].endswith("/score")
+
+
 def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, key: str) -> None:
     body = score_body(row(png_bytes(), model_explainability=True,
                           xai_parameters={"xai_algorithm": "integrated_gradients", "steps": 5}))
