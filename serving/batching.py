@@ -18,6 +18,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 from serving.deployment import Deployment
 from serving.errors import ApiError
 from serving.metrics import metrics
+from serving.predictors import predict_rows
 
 
 class Overloaded(Exception):
@@ -53,10 +54,9 @@ class BatchedPredictor:
         results: list[np.ndarray | Exception | None] = [None] * len(jobs)
         if not live:
             return results
-        batch = np.stack([jobs[i].pixels for i in live])
         predictor = self.deployment.require_model().predictor
         try:
-            logits = await anyio.to_thread.run_sync(predictor, batch)
+            logits = await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels for i in live])
         except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
             if len(live) == 1:
                 raise
@@ -70,7 +70,7 @@ class BatchedPredictor:
                               results: list[np.ndarray | Exception | None]) -> list[np.ndarray | Exception | None]:
         for i in live:
             try:
-                results[i] = (await anyio.to_thread.run_sync(predictor, jobs[i].pixels[None]))[0]
+                results[i] = (await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels]))[0]
                 metrics().batch_size.labels(self.deployment.name).observe(1)
             except Exception as error:  # noqa: BLE001 - this input is the caller's 424
                 results[i] = error

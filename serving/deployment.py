@@ -21,7 +21,7 @@ from registry.resolve import ModelBundle, load_bundle
 from registry.settings import ClassificationSettings, with_overrides
 from serving.abandon import make_abandonable
 from serving.config import DeploymentConfig
-from serving.predictors import OnnxPredictor, Predictor, TorchPredictor
+from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
 
 logger = logging.getLogger("lantern.serving")
 State = Literal["loading", "ready", "unready", "failed"]
@@ -102,16 +102,18 @@ class Deployment:
         bundle = load_bundle(self.config.model, tracking_uri=self.tracking_uri, device=str(device))
         settings = with_overrides(bundle.settings, bundle.spec.task, self.config.settings)
         make_abandonable(bundle.module)
-        predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device) if self.config.backend == "onnxruntime"
-                                else TorchPredictor(bundle.module, device))
+        buckets = shape_buckets(device, self.config.backend, self.config.max_batch_size)
+        predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)
+                                if self.config.backend == "onnxruntime" else TorchPredictor(bundle.module, device))
         model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), predictor, device)
         self._warm_up(model)
         return model
 
     def _warm_up(self, model: LoadedModel) -> None:
-        """Run the backend on batches of 1 and of max_batch_size, and the module once, before taking traffic."""
+        """Run the backend on a batch of 1 and a larger one (on a GPU, every batch size it runs), and the module once,
+        before taking traffic."""
         crop = model.settings.valid_crop_size
-        for size in sorted({1, min(self.config.max_batch_size, 8)}):
+        for size in model.predictor.buckets or sorted({1, min(self.config.max_batch_size, 8)}):
             logits = model.predictor(np.zeros((size, 3, crop, crop), dtype=np.float32))
             if logits.shape != (size, len(model.bundle.labels)):
                 raise LanternError(f"the model answers logits of shape {logits.shape} for {size} image(s); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -18,18 +19,50 @@ from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
 
 
 class Predictor(Protocol):
-    """Logits [N, classes] for a normalised float32 batch [N, 3, H, W]."""
+    """Logits [N, classes] for a normalised float32 batch [N, 3, H, W]; `buckets`: the batch sizes it runs (a batch
+    is padded up to the next one), or None for any size."""
 
     device: str
     description: str
+    buckets: tuple[int, ...] | None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def shape_buckets(device: torch.device, backend: str, max_batch_size: int) -> tuple[int, ...] | None:
+    """The batch sizes an ONNX Runtime deployment on a GPU runs: the powers of two below `max_batch_size`, and
+    `max_batch_size`. Its CUDA provider searches cuDNN's convolution algorithms for every new input shape (seconds for
+    resnet50), so adaptive batches of every size from 1 to 32 would each pay that search in a live request; padded to
+    a few sizes, all of them are searched by the warm-up, before the deployment is ready. None elsewhere (the CPU, and
+    torch, whose cuDNN benchmark mode is off, take any size at the same speed)."""
+    if device.type != "cuda" or backend != "onnxruntime":
+        return None
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sorted({*sizes, max_batch_size}))
+
+
+def padded_size(buckets: tuple[int, ...] | None, count: int) -> int:
+    """The batch size `count` images run as: the smallest bucket that holds them (or `count` itself)."""
+    return next((size for size in buckets or () if size >= count), count)
+
+
+def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The logits of `rows` ([3, H, W] each), stacked into one batch padded with zero images up to the predictor's
+    bucket (run it off the event loop: stacking a batch of 32 images at 224 px copies 19 MB)."""
+    size = padded_size(predictor.buckets, len(rows))
+    batch = np.zeros((size, *rows[0].shape), dtype=np.float32)
+    np.stack(rows, out=batch[:len(rows)])
+    return predictor(batch)[:len(rows)]
 
 
 class OnnxPredictor:
     """ONNX Runtime with the CUDA provider first when the deployment's device is a GPU, tuned for throughput."""
 
-    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None,
+                 buckets: tuple[int, ...] | None = None) -> None:
+        self.buckets = buckets
         name = "cuda" if device.type == "cuda" and device.index is None else str(device)
         self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads())
         self.providers = self.session.get_providers()
@@ -52,6 +85,7 @@ class TorchPredictor:
         self.torch_device = device
         self.device = str(device)
         self.description = f"torch ({device})"
+        self.buckets: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -85,3 +85,24 @@ def test_onnx_runtime_runs_on_its_cuda_provider(model: SmallCNN, tmp_path: Path)
         expected = model(inputs).numpy()
     actual = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
     assert np.allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_onnx_runtime_on_cuda_does_not_spin_its_cpu_threads(model: SmallCNN, tmp_path: Path) -> None:
+    """Spinning threads would burn the cores that decode and preprocess images for the GPU."""
+    path = export_onnx(model, 32, tmp_path / "model.onnx")
+    options = make_session(path, device="cuda").get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_gpu_deployment_pads_batches_to_buckets_it_warmed_up(model: SmallCNN, tmp_path: Path) -> None:
+    """ONNX Runtime's CUDA provider searches cuDNN algorithms per input shape: every bucket is run before serving."""
+    from serving.predictors import OnnxPredictor, predict_rows, shape_buckets
+
+    path = export_onnx(model, 32, tmp_path / "model.onnx")
+    buckets = shape_buckets(torch.device("cuda"), "onnxruntime", 8)
+    predictor = OnnxPredictor(path, torch.device("cuda"), buckets=buckets)
+    assert predictor.buckets == (1, 2, 4, 8) and predictor.device == "cuda"
+    rows = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(3)]
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(np.stack(rows))).numpy()
+    assert np.allclose(predict_rows(predictor, rows), expected, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,55 @@
+"""The prediction backends: GPU batch-size buckets, and padded batches answering exactly as unpadded ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from registry.onnx_export import export_onnx
+from registry.small_cnn import SmallCNN
+from serving.predictors import OnnxPredictor, TorchPredictor, padded_size, predict_rows, shape_buckets
+
+
+@pytest.mark.parametrize(("device", "backend", "max_batch_size", "expected"), [
+    ("cuda", "onnxruntime", 32, (1, 2, 4, 8, 16, 32)),
+    ("cuda:1", "onnxruntime", 24, (1, 2, 4, 8, 16, 24)),
+    ("cuda", "onnxruntime", 2, (1, 2)),
+    ("cuda", "torch", 32, None),
+    ("cpu", "onnxruntime", 32, None),
+])
+def test_only_onnx_runtime_on_a_gpu_runs_batch_size_buckets(device: str, backend: str, max_batch_size: int,
+                                                             expected: tuple[int, ...] | None) -> None:
+    assert shape_buckets(torch.device(device), backend, max_batch_size) == expected
+
+
+def test_a_batch_is_padded_to_the_smallest_bucket_that_holds_it() -> None:
+    buckets = (1, 2, 4, 8, 12)
+    assert [padded_size(buckets, n) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert padded_size(buckets, 20) == 20  # more than the largest bucket (not from the dispatcher): as it is
+    assert padded_size(None, 7) == 7
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[SmallCNN, Path]:
+    torch.manual_seed(0)
+    model = SmallCNN(4).eval()
+    return model, export_onnx(model, 32, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_padded_batches_answer_like_unpadded_ones(onnx_path: tuple[SmallCNN, Path]) -> None:
+    """The buckets are used on a GPU only, but padding is the same code on the CPU: rows keep their own logits."""
+    model, path = onnx_path
+    rows = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(5)]
+    padded = OnnxPredictor(path, torch.device("cpu"), threads=1, buckets=(1, 2, 4, 8))
+    plain = OnnxPredictor(path, torch.device("cpu"), threads=1)
+    logits = predict_rows(padded, rows)
+    assert logits.shape == (5, 4)
+    np.testing.assert_allclose(logits, predict_rows(plain, rows), atol=1e-5)
+    for row, expected in zip(rows, logits):
+        np.testing.assert_allclose(predict_rows(plain, [row])[0], expected, atol=1e-5)
+    with torch.inference_mode():
+        np.testing.assert_allclose(logits, model(torch.from_numpy(np.stack(rows))).numpy(), atol=1e-4)
+    assert TorchPredictor(model, torch.device("cpu")).buckets is None
