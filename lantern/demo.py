@@ -74,7 +74,8 @@ def ready_to_paste(sample: Path, port: int) -> str:
     base = f"http://127.0.0.1:{port}"
     key = "KEY=$(.venv/bin/lantern endpoint get-credentials endpoint.yaml --key primary)"
     return (
-        f"\n[bold]Next: `make demo` serves endpoint.yaml on {base}[/bold] (docs: {base}/docs, metrics: {base}/metrics)."
+        f"\n[bold]Next: `make demo` serves endpoint.yaml on {base}[/bold] (try it in a browser at {base}/ with "
+        f"the key the first line below gets; docs: {base}/docs, metrics: {base}/metrics)."
         f"\nOnce it says ready, paste into another terminal:\n"
         f"  {key}\n"
         f"  curl -s {base}/predict -H \"Authorization: Bearer $KEY\" -H 'Content-Type: image/png' "

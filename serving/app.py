@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
@@ -24,6 +24,7 @@ from serving.inputs import decode, decode_base64_image, media_type, read_body, u
 from serving.limits import ClientGone, within_deadline
 from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
+from serving.page import POLICY, render_page
 from serving.schemas import (
     ExplainRequest,
     ExplainResponse,
@@ -344,6 +345,16 @@ def build_app() -> FastAPI:
         """Explain one image: JSON (attributions, base64 visualisation, fidelity report), or the PNG itself with
         `Accept: image/png`. With a raw or multipart image, options go in the query: `?method=xrai&n_steps=20`."""
         return await handle(request, "/explain", True, lambda e, c: explain_work(e, c, request))
+
+    @app.get("/", include_in_schema=False)
+    async def page(request: Request) -> Response:
+        """The web page: an image in, its top labels and a heat map out (no key needed to load it)."""
+        try:
+            config = endpoint_of(request).config
+        except ApiError as error:
+            return error.response()
+        return HTMLResponse(render_page(config), headers={
+            "Content-Security-Policy": POLICY, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -59,7 +59,7 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     console.print(f"Admin key (management API, `lantern deploy/traffic/keys`): {where}")
     base = f"http://{host}:{port}"
     console.print(f"Endpoint [bold]{config.name}[/bold] on {base}: POST {base}/score, /predict, /explain; "
-                  f"GET {base}/readyz, /metrics, /docs")
+                  f"GET {base}/readyz, /metrics, /docs; try it in a browser at {base}/")
     env = {**os.environ, CONFIG_ENV: str(Path(config_path).resolve()), WORKERS_ENV: str(workers),
            "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import threading
 import time
@@ -438,6 +440,39 @@ def test_known_routes_are_not_taken_for_unknown_ones(server: Server, key: str) -
     assert redirect.status_code == 307 and redirect.headers["location"].endswith("/score")
 
 
+def test_the_web_page_is_self_contained_and_sends_what_the_routes_take(server: Server, key: str,
+                                                                       tmp_path: Path) -> None:
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    text = page.text
+    assert "<code>e2e</code>" in text and 'data-auth-mode="key"' in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), "the page loads nothing from elsewhere"
+    routes = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    used = set(re.findall(r"""["'`](/[a-z]+)[?"'`]""", text))
+    assert {"/predict", "/explain", "/docs"} <= used
+    for path in used:
+        assert path in routes or path in ("/docs", "/readyz", "/metrics"), path
+    script = re.search(r"<script>(.*)</script>", text, re.S).group(1)
+    if shutil.which("node"):  # a syntax error would leave the page dead
+        (tmp_path / "page.js").write_text(script)
+        subprocess.run(["node", "--check", str(tmp_path / "page.js")], check=True, capture_output=True)
+    # the two requests the page's script sends, as it sends them
+    image = png_bytes(shape="square")
+    predicted = httpx.post(f"{server.url}/predict?top_k=5", files={"images": ("a.png", image, "image/png")},
+                           headers=auth(key))
+    assert predicted.status_code == 200, predicted.text
+    answer = predicted.json()
+    assert answer["predictions"][0]["top_k"][0]["label"] in answer["predictions"][0]["predicted"]
+    explained = httpx.post(f"{server.url}/explain?method=xrai&n_steps=8", files={"image": ("a.png", image, "image/png")},
+                           headers=auth(key, **{"x-lantern-deployment": answer["deployment"], "Accept": "image/png"}),
+                           timeout=120)
+    assert explained.status_code == 200, explained.text
+    assert explained.headers["content-type"] == "image/png" and explained.content.startswith(b"\x89PNG")
+    assert explained.headers["x-lantern-explained-label"] in answer["predictions"][0]["predicted"]
+    assert explained.headers["x-lantern-model-version"] == answer["model_version"]
+
+
 def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, key: str) -> None:
     body = score_body(row(png_bytes(), model_explainability=True,
                           xai_parameters={"xai_algorithm": "integrated_gradients", "steps": 5}))
@@ -690,4 +725,5 @@ def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None
     source = bentos[0].parent / "src"
     assert (source / "endpoint.yaml").read_text() == (root / "endpoint.yaml").read_text()
     assert (source / "serving" / "service.py").exists()
+    assert (source / "serving" / "page.html").read_text() == (root / "serving" / "page.html").read_text()
     assert "serving.service:Lantern" in bentos[0].read_text()

@@ -1,0 +1,102 @@
+"""Integrated gradients with captum: black baseline, riemann_middle or gausslegendre, path points evaluated in
+batches that fit memory, the convergence delta, and an optional SmoothGrad wrapper."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from captum.attr import IntegratedGradients, NoiseTunnel
+from torch import Tensor, nn
+
+from explain.params import IntegratedGradientsParams
+
+# Path points per forward/backward pass when the caller does not say: bounded by an activation-memory budget
+# estimated from one forward pass (parameters are not counted, they are shared by every point), then evened out so
+# every pass is as full as the others (50 steps in passes of 8 leave a last pass of 2). On the CPU, 3 GiB gives
+# resnet50 at 224 px 12 points a pass, so 50 steps run as 5 passes of 10, the fastest captum batch measured (50 steps,
+# 2 cores: 4 points 1.04x the time of 8-10, 16 points 1.05x, 25 points 1.6x, where the working set no longer fits).
+PATH_MEMORY_BUDGET = {"cpu": 3 * 1024**3, "cuda": 4 * 1024**3}
+MAX_PATH_BATCH = 256
+
+
+@dataclass(frozen=True)
+class IGResult:
+    attributions: Tensor  # [N, 3, H, W]
+    delta: Tensor  # [N]: sum(attr) - (f(x) - f(baseline)) per row
+    gap: Tensor  # [N]: f(x) - f(baseline) for the target
+    internal_batch_size: int
+
+
+_ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def activation_bytes(model: nn.Module, sample: Tensor) -> int:
+    """Bytes of every module output of one forward pass on `sample` (one image): what autograd keeps per point.
+    Measured once per model, input shape, dtype and device (a served model explains many images of one size)."""
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device)
+    known = _ACTIVATION_BYTES.setdefault(model, {})
+    if key not in known:
+        known[key] = _measure_activation_bytes(model, sample)
+    return known[key]
+
+
+def _measure_activation_bytes(model: nn.Module, sample: Tensor) -> int:
+    total = 0
+
+    def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        nonlocal total
+        if isinstance(output, Tensor):
+            total += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(total, 1)
+
+
+def path_batch_size(model: nn.Module, sample: Tensor, rows: int, steps: int) -> int:
+    """How many path points to evaluate at once for `rows` inputs shaped like `sample`, `steps` points each, on its
+    device: a whole number of steps for every row (captum splits the path by steps), in passes of equal size."""
+    budget = PATH_MEMORY_BUDGET["cuda" if sample.device.type == "cuda" else "cpu"]
+    most = int(max(1, min(MAX_PATH_BATCH, budget // (2 * activation_bytes(model, sample)))))
+    passes = math.ceil(steps / max(1, most // rows))
+    return math.ceil(steps / passes) * rows
+
+
+def target_scores(model: nn.Module, inputs: Tensor, targets: list[int]) -> Tensor:
+    with torch.no_grad():
+        out = model(inputs)
+    return out[torch.arange(len(targets), device=out.device), torch.as_tensor(targets, device=out.device)]
+
+
+def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], params: IntegratedGradientsParams,
+                         baselines: Tensor | None = None, input_scores: Tensor | None = None) -> IGResult:
+    """IG of each row of `inputs` [N, 3, H, W] for its target, from `baselines` (same shape; None means zeros).
+    `input_scores` [N]: each row's target output when the caller has it already (saves a forward pass).
+
+    Zeros in a normalised input space are the mean colour, not black: callers pass the normalised black image."""
+    baselines = torch.zeros_like(inputs) if baselines is None else baselines
+    rows = inputs.shape[0] * (params.smoothgrad_samples or 1)  # NoiseTunnel runs IG on every noisy copy at once
+    batch = params.internal_batch_size or path_batch_size(model, inputs, rows, params.n_steps)
+    ig = IntegratedGradients(model)
+    if params.smoothgrad_samples:
+        attributions = NoiseTunnel(ig).attribute(
+            inputs, nt_type="smoothgrad", nt_samples=params.smoothgrad_samples, stdevs=params.smoothgrad_stdev,
+            baselines=baselines, target=targets, n_steps=params.n_steps, method=params.approximation_method,
+            internal_batch_size=batch,
+        )
+    else:
+        attributions = ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
+                                    method=params.approximation_method, internal_batch_size=batch)
+    if input_scores is None:
+        input_scores = target_scores(model, inputs, targets)
+    gap = input_scores - target_scores(model, baselines, targets)
+    delta = attributions.sum(dim=(1, 2, 3)) - gap
+    return IGResult(attributions.detach(), delta.detach(), gap.detach(), batch)

@@ -1,0 +1,26 @@
+"""Device names as users write them (`auto`, `cpu`, `cuda`, `cuda:N`) turned into torch devices."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from registry.errors import LanternError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def torch_device(name: str = "auto") -> torch.device:
+    """`auto` is the first GPU when CUDA is available, else the CPU; asking for a missing GPU is an error."""
+    if not DEVICE_PATTERN.match(name):
+        raise LanternError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LanternError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LanternError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device

@@ -1,0 +1,37 @@
+"""Errors the registry raises for a user to read: each names what was wrong and what is accepted."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class LanternError(Exception):
+    """An error caused by the user's input; its message is meant to be shown as it is."""
+
+
+class CheckpointError(LanternError):
+    """The checkpoint file cannot be read safely, or its weights do not fit the model."""
+
+
+class SpecError(LanternError):
+    """The model spec, labels or settings are invalid."""
+
+
+class ParityError(LanternError):
+    """ONNX Runtime's output differs from torch's by more than the tolerance."""
+
+
+class ModelNotFoundError(LanternError):
+    """A `models:/` URI names no registered model version."""
+
+
+def describe_validation_error(error: ValidationError, what: str) -> str:
+    """Turn a pydantic error into one readable line per problem, prefixed by `what`."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(value)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        problems.append(f"{where}: {message}")
+    return f"invalid {what}: " + "; ".join(problems)

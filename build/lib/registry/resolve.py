@@ -1,0 +1,188 @@
+"""Resolving `models:/NAME/VERSION` and `models:/NAME@ALIAS` to a registered version and a loaded model bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+import yaml
+from filelock import FileLock
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from registry.errors import LanternError, ModelNotFoundError, SpecError
+from registry.model_files import ARTIFACT_KEYS, TAG_DERIVED_FROM, TAG_PARITY, ModelFiles
+from registry.settings import ClassificationSettings
+from registry.spec import ModelSpec, build_module
+from registry.store import lantern_home, open_client
+
+if TYPE_CHECKING:
+    from torch import nn
+
+URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
+ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+SHORT_PATTERN = re.compile(r"^(?P<name>[^/@:\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
+COMPLETE_MARKER = ".lantern-complete"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference: a name with a version, an alias, or neither (the latest version)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.version is not None:
+            return f"models:/{self.name}/{self.version}"
+        if self.alias is not None:
+            return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}"
+
+
+def validate_alias(alias: str) -> str:
+    if not ALIAS_PATTERN.match(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+        raise SpecError(
+            f"invalid alias {alias!r}: use letters, digits, '_' and '-', starting with a letter; "
+            "'latest' and 'v<number>' are reserved"
+        )
+    return alias
+
+
+def parse_model_ref(text: str, allow_short: bool = True) -> ModelRef:
+    """Parse `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME` (and NAME, NAME/V, NAME@A if short)."""
+    match = URI_PATTERN.match(text) or (SHORT_PATTERN.match(text) if allow_short else None)
+    if not match:
+        accepted = "models:/NAME/VERSION or models:/NAME@ALIAS" + (" (or NAME, NAME/VERSION, NAME@ALIAS)" if allow_short else "")
+        raise LanternError(f"not a registered model reference: {text!r}; accepted: {accepted}")
+    version = match.group("version")
+    return ModelRef(match.group("name"), int(version) if version else None, match.group("alias"))
+
+
+def resolve_version(client: MlflowClient, ref: ModelRef | str) -> ModelVersion:
+    """The registered version `ref` points at; a clear error names what exists when it points nowhere."""
+    ref = parse_model_ref(ref) if isinstance(ref, str) else ref
+    try:
+        model = client.get_registered_model(ref.name)
+    except MlflowException:
+        raise ModelNotFoundError(f"no registered model named {ref.name!r}") from None
+    try:
+        if ref.version is not None:
+            return client.get_model_version(ref.name, str(ref.version))
+        if ref.alias is not None:
+            return client.get_model_version_by_alias(ref.name, ref.alias)
+    except MlflowException:
+        aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "none"
+        raise ModelNotFoundError(
+            f"{ref.uri} does not exist; {ref.name} has {len(list_versions(client, ref.name))} version(s), aliases: {aliases}"
+        ) from None
+    versions = list_versions(client, ref.name)
+    if not versions:
+        raise ModelNotFoundError(f"registered model {ref.name!r} has no versions")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def list_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every registered version of `name`."""
+    return list(client.search_model_versions(f"name='{name}'"))
+
+
+@dataclass(frozen=True)
+class DownloadedVersion:
+    """A registered version's files on local disk."""
+
+    version: ModelVersion
+    files: ModelFiles
+    model_dir: Path
+
+
+def _cache_dir(client: MlflowClient, version: ModelVersion) -> Path:
+    store = hashlib.sha256(client.tracking_uri.encode()).hexdigest()[:12]
+    return lantern_home() / "models" / store / version.name / str(version.version)
+
+
+def _files_from_mlmodel(model_dir: Path) -> ModelFiles:
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    missing = [key for key in ARTIFACT_KEYS if key not in artifacts]
+    if missing:
+        raise LanternError(f"{model_dir} is not a Lantern model: its MLmodel lacks artifacts {missing}")
+    return ModelFiles.from_artifacts({key: str(model_dir / artifacts[key]["path"]) for key in ARTIFACT_KEYS})
+
+
+def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVersion:
+    """Download a version's model folder into the local cache (versions are immutable, so it is reused)."""
+    version = resolve_version(client, ref)
+    target = _cache_dir(client, version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=600):
+        if not (target / COMPLETE_MARKER).exists():
+            staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(staging),
+                tracking_uri=client.tracking_uri,
+            )
+            (staging / COMPLETE_MARKER).touch()
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+    return DownloadedVersion(version, _files_from_mlmodel(target), target)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded registered version: the nn.Module (for explanations), the ONNX file, labels, settings and spec."""
+
+    name: str
+    version: int
+    aliases: list[str]
+    spec: ModelSpec
+    labels: list[str]
+    settings: ClassificationSettings
+    module: nn.Module
+    onnx_path: Path
+    files: ModelFiles
+    run_id: str | None
+    onnx_max_abs_diff: float | None
+    derived_from: str | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def load_bundle(ref: ModelRef | str, tracking_uri: str | None = None, device: str = "cpu",
+                client: MlflowClient | None = None) -> ModelBundle:
+    """Resolve `ref`, download its files and rebuild its nn.Module with the registered weights on `device`."""
+    client = client or open_client(tracking_uri)
+    downloaded = download_version(client, ref)
+    files, version = downloaded.files, downloaded.version
+    from registry.checkpoint import fit_state_dict, load_state_dict  # torch: only commands that build a module
+
+    spec = files.read_spec()
+    module = build_module(spec)
+    fit_state_dict(module, load_state_dict(files.weights))
+    parity = version.tags.get(TAG_PARITY)
+    return ModelBundle(
+        name=version.name,
+        version=int(version.version),
+        aliases=list(version.aliases),
+        spec=spec,
+        labels=files.read_labels(),
+        settings=files.read_settings(spec.task),
+        module=module.to(device).eval(),
+        onnx_path=files.onnx,
+        files=files,
+        run_id=version.run_id,
+        onnx_max_abs_diff=float(parity) if parity is not None else None,
+        derived_from=version.tags.get(TAG_DERIVED_FROM),
+    )

@@ -1,0 +1,372 @@
+"""The HTTP API: `/score`, `/predict`, `/explain` (FastAPI, mounted on the BentoML service)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from registry.errors import describe_validation_error
+from serving.abandon import CancelToken
+from serving.deployment import Deployment
+from serving.endpoint import Endpoint, Route, endpoint_of
+from serving.errors import ApiError, bad_request, unprocessable, unsupported_media
+from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
+from serving.limits import ClientGone, within_deadline
+from serving.manage_api import PREFIX, build_router
+from serving.metrics import metrics
+from serving.page import POLICY, render_page
+from serving.schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    PredictItem,
+    PredictQuery,
+    PredictResponse,
+    ScoreItem,
+    ScoreRequest,
+    ScoreRow,
+    TargetExplanation,
+    TopLabel,
+    inline_schema,
+    parse_json_body,
+    parse_score_rows,
+)
+
+logger = logging.getLogger("lantern.serving")
+CLIENT_CLOSED = 499
+ERRORS = {status: {"description": text, "content": {"application/json": {"example": {
+    "error": {"code": code, "message": "what was wrong and what is accepted"}}}}}
+    for status, code, text in [
+        (400, "bad_request", "malformed body, JSON or base64; a URL where image bytes belong"),
+        (401, "unauthorized", "missing or wrong scoring key"),
+        (404, "no_deployment", "no deployment to route to, or an unknown pinned deployment"),
+        (408, "request_timeout", "the request exceeded request_timeout_ms; its work was abandoned"),
+        (413, "payload_too_large", "body or image (pixel count) over the limit"),
+        (415, "unsupported_media_type", "not an image, or a content type the route does not take"),
+        (422, "invalid_request", "a field or parameter out of range, unknown, or of the wrong type"),
+        (424, "model_error", "the model failed on this input; the reason is in the message"),
+        (429, "too_many_requests", "more requests in flight than the deployment allows"),
+        (503, "not_ready", "the deployment is loading, unready or failed"),
+    ]}
+
+
+class Context:
+    """The routed deployment instance (and mirror) and the cancellation token of one request."""
+
+    def __init__(self, route: Route) -> None:
+        self.instance = route.instance
+        self.mirror = route.mirror
+        self.deployment = route.instance.deployment
+        self.token = CancelToken()
+
+    def headers(self) -> dict[str, str]:
+        return deployment_headers(self.deployment)
+
+
+def deployment_headers(deployment: Deployment | None) -> dict[str, str]:
+    if deployment is None:
+        return {}
+    return {"x-lantern-deployment": deployment.name, "x-lantern-model-version": deployment.model_version or ""}
+
+
+async def handle(request: Request, path: str, explains: Callable[[], bool] | bool,
+                 work: Callable[[Endpoint, Context], Awaitable[Response]]) -> Response:
+    """Auth, routing, admission, deadline, metrics and error answers around a route's `work`."""
+    start = time.perf_counter()
+    deployment: Deployment | None = None
+    status = 500
+    try:
+        endpoint = endpoint_of(request)
+        endpoint.authenticate(request.headers.get("authorization"))
+        route = endpoint.route(request.headers)
+        deployment = route.instance.deployment
+        await read_body(request, endpoint.config.limits.max_body_bytes)
+        context = Context(route)
+        wants_explanation = explains() if callable(explains) else explains
+        admission = endpoint.explain_admission if wants_explanation else route.instance.admission
+        wait = deployment.config.request_settings.max_queue_wait_ms / 1000
+        async with admission.enter(wait):
+            timeout = deployment.config.request_settings.request_timeout_ms / 1000
+            response = await within_deadline(request, work(endpoint, context), timeout, context.token,
+                                             f"{path} on deployment {deployment.name}")
+        response.headers.update(context.headers())
+        status = response.status_code
+        return response
+    except ApiError as error:
+        status = error.status
+        if error.status == 408 and deployment is not None:
+            metrics().abandoned.labels(deployment.name, path, "timeout").inc()
+        return error.response(deployment_headers(deployment))
+    except ClientGone:
+        status = CLIENT_CLOSED
+        if deployment is not None:
+            metrics().abandoned.labels(deployment.name, path, "disconnect").inc()
+        return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        logger.exception("unexpected error on %s", path)
+        return ApiError(500, "internal_error", "an unexpected error occurred; see the server log").response(
+            deployment_headers(deployment))
+    finally:
+        name = deployment.name if deployment else ""
+        metrics().requests.labels(name, path, str(status)).inc()
+        metrics().latency.labels(name, path).observe(time.perf_counter() - start)
+
+
+def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
+    """The answer as JSON; NaN or infinity (which JSON cannot carry) can only come from the model: a 424."""
+    content = [item.model_dump(exclude_none=True) for item in model] if isinstance(model, list) \
+        else model.model_dump(exclude_none=True)
+    try:
+        return JSONResponse(content)
+    except ValueError:  # starlette renders with allow_nan=False
+        raise ApiError(424, "model_error", "the model's outputs for this input are not finite numbers (NaN or "
+                                           "infinity), so there is no answer to give") from None
+
+
+# /score -------------------------------------------------------------------------------------------------------------
+
+async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow]) -> list[ScoreItem]:
+    deployment = context.deployment
+    limits = endpoint.config.limits
+    if len(rows) > limits.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"{len(rows)} images in one request; the limit is "
+                                               f"{limits.max_images_per_request}")
+    blobs = [decode_base64_image(row.image_base64, f"input_data.data[{i}]") for i, row in enumerate(rows)]
+    sources = [partial(decode, blob, f"input_data.data[{i}]", limits.max_image_pixels) for i, blob in enumerate(blobs)]
+    prepared = await endpoint.prepare(context.instance, sources)
+    model = deployment.require_model()
+    endpoint.mirror(context.mirror, sources, "/score")
+    predictions = await endpoint.predict(context.instance, prepared,
+                                         [row.confidence_score_threshold_multilabel for row in rows])
+    multilabel = model.bundle.spec.task == "multilabel"
+    items = []
+    for row, cropped, prediction in zip(rows, prepared.crops, predictions):
+        item = ScoreItem(probs=[float(p) for p in prediction.probs], labels=list(model.bundle.labels),
+                         deployment=deployment.name, model_version=deployment.model_version or "")
+        if row.model_explainability:
+            xai = row.xai_parameters
+            explanation = await endpoint.explain(context.instance, cropped, xai.xai_algorithm, xai.method_params(),
+                                                 context.token, targets=prediction.predicted,
+                                                 threshold=row.confidence_score_threshold_multilabel)
+            count = len(explanation.targets)
+            if xai.visualizations:
+                maps = [explanation.visualization_base64(i) for i in range(count)]
+                item.visualizations = maps if multilabel else (maps[0] if maps else None)
+            if xai.attributions:
+                arrays = [explanation.encoded_attributions(i, xai.attributions_encoding) for i in range(count)]
+                item.attributions = arrays if multilabel else (arrays[0] if arrays else None)
+        items.append(item)
+    return items
+
+
+# /explain -----------------------------------------------------------------------------------------------------------
+
+async def explain_request(request: Request, body: bytes, limit: int) -> tuple[ExplainRequest | None, bytes]:
+    """The JSON body, or (query parameters, image bytes) for a raw or multipart image."""
+    kind = media_type(request)
+    if kind == "application/json":
+        parsed = parse_json_body(body, ExplainRequest, "explain")
+        return parsed, decode_base64_image(parsed.image_base64, "image_base64")
+    if kind == "multipart/form-data":
+        files = await uploaded_images(request, "image", 1, limit)
+        if not files:
+            raise bad_request("the multipart body has no 'image' file", "missing_image")
+        return None, files[0][1]
+    if not body:
+        raise bad_request("send an image: raw bytes, a multipart 'image' file, or JSON with image_base64",
+                          "missing_image")
+    return None, body
+
+
+def query_explain_options(request: Request) -> ExplainRequest:
+    """`?method=xrai&n_steps=20&targets=circle&attributions_encoding=float16` for raw and multipart images."""
+    query = dict(request.query_params)
+    options: dict[str, Any] = {"image_base64": ""}
+    for key in ("method", "visualizations", "attributions", "attributions_encoding"):
+        if key in query:
+            options[key] = query.pop(key)
+    if "targets" in query:
+        options["targets"] = [t for t in query.pop("targets").split(",") if t]
+    params: dict[str, Any] = {}
+    for key, value in query.items():
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+        except RecursionError:
+            raise bad_request(f"the query parameter {key} nests its arrays or objects too deeply",
+                              "invalid_json") from None
+    options["params"] = params
+    try:
+        return ExplainRequest.model_validate(options)
+    except ValidationError as error:
+        raise unprocessable(describe_validation_error(error, "explain query")) from None
+
+
+async def explain_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
+    limits = endpoint.config.limits
+    body = request._body  # read (with the size limit) by `handle`
+    parsed, blob = await explain_request(request, body, limits.max_body_bytes)
+    options = parsed or query_explain_options(request)
+    if "internal_batch_size" in options.params:
+        raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
+    deployment = context.deployment
+    model = deployment.require_model()
+    unknown = [label for label in options.targets or [] if label not in model.bundle.labels]
+    if unknown:
+        raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
+                            f"{', '.join(model.bundle.labels)}", "invalid_targets")
+    cropped = await endpoint.in_thread(
+        lambda: model.preprocess.crop(decode(blob, "the image", limits.max_image_pixels)))  # off the event loop
+    targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None
+    explanation = await endpoint.explain(context.instance, cropped, options.method, options.params, context.token,
+                                         targets=targets)
+    labels = [model.bundle.labels[t] for t in explanation.targets]
+    if "image/png" in request.headers.get("accept", ""):
+        if not labels:
+            raise unprocessable("no label reached the threshold, so there is no visualisation", "nothing_to_explain")
+        return Response(explanation.visualization_png(0), media_type="image/png",
+                        headers={"x-lantern-explained-label": labels[0]})
+    items = [TargetExplanation(
+        label=label,
+        visualization=explanation.visualization_base64(i) if options.visualizations else None,
+        attributions=explanation.encoded_attributions(i, options.attributions_encoding) if options.attributions
+        else None) for i, label in enumerate(labels)]
+    return json_response(ExplainResponse(deployment=deployment.name, model_version=deployment.model_version or "",
+                                         method=options.method, explanations=items,
+                                         fidelity=explanation.fidelity.model_dump()))
+
+
+# /predict -----------------------------------------------------------------------------------------------------------
+
+async def predict_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
+    try:
+        top_k = PredictQuery.model_validate(dict(request.query_params)).top_k
+    except ValidationError as error:
+        message = describe_validation_error(error, "predict query")
+        raise unprocessable(message.replace("unknown setting", "unknown parameter (accepted: top_k)"),
+                            "invalid_query") from None
+    limits = endpoint.config.limits
+    kind = media_type(request)
+    body = request._body
+    if kind == "multipart/form-data":
+        named = await uploaded_images(request, "images", limits.max_images_per_request, limits.max_body_bytes)
+        if not named:
+            raise bad_request("the multipart body has no 'images' files", "missing_images")
+    elif kind in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
+        raise unsupported_media(f"/predict takes images as multipart files (field 'images') or a raw image body, "
+                                f"not {kind}; /score takes JSON")
+    else:
+        if not body:
+            raise bad_request("send an image: a raw body or multipart files in the field 'images'", "missing_image")
+        named = [("body", body)]
+    sources = [partial(decode, data, name, limits.max_image_pixels) for name, data in named]
+    prepared = await endpoint.prepare(context.instance, sources)
+    deployment = context.deployment
+    labels = deployment.require_model().bundle.labels
+    endpoint.mirror(context.mirror, sources, "/predict")
+    predictions = await endpoint.predict(context.instance, prepared)
+    items = []
+    for prediction in predictions:
+        order = sorted(range(len(labels)), key=lambda i: -prediction.probs[i])[:top_k]
+        items.append(PredictItem(predicted=[labels[i] for i in prediction.predicted],
+                                 top_k=[TopLabel(label=labels[i], probability=float(prediction.probs[i]))
+                                        for i in order]))
+    return json_response(PredictResponse(deployment=deployment.name, model_version=deployment.model_version or "",
+                                         predictions=items))
+
+
+# the app ------------------------------------------------------------------------------------------------------------
+
+def build_app() -> FastAPI:
+    app = FastAPI(title="Lantern endpoint", version="1", docs_url="/docs", redoc_url=None,
+                  description="Predictions and explanations from registered image models. Scoring routes take "
+                              "`Authorization: Bearer <key>`; `x-lantern-deployment` (or "
+                              "`azureml-model-deployment`) pins a deployment. The management routes under "
+                              "`/manage` take the admin key.")
+    app.include_router(build_router())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        """Routing errors (a method a route does not take) in Lantern's error format, not FastAPI's `detail`."""
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            allowed = next((value for name, value in headers.items() if name.lower() == "allow"), "another method")
+            return ApiError(405, "method_not_allowed", f"{request.method} {request.url.path}: this route takes "
+                                                       f"{allowed}", headers).response()
+        return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
+
+    @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": inline_schema(ScoreRequest)}}}})
+    async def score(request: Request) -> Response:
+        """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request."""
+        rows: list[ScoreRow] = []
+
+        def wants_explanation() -> bool:
+            nonlocal rows
+            if media_type(request) not in ("application/json", ""):
+                raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
+            rows = parse_score_rows(parse_json_body(request._body, ScoreRequest, "score"))
+            return any(row.model_explainability for row in rows)
+
+        async def work(endpoint: Endpoint, context: Context) -> Response:
+            return json_response(await score_rows(endpoint, context, rows))
+
+        return await handle(request, "/score", wants_explanation, work)
+
+    @app.post("/predict", responses={200: {"model": PredictResponse}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                  "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                  "parameters": [{"name": "top_k", "in": "query",
+                                  "schema": {"type": "integer", "default": 5, "minimum": 1}}]})
+    async def predict(request: Request) -> Response:
+        """Top-k labels with probabilities for one or more images (multipart field `images`, or a raw image body)."""
+        return await handle(request, "/predict", False, lambda e, c: predict_work(e, c, request))
+
+    @app.post("/explain", responses={200: {"model": ExplainResponse, "content": {"image/png": {}}}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": inline_schema(ExplainRequest)},
+                  "image/*": {"schema": {"type": "string", "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "image": {"type": "string", "format": "binary"}}}}}}})
+    async def explain(request: Request) -> Response:
+        """Explain one image: JSON (attributions, base64 visualisation, fidelity report), or the PNG itself with
+        `Accept: image/png`. With a raw or multipart image, options go in the query: `?method=xrai&n_steps=20`."""
+        return await handle(request, "/explain", True, lambda e, c: explain_work(e, c, request))
+
+    @app.get("/", include_in_schema=False)
+    async def page(request: Request) -> Response:
+        """The web page: an image in, its top labels and a heat map out (no key needed to load it)."""
+        try:
+            config = endpoint_of(request).config
+        except ApiError as error:
+            return error.response()
+        return HTMLResponse(render_page(config), headers={
+            "Content-Security-Policy": POLICY, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "scoringKey": {"type": "http", "scheme": "bearer"}, "adminKey": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+

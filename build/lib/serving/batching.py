@@ -1,0 +1,110 @@
+"""Adaptive batching of predictions with BentoML's dispatcher (the CORK algorithm behind `batchable=True` APIs).
+
+Each deployment gets a dispatcher with its own `max_batch_size` and `max_latency_ms`; dispatchers of deployments on
+the same device share one semaphore, so one batch at a time runs per device. The dispatcher is the one BentoML's
+server builds for batchable APIs; it is used directly because predictions arrive through Lantern's own routes (which
+own the status codes, headers and auth), not through a `@bentoml.api` body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
+
+from serving.deployment import Deployment
+from serving.errors import ApiError
+from serving.metrics import metrics
+from serving.predictors import predict_rows
+
+
+class Overloaded(Exception):
+    """BentoML's dispatcher dropped the job: it could not be served within max_latency_ms."""
+
+
+@dataclass
+class Job:
+    """One image for a deployment; `abandoned` is set when its request is gone, so the batch skips it."""
+
+    pixels: np.ndarray  # [3, H, W] float32, normalised
+    abandoned: bool = field(default=False)
+
+
+def _overloaded() -> None:
+    raise Overloaded()
+
+
+class BatchedPredictor:
+    """`await predictor.logits(pixels)` -> that image's logits, computed in an adaptive batch."""
+
+    def __init__(self, deployment: Deployment, semaphore: NonBlockSema) -> None:
+        self.deployment = deployment
+        config = deployment.config
+        self.dispatcher: CorkDispatcher = CorkDispatcher(
+            max_latency_in_ms=config.max_latency_ms, max_batch_size=config.max_batch_size,
+            shared_sema=semaphore, fallback=_overloaded, get_batch_size=lambda job: 1,
+        )
+        self._call = self.dispatcher(self._run_batch)
+
+    async def _run_batch(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception | None]:
+        live = [i for i, job in enumerate(jobs) if not job.abandoned]
+        results: list[np.ndarray | Exception | None] = [None] * len(jobs)
+        if not live:
+            return results
+        predictor = self.deployment.require_model().predictor
+        try:
+            logits = await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels for i in live])
+        except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
+            if len(live) == 1:
+                raise
+            return await self._run_one_by_one(jobs, live, predictor, results)
+        metrics().batch_size.labels(self.deployment.name).observe(len(live))
+        for row, i in enumerate(live):
+            results[i] = logits[row]
+        return results
+
+    async def _run_one_by_one(self, jobs: Sequence[Job], live: list[int], predictor,
+                              results: list[np.ndarray | Exception | None]) -> list[np.ndarray | Exception | None]:
+        for i in live:
+            try:
+                results[i] = (await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels]))[0]
+                metrics().batch_size.labels(self.deployment.name).observe(1)
+            except Exception as error:  # noqa: BLE001 - this input is the caller's 424
+                results[i] = error
+        return results
+
+    async def logits(self, job: Job) -> np.ndarray:
+        try:
+            result = await self._call(job)
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+        except Overloaded:
+            job.abandoned = True
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the dispatcher turns our cancellation into its fallback
+                raise asyncio.CancelledError() from None
+            raise
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def shutdown(self) -> None:
+        """Stop the dispatcher (from any thread: its controller task lives on the event loop that first used it)."""
+        loop = self.dispatcher.__dict__.get("_loop")
+        if loop is None or loop.is_closed():
+            self.dispatcher.shutdown()
+            return
+        try:
+            loop.call_soon_threadsafe(self.dispatcher.shutdown)
+        except RuntimeError:  # the loop is closing with the server
+            pass
+
+
+def model_error(deployment: Deployment, error: Exception) -> ApiError:
+    """The 424 answer when the model fails on an input."""
+    return ApiError(424, "model_error", f"deployment {deployment.name} failed on this input: "
+                                        f"{type(error).__name__}: {error}")

@@ -1,0 +1,93 @@
+"""`lantern serve endpoint.yaml` and `lantern endpoint get-credentials`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from lantern.console import console, stdout, user_errors
+
+
+@click.command("serve")
+@click.argument("config_path", type=click.Path(dir_okay=False, exists=True), metavar="ENDPOINT_YAML")
+@click.option("--port", default=3000, show_default=True, envvar="BENTOML_PORT")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes; each loads every deployment.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
+@click.option("--reset-state", is_flag=True,
+              help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
+@user_errors
+def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: str | None, reset_state: bool) -> None:
+    """Serve the endpoint described by ENDPOINT_YAML with BentoML (checks every model in the registry first).
+
+    The first start creates the endpoint's state from ENDPOINT_YAML; later starts restore the persisted state
+    (deployments, traffic and mirror as the management API left them); limits and auth mode always come from the
+    file."""
+    from registry.errors import LanternError
+    from registry.store import tracking_uri as resolve_uri
+    from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
+    from serving.checks import check_against_registry
+    from serving.config import load_endpoint_config
+    from serving.service import CONFIG_ENV, WORKERS_ENV
+    from serving.state import StateStore
+
+    config = load_endpoint_config(config_path)
+    uri = resolve_uri(tracking_uri)
+    store = StateStore(config.name)
+    if reset_state or store.read() is None:
+        for line in check_against_registry(config, uri):
+            console.print(f"[green]✓[/green] {line}")
+    state, restored = store.prepare(config, reset=reset_state)
+    if restored:
+        console.print(f"Endpoint state restored from {store.path} (revision {state.revision}: {state.last_change}); "
+                      f"the deployments and traffic in {config_path} apply with --reset-state")
+        try:
+            for line in check_against_registry(state.endpoint_config(config), uri):
+                console.print(f"[green]✓[/green] {line}")
+        except LanternError as error:
+            console.print(f"[yellow]![/yellow] {error} (those deployments will show as failed)")
+    keys_file = str(credentials_path(config.name))
+    if config.auth_mode == "key":
+        where = f"${PRIMARY_ENV}" if scoring_keys(config.name).source == "environment" else keys_file
+        console.print(f"Scoring keys: {where} (print them with `lantern endpoint get-credentials {config_path}`)")
+    where = f"${ADMIN_ENV}" if admin_key(config.name).source == "environment" else keys_file
+    console.print(f"Admin key (management API, `lantern deploy/traffic/keys`): {where}")
+    base = f"http://{host}:{port}"
+    console.print(f"Endpoint [bold]{config.name}[/bold] on {base}: POST {base}/score, /predict, /explain; "
+                  f"GET {base}/readyz, /metrics, /docs; try it in a browser at {base}/")
+    env = {**os.environ, CONFIG_ENV: str(Path(config_path).resolve()), WORKERS_ENV: str(workers),
+           "MLFLOW_TRACKING_URI": uri}
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),
+               "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+
+
+@click.group("endpoint")
+def endpoint_group() -> None:
+    """The endpoint's keys and state."""
+
+
+@endpoint_group.command("get-credentials")
+@click.argument("endpoint", metavar="ENDPOINT_YAML_OR_NAME")
+@click.option("--key", "which", type=click.Choice(["primary", "secondary", "admin"]), default=None,
+              help="Print only this key, bare (for KEY=$(...) in a shell).")
+@user_errors
+def get_credentials(endpoint: str, which: str | None) -> None:
+    """Print the endpoint's scoring keys and admin key as JSON (generated and stored on first use)."""
+    from serving.auth import admin_key, scoring_keys
+    from serving.config import load_endpoint_config
+
+    name = load_endpoint_config(endpoint).name if Path(endpoint).is_file() else endpoint
+    keys, admin = scoring_keys(name), admin_key(name)
+    if which:
+        click.echo(admin.key if which == "admin" else getattr(keys, which))
+        return
+    stdout.print_json(json.dumps({"endpoint": name, "primary": keys.primary, "secondary": keys.secondary,
+                                  "source": keys.source, "admin": admin.key, "admin_source": admin.source}))

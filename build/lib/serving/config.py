@@ -1,0 +1,179 @@
+"""The endpoint configuration (`endpoint.yaml`): deployments, traffic split and mirror, limits; unknown keys are errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from registry.devices import DEVICE_PATTERN
+from registry.errors import LanternError, describe_validation_error
+from registry.resolve import URI_PATTERN
+
+Percent = Annotated[int, Field(strict=True)]
+"""A whole percent; YAML and JSON give ints, and a string or a float is refused rather than rounded."""
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+def _resource_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not a valid name: use 1-32 lowercase letters, digits and dashes")
+    return name
+
+
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+"""An endpoint or deployment name: it appears in URLs, headers and file names."""
+MAX_REQUEST_TIMEOUT_MS = 180_000
+MAX_MIRROR_PERCENT = 50
+
+
+class ConfigError(LanternError):
+    """The endpoint configuration is invalid; the message names each problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestSettings(Strict):
+    """Per-request limits of a deployment (SPEC.md section 2)."""
+
+    request_timeout_ms: int = Field(5000, ge=1, le=MAX_REQUEST_TIMEOUT_MS,
+                                    description="a request still running after this is answered 408 and abandoned")
+    max_concurrent_requests_per_instance: int = Field(1, ge=1, le=1024,
+                                                      description="requests worked on at once per instance; twice "
+                                                                  "this may be in flight, more get 429 at once")
+    max_queue_wait_ms: int = Field(500, ge=0, le=MAX_REQUEST_TIMEOUT_MS,
+                                   description="a request waiting longer than this for a free slot gets 429")
+
+
+class Probe(Strict):
+    """A readiness or liveness probe, in seconds (the cloud's defaults)."""
+
+    initial_delay: float = Field(10, ge=0, le=3600)
+    period: float = Field(10, gt=0, le=3600)
+    timeout: float = Field(2, gt=0, le=600)
+    success_threshold: int = Field(1, ge=1, le=100)
+    failure_threshold: int = Field(30, ge=1, le=1000)
+
+
+class DeploymentConfig(Strict):
+    """One registered model version served under a name."""
+
+    name: ResourceName = Field(description="lowercase letters, digits and dashes, 1-32 characters")
+    model: str = Field(description="models:/NAME/VERSION or models:/NAME@ALIAS")
+    settings: dict[str, Any] = Field(default_factory=dict,
+                                     description="overrides of the version's settings.json (validated per task)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    max_batch_size: int = Field(32, ge=2, le=1024, description="adaptive batching: most images in one model call")
+    max_latency_ms: int = Field(60_000, ge=1, le=MAX_REQUEST_TIMEOUT_MS,
+                                description="adaptive batching: most time an image may wait to be batched")
+    request_settings: RequestSettings = Field(default_factory=RequestSettings)
+    readiness_probe: Probe = Field(default_factory=Probe)
+    liveness_probe: Probe = Field(default_factory=Probe)
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, model: str) -> str:
+        match = URI_PATTERN.match(model)
+        if not match or not (match.group("version") or match.group("alias")):
+            raise ValueError(f"{model!r} is not a registered model version; accepted: models:/NAME/VERSION or "
+                             "models:/NAME@ALIAS (models come only from the registry)")
+        return model
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.match(device):
+            raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N")
+        return device
+
+
+class Limits(Strict):
+    """Limits applied before any work is done."""
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="larger bodies are refused with 413")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="larger images (declared size) are refused with 413")
+    max_images_per_request: int = Field(64, ge=1, le=4096)
+    max_concurrent_explanations: int = Field(1, ge=1, le=64,
+                                             description="explanations computed at once per worker; twice this may "
+                                                         "be in flight, more get 429")
+
+
+class EndpointConfig(Strict):
+    """A whole endpoint: its deployments, the live traffic split and the mirrored share."""
+
+    name: ResourceName
+    auth_mode: Literal["key", "none"] = "key"
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    traffic: dict[str, Percent] = Field(default_factory=dict, description="deployment -> percent of live traffic")
+    mirror_traffic: dict[str, Percent] = Field(default_factory=dict,
+                                           description="at most one deployment -> percent of live traffic copied to it")
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EndpointConfig":
+        problems = traffic_problems([d.name for d in self.deployments], self.traffic, self.mirror_traffic)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def deployment(self, name: str) -> DeploymentConfig | None:
+        return next((d for d in self.deployments if d.name == name), None)
+
+
+def traffic_problems(names: list[str], traffic: dict[str, int], mirror: dict[str, int]) -> list[str]:
+    """Every rule a deployment list with a traffic split and a mirror breaks (SPEC.md section 2); empty when valid."""
+    problems = []
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"deployment names must be unique: {', '.join(duplicates)} appear more than once")
+    for kind, split in (("traffic", traffic), ("mirror_traffic", mirror)):
+        unknown = [n for n in split if n not in names]
+        if unknown:
+            problems.append(f"{kind} names unknown deployment(s) {', '.join(unknown)}; deployments: "
+                            f"{', '.join(names) or 'none'}")
+        bad = [f"{n}={p}" for n, p in split.items() if not 0 <= p <= 100]
+        if bad:
+            problems.append(f"{kind} percents must be integers from 0 to 100: {', '.join(bad)}")
+    total = sum(traffic.values())
+    if traffic and total not in (0, 100):
+        problems.append(f"traffic percents must sum to 100 (or all be 0); they sum to {total}")
+    live_mirrored = [n for n, p in mirror.items() if p > 0]
+    if len(live_mirrored) > 1:
+        problems.append(f"mirror_traffic takes one deployment; got {', '.join(live_mirrored)}")
+    over = [f"{n}={p}" for n, p in mirror.items() if p > MAX_MIRROR_PERCENT]
+    if over:
+        problems.append(f"mirror_traffic is at most {MAX_MIRROR_PERCENT} percent: {', '.join(over)}")
+    both = [n for n in live_mirrored if traffic.get(n, 0) > 0]
+    if both:
+        problems.append(f"a deployment gets live or mirrored traffic, never both: {', '.join(both)} has both")
+    return problems
+
+
+def parse_endpoint_config(values: Any, source: str = "endpoint configuration") -> EndpointConfig:
+    """Validate `values` (the parsed YAML) as a whole; every problem is named in one message."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must be a mapping with name, deployments and traffic")
+    try:
+        return EndpointConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, source).replace("unknown setting", "unknown key")) from None
+
+
+def load_endpoint_config(path: str | Path) -> EndpointConfig:
+    """Read and validate an endpoint YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read the endpoint configuration {path}: {error.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_endpoint_config(values, str(path))

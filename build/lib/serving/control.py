@@ -1,0 +1,289 @@
+"""The control plane's changes and views: add, update and remove deployments, set the live split and the mirror,
+regenerate keys, and say what every worker serves. Each change is checked as a whole and applied to the persisted
+state in one step, or refused with nothing changed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from registry.errors import LanternError
+from serving.auth import KeyKind, key_digest, regenerate_key
+from serving.checks import check_deployment
+from serving.config import DeploymentConfig
+from serving.counters import DeploymentCounters, deployment_counters
+from serving.endpoint import Endpoint
+from serving.errors import ApiError, conflict, not_found, unprocessable
+from serving.schemas import describe_fields
+from serving.state import DeploymentRecord, EndpointState
+from serving.workers import InstanceStatus, WorkerStatus
+
+AggregateState = Literal["loading", "ready", "unready", "failed", "updating"]
+
+
+class DeploymentView(BaseModel):
+    """A deployment as the whole endpoint serves it (every worker process)."""
+
+    name: str
+    model: str
+    generation: int
+    state: AggregateState = Field(description="ready: every worker serves the latest generation; updating: a new "
+                                              "generation is being readied while the previous one serves")
+    reason: str | None = None
+    ready_everywhere: bool = Field(description="every worker has a ready instance (of any generation)")
+    model_version: str | None = None
+    traffic: int
+    mirror_traffic: int
+    config: DeploymentConfig
+    settings: dict[str, Any] | None = Field(None, description="the settings in force: the version's settings.json "
+                                                              "with the overrides (once loaded)")
+    labels: list[str] | None = None
+    workers: dict[str, InstanceStatus]
+    counters: DeploymentCounters
+
+
+class WorkerView(BaseModel):
+    worker: str
+    revision: int
+    seconds_since_heartbeat: float
+
+
+class EndpointView(BaseModel):
+    name: str
+    revision: int
+    last_change: str
+    changed_at: float
+    applied: bool = Field(description="every live worker has applied this revision")
+    traffic: dict[str, int]
+    mirror_traffic: dict[str, int]
+    deployments: list[DeploymentView]
+    workers: list[WorkerView]
+    key_fingerprints: dict[str, str] = Field(description="first 8 hex digits of each key's sha256")
+
+
+class KeyRegenerated(BaseModel):
+    kind: KeyKind
+    key: str = Field(description="shown once: store it now")
+    revision: int
+
+
+def _aggregate(record: DeploymentRecord, statuses: list[InstanceStatus | None]) -> tuple[AggregateState, str | None]:
+    generation, count = record.generation, len(statuses)
+    missing = sum(status is None for status in statuses)
+    if not statuses or missing:
+        return "loading", f"{missing or 'no'} of {count} worker(s) have not started it yet"
+    present = [status for status in statuses if status is not None]
+    for status in present:
+        if status.generation == generation and status.state == "failed":
+            return "failed", status.reason
+        if status.next_generation == generation and status.next_state == "failed":
+            return "failed", f"generation {generation} failed ({status.next_reason}); generation " \
+                             f"{status.generation} still serves"
+    behind = [status for status in present if status.generation != generation]
+    if behind:
+        return "updating", (f"generation {generation} is being readied in {len(behind)} of {count} worker(s); "
+                            f"generation {behind[0].generation} serves meanwhile")
+    states = {status.state for status in present}
+    if states == {"ready"}:
+        return "ready", None
+    if "unready" in states:
+        return "unready", next(s.reason for s in present if s.state == "unready")
+    return "loading", None
+
+
+class Control:
+    """The management operations of one worker's endpoint (the state they change is shared by every worker)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.store = endpoint.store
+
+    # views -----------------------------------------------------------------------------------------------------------
+    def current(self) -> EndpointState:
+        state = self.store.read()
+        if state is None:
+            raise ApiError(503, "not_ready", "the endpoint state is missing; restart the server")
+        return state
+
+    def workers(self) -> list[WorkerStatus]:
+        """Every live worker's status, this worker's taken fresh."""
+        mine = self.endpoint.status()
+        return [mine, *[w for w in self.endpoint.board.live() if w.worker != mine.worker]]
+
+    def deployment_view(self, record: DeploymentRecord, state: EndpointState, workers: list[WorkerStatus],
+                        counters: dict[str, DeploymentCounters]) -> DeploymentView:
+        name = record.config.name
+        statuses = [worker.deployments.get(name) for worker in workers]
+        aggregate, reason = _aggregate(record, statuses)
+        version = next((s.model_version for s in statuses if s and s.generation == record.generation
+                        and s.model_version), None)
+        instance = self.endpoint.instances.get(name)
+        model = instance.deployment.model if instance and instance.generation == record.generation else None
+        return DeploymentView(
+            name=name, model=record.config.model, generation=record.generation, state=aggregate, reason=reason,
+            ready_everywhere=bool(statuses) and all(s is not None and s.state == "ready" for s in statuses),
+            model_version=version, traffic=state.traffic.get(name, 0),
+            mirror_traffic=state.mirror_traffic.get(name, 0), config=record.config,
+            settings=model.settings.model_dump(mode="json") if model else None,
+            labels=list(model.bundle.labels) if model else None,
+            workers={w.worker: s for w, s in zip(workers, statuses) if s is not None},
+            counters=counters.get(name, DeploymentCounters()))
+
+    def deployments(self, state: EndpointState | None = None) -> list[DeploymentView]:
+        state = state or self.current()
+        workers, counters = self.workers(), deployment_counters()
+        return [self.deployment_view(record, state, workers, counters) for record in state.deployments]
+
+    def deployment(self, name: str) -> DeploymentView:
+        state = self.current()
+        record = self._record(state, name)
+        return self.deployment_view(record, state, self.workers(), deployment_counters())
+
+    def view(self) -> EndpointView:
+        state = self.current()
+        workers = self.workers()
+        now = time.time()
+        return EndpointView(
+            name=state.endpoint, revision=state.revision, last_change=state.last_change, changed_at=state.changed_at,
+            applied=all(w.revision >= state.revision for w in workers), traffic=state.traffic,
+            mirror_traffic=state.mirror_traffic, deployments=self.deployments(state),
+            workers=[WorkerView(worker=w.worker, revision=w.revision,
+                                seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3)) for w in workers],
+            key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")})
+
+    def _record(self, state: EndpointState, name: str) -> DeploymentRecord:
+        record = state.record(name)
+        if record is None:
+            raise not_found(f"endpoint {state.endpoint} has no deployment {name!r}; deployments: "
+                            f"{', '.join(state.names) or 'none'}", "unknown_deployment")
+        return record
+
+    # changes ---------------------------------------------------------------------------------------------------------
+    def _check_model(self, config: DeploymentConfig) -> None:
+        try:
+            check_deployment(config, self.endpoint.tracking_uri)
+        except LanternError as error:
+            raise unprocessable(f"deployment {config.name}: {error}", "invalid_model") from None
+
+    def _changed(self, state: EndpointState) -> EndpointState:
+        self.endpoint.refresh()
+        return state
+
+    def add(self, config: DeploymentConfig) -> DeploymentView:
+        """A new deployment with 0 % traffic; it loads and warms up in every worker in the background."""
+        if self.current().record(config.name) is not None:
+            raise conflict(f"deployment {config.name} exists; update it (PATCH) or choose another name",
+                           "deployment_exists")
+        self._check_model(config)
+
+        def mutate(state: EndpointState) -> EndpointState:
+            if state.record(config.name) is not None:
+                raise conflict(f"deployment {config.name} exists", "deployment_exists")
+            state.deployments.append(DeploymentRecord(config=config))
+            state.traffic.setdefault(config.name, 0)
+            return state
+
+        self._changed(self.store.change(mutate, f"added deployment {config.name} ({config.model})"))
+        return self.deployment(config.name)
+
+    def update(self, name: str, patch: dict[str, Any]) -> DeploymentView:
+        """Merge `patch` (JSON merge patch: objects merge, null removes) into the deployment's configuration; a new
+        generation is readied in every worker, then swapped in, while the current one keeps serving."""
+        record = self._record(self.current(), name)
+        if "name" in patch and patch["name"] != name:
+            raise unprocessable("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
+        merged = merge_patch(record.config.model_dump(mode="json"), patch)
+        try:
+            config = DeploymentConfig.model_validate(merged)
+        except ValidationError as error:
+            raise unprocessable(describe_fields(error, f"deployment {name}")) from None
+        if config == record.config:
+            return self.deployment(name)
+        self._check_model(config)
+
+        def mutate(state: EndpointState) -> EndpointState:
+            current = self._record(state, name)
+            state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1)
+                                 if r.config.name == name else r for r in state.deployments]
+            return state
+
+        self._changed(self.store.change(mutate, f"updated deployment {name}"))
+        return self.deployment(name)
+
+    def remove(self, name: str) -> EndpointState:
+        """Remove a deployment that has no live traffic and is not mirrored to."""
+
+        def mutate(state: EndpointState) -> EndpointState:
+            self._record(state, name)
+            if state.traffic.get(name, 0) > 0:
+                raise conflict(f"deployment {name} has {state.traffic[name]} % of the live traffic; move it to other "
+                               "deployments first", "deployment_has_traffic")
+            if state.mirror_traffic.get(name, 0) > 0:
+                raise conflict(f"deployment {name} gets {state.mirror_traffic[name]} % mirrored traffic; stop the "
+                               "mirror first", "deployment_is_mirrored")
+            state.deployments = [r for r in state.deployments if r.config.name != name]
+            state.traffic.pop(name, None)
+            state.mirror_traffic.pop(name, None)
+            return state
+
+        return self._changed(self.store.change(mutate, f"removed deployment {name}"))
+
+    def set_traffic(self, traffic: dict[str, int]) -> EndpointState:
+        """Replace the live split (deployments left out get 0 %); a deployment whose share grows must be ready in
+        every worker."""
+        current, workers = self.current(), self.workers()
+        ready = {r.config.name: self.deployment_view(r, current, workers, {}) for r in current.deployments}
+
+        def mutate(state: EndpointState) -> EndpointState:
+            before = dict(state.traffic)
+            proposed = {name: 0 for name in state.names} | traffic
+            state.traffic = proposed
+            if state.problems():
+                return state  # refused as a whole by the store, every problem named
+            not_ready = [f"{name} ({ready[name].state}{': ' + ready[name].reason if ready[name].reason else ''})"
+                         for name, percent in proposed.items()
+                         if percent > before.get(name, 0) and name in ready
+                         and not ready[name].ready_everywhere]
+            if not_ready:
+                raise conflict(f"only ready deployments get live traffic; not ready in every worker: "
+                               f"{', '.join(not_ready)}. Nothing changed", "deployment_not_ready")
+            return state
+
+        split = ", ".join(f"{n}={p}" for n, p in traffic.items())
+        return self._changed(self.store.change(mutate, f"traffic set to {split}"))
+
+    def set_mirror(self, mirror: dict[str, int]) -> EndpointState:
+        """Replace the mirrored share (one deployment at most, at most 50 %, with no live traffic)."""
+
+        def mutate(state: EndpointState) -> EndpointState:
+            state.mirror_traffic = {name: percent for name, percent in mirror.items()}
+            return state
+
+        split = ", ".join(f"{n}={p}" for n, p in mirror.items()) or "off"
+        return self._changed(self.store.change(mutate, f"mirror traffic set to {split}"))
+
+    def regenerate(self, kind: KeyKind) -> KeyRegenerated:
+        """A new key of `kind`; the old one stops working in every worker within a second."""
+        key = regenerate_key(self.endpoint.config.name, kind)
+
+        def mutate(state: EndpointState) -> EndpointState:
+            state.keys = state.keys.model_copy(update={kind: key_digest(key)})
+            return state
+
+        state = self._changed(self.store.change(mutate, f"regenerated the {kind} key"))
+        return KeyRegenerated(kind=kind, key=key, revision=state.revision)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

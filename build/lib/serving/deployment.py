@@ -1,0 +1,151 @@
+"""A deployment: one registered model version loaded for serving, with its state (loading, ready, failed)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from explain.attribute import Explanation, attribute
+from registry.devices import torch_device
+from registry.errors import LanternError
+from registry.postprocess import predicted_indices, probabilities
+from registry.preprocess import Preprocess
+from registry.resolve import ModelBundle, load_bundle
+from registry.settings import ClassificationSettings, with_overrides
+from serving.abandon import make_abandonable
+from serving.config import DeploymentConfig
+from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
+
+logger = logging.getLogger("lantern.serving")
+State = Literal["loading", "ready", "unready", "failed"]
+GUIDED_METHODS = ("guided_backprop", "guided_gradcam")
+
+
+@dataclass
+class Prediction:
+    """Probabilities in label order and the predicted label indices of one image."""
+
+    probs: np.ndarray
+    predicted: list[int]
+
+
+@dataclass
+class LoadedModel:
+    """What a ready deployment serves with."""
+
+    bundle: ModelBundle
+    settings: ClassificationSettings
+    preprocess: Preprocess
+    predictor: Predictor
+    explain_device: torch.device
+    guided_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def threshold(self) -> float:
+        return float(getattr(self.settings, "confidence_score_threshold_multilabel", 0.5))
+
+
+class Deployment:
+    """Loads its model version in the background, warms it up, and only then reports ready."""
+
+    def __init__(self, config: DeploymentConfig, tracking_uri: str | None = None) -> None:
+        self.config = config
+        self.tracking_uri = tracking_uri
+        self.state: State = "loading"
+        self.reason: str | None = None
+        self.model: LoadedModel | None = None
+        self.loaded_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model.bundle.uri if self.model else None
+
+    def load(self) -> bool:
+        """Resolve, load, warm up. The state stays `loading` (the readiness probe makes it `ready`), or becomes
+        `failed` with the reason."""
+        self.state = "loading"
+        try:
+            self.model = self._load()
+        except LanternError as error:
+            self._fail(str(error))
+            return False
+        except Exception as error:  # noqa: BLE001 - any load failure is shown as the deployment's state
+            logger.exception("deployment %s failed to load", self.name)
+            self._fail(f"{type(error).__name__}: {error}")
+            return False
+        self.loaded_at = time.monotonic()
+        logger.info("deployment %s loaded: %s on %s", self.name, self.model.bundle.uri, self.model.predictor.description)
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.state = "failed"
+        self.reason = reason
+        logger.error("deployment %s failed: %s", self.name, reason)
+
+    def _load(self) -> LoadedModel:
+        device = torch_device(self.config.device)
+        bundle = load_bundle(self.config.model, tracking_uri=self.tracking_uri, device=str(device))
+        settings = with_overrides(bundle.settings, bundle.spec.task, self.config.settings)
+        make_abandonable(bundle.module)
+        buckets = shape_buckets(device, self.config.backend, self.config.max_batch_size)
+        predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)
+                                if self.config.backend == "onnxruntime" else TorchPredictor(bundle.module, device))
+        model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), predictor, device)
+        self._warm_up(model)
+        return model
+
+    def _warm_up(self, model: LoadedModel) -> None:
+        """Run the backend on a batch of 1 and a larger one (on a GPU, every batch size it runs), and the module once,
+        before taking traffic."""
+        crop = model.settings.valid_crop_size
+        for size in model.predictor.buckets or sorted({1, min(self.config.max_batch_size, 8)}):
+            logits = model.predictor(np.zeros((size, 3, crop, crop), dtype=np.float32))
+            if logits.shape != (size, len(model.bundle.labels)):
+                raise LanternError(f"the model answers logits of shape {logits.shape} for {size} image(s); "
+                                   f"expected ({size}, {len(model.bundle.labels)})")
+        with torch.inference_mode():
+            model.bundle.module(torch.zeros(1, 3, crop, crop, device=model.explain_device))
+
+    def require_model(self) -> LoadedModel:
+        if self.model is None:
+            raise LanternError(f"deployment {self.name} is {self.state}")
+        return self.model
+
+    def postprocess(self, logits: np.ndarray, threshold: float | None = None) -> list[Prediction]:
+        model = self.require_model()
+        task = model.bundle.spec.task
+        probs = probabilities(logits, task)
+        chosen = predicted_indices(probs, task, model.settings, threshold)
+        return [Prediction(row, picks) for row, picks in zip(probs, chosen)]
+
+    def explain(self, cropped: Image.Image, method: str, params: dict[str, Any],
+                targets: list[int] | None = None, threshold: float | None = None) -> Explanation:
+        """Explain one cropped image with the version's module; guided methods (which hook the module) run one at a
+        time per deployment."""
+        model = self.require_model()
+        x = model.preprocess.normalize(cropped).to(model.explain_device)
+        spec = model.bundle.spec
+        run = lambda: attribute(  # noqa: E731
+            model.bundle.module, x, method, params, targets=targets, task=spec.task,
+            threshold=model.threshold if threshold is None else threshold, gradcam_layer=spec.gradcam_layer,
+            mean=spec.normalize_mean, std=spec.normalize_std, image=np.asarray(cropped),
+        )
+        if method in GUIDED_METHODS:
+            with model.guided_lock:
+                return run()
+        return run()

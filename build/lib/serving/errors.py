@@ -1,0 +1,72 @@
+"""API errors: a status code, a short machine-readable code and a message a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code": ..., "message": ...}}` with `status`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers={**self.headers, **(extra_headers or {})})
+
+
+def bad_request(message: str, code: str = "bad_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="lantern"'})
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def not_found(message: str, code: str = "no_deployment") -> ApiError:
+    return ApiError(404, code, message)
+
+
+def conflict(message: str, code: str = "conflict") -> ApiError:
+    return ApiError(409, code, message)
+
+
+def timed_out(message: str) -> ApiError:
+    return ApiError(408, "request_timeout", message)
+
+
+def too_large(message: str) -> ApiError:
+    return ApiError(413, "payload_too_large", message)
+
+
+def unsupported_media(message: str) -> ApiError:
+    return ApiError(415, "unsupported_media_type", message)
+
+
+def unprocessable(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(422, code, message)
+
+
+def model_failed(message: str) -> ApiError:
+    return ApiError(424, "model_error", message)
+
+
+def too_many(message: str) -> ApiError:
+    return ApiError(429, "too_many_requests", message, {"Retry-After": "1"})
+
+
+def not_ready(message: str) -> ApiError:
+    return ApiError(503, "not_ready", message, {"Retry-After": "5"})

@@ -1,0 +1,97 @@
+"""Turning request payloads into decoded images: base64 text, raw bodies and multipart files; URLs are refused."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from PIL import Image
+from starlette.requests import Request
+
+from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
+from serving.errors import ApiError, bad_request, too_large, unsupported_media
+
+URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
+DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
+WHITESPACE = re.compile(r"\s+")
+NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def refuse_url(text: str, where: str) -> None:
+    if URL_PATTERN.match(text):
+        raise bad_request(f"{where} holds a URL; Lantern never fetches URLs: send the image bytes, base64-encoded",
+                          "url_not_accepted")
+
+
+def decode_base64_image(text: str, where: str) -> bytes:
+    """Image bytes from base64 text: MIME line breaks (as `base64.encodebytes` writes them), data URLs, the URL-safe
+    alphabet and left-out `=` padding are all accepted; anything else is a 400 saying where the text went wrong."""
+    refuse_url(text, where)
+    compact = WHITESPACE.sub("", DATA_URL_PATTERN.sub("", text.strip(), count=1)).translate(URL_SAFE_TO_STANDARD)
+    stray = NOT_BASE64.search(compact)
+    if stray:
+        raise bad_request(f"{where} is not valid base64: {stray.group()!r} at character {stray.start()}",
+                          "invalid_base64")
+    unpadded = compact.rstrip("=")
+    try:
+        data = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise bad_request(f"{where} is not valid base64: {error}", "invalid_base64") from None
+    if not data:
+        raise bad_request(f"{where} is empty", "empty_image")
+    return data
+
+
+def decode(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """An RGB image, or the 413 / 415 answer naming what was wrong."""
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as error:
+        raise too_large(f"{where}: {error}") from None
+    except ImageDecodeError as error:
+        raise unsupported_media(f"{where}: {error}") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large(f"the request body is {int(declared)} bytes, over the limit of {limit}")
+        except ValueError:
+            raise bad_request("the Content-Length header is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # later request.json() / request.form() read it from here
+    return body
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def uploaded_images(request: Request, field: str, max_files: int, max_part_size: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every multipart file in `field`."""
+    try:
+        form = await request.form(max_files=max_files, max_fields=100, max_part_size=max_part_size)
+    except Exception as error:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
+        reason = getattr(error, "detail", None) or error  # starlette's HTTPException reads "400: <detail>" otherwise
+        raise bad_request(f"the multipart body cannot be read: {reason}", "invalid_multipart") from None
+    files = []
+    for value in form.getlist(field):
+        if isinstance(value, str):
+            refuse_url(value, f"form field {field!r}")
+            raise bad_request(f"form field {field!r} must be a file upload, not text", "not_a_file")
+        files.append((value.filename or field, await value.read()))
+    unknown = [key for key in form.keys() if key != field]
+    if unknown and not files:
+        raise ApiError(400, "missing_images", f"the multipart body has no {field!r} files (it has {', '.join(unknown)})")
+    return files

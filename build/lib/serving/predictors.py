@@ -1,0 +1,101 @@
+"""The prediction backends of a deployment: an ONNX Runtime session, or the torch module itself."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from registry.errors import LanternError
+from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
+
+
+class Predictor(Protocol):
+    """Logits [N, classes] for a normalised float32 batch [N, 3, H, W]; `buckets`: the batch sizes it runs (a batch
+    is padded up to the next one), or None for any size."""
+
+    device: str
+    description: str
+    buckets: tuple[int, ...] | None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def shape_buckets(device: torch.device, backend: str, max_batch_size: int) -> tuple[int, ...] | None:
+    """The batch sizes an ONNX Runtime deployment on a GPU runs: the powers of two below `max_batch_size`, and
+    `max_batch_size`. Its CUDA provider searches cuDNN's convolution algorithms for every new input shape (seconds for
+    resnet50), so adaptive batches of every size from 1 to 32 would each pay that search in a live request; padded to
+    a few sizes, all of them are searched by the warm-up, before the deployment is ready. None elsewhere (the CPU, and
+    torch, whose cuDNN benchmark mode is off, take any size at the same speed)."""
+    if device.type != "cuda" or backend != "onnxruntime":
+        return None
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sorted({*sizes, max_batch_size}))
+
+
+def padded_size(buckets: tuple[int, ...] | None, count: int) -> int:
+    """The batch size `count` images run as: the smallest bucket that holds them (or `count` itself)."""
+    return next((size for size in buckets or () if size >= count), count)
+
+
+def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The logits of `rows` ([3, H, W] each), stacked into one batch padded with zero images up to the predictor's
+    bucket (run it off the event loop: stacking a batch of 32 images at 224 px copies 19 MB)."""
+    size = padded_size(predictor.buckets, len(rows))
+    batch = np.zeros((size, *rows[0].shape), dtype=np.float32)
+    np.stack(rows, out=batch[:len(rows)])
+    return predictor(batch)[:len(rows)]
+
+
+class OnnxPredictor:
+    """ONNX Runtime with the CUDA provider first when the deployment's device is a GPU, tuned for throughput."""
+
+    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None,
+                 buckets: tuple[int, ...] | None = None) -> None:
+        self.buckets = buckets
+        name = "cuda" if device.type == "cuda" and device.index is None else str(device)
+        self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads())
+        self.providers = self.session.get_providers()
+        if device.type == "cuda" and self.providers[0] != "CUDAExecutionProvider":  # ORT falls back without a word
+            raise LanternError(f"ONNX Runtime could not run on {device}: its CUDAExecutionProvider did not load "
+                               f"(it offers {', '.join(ort.get_available_providers())}); serve this deployment with "
+                               f"device: cpu, or backend: torch")
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.description = f"onnxruntime ({self.providers[0]})"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class TorchPredictor:
+    """The registered nn.Module itself; a private copy, so explanations' hooks on the shared module never touch it."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module = copy.deepcopy(module).to(device).eval()
+        self.torch_device = device
+        self.device = str(device)
+        self.description = f"torch ({device})"
+        self.buckets: tuple[int, ...] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock, torch.inference_mode():
+            logits = self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.torch_device))
+        return logits.float().cpu().numpy()
+
+
+def _cpu_threads() -> int:
+    """ONNX Runtime threads on the CPU: the cores this process may use, shared out among the service's workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, int(os.environ.get("LANTERN_WORKERS", "1")))
+    return max(1, cores // workers)

@@ -1,0 +1,82 @@
+"""Loading a deployment, then its readiness and liveness probes (SPEC.md section 2 semantics, in seconds).
+
+Readiness: the deployment takes traffic only after `initial_delay` and `success_threshold` passing probes;
+`failure_threshold` failures in a row mark it unready until it passes again. Liveness: `failure_threshold` failures in a
+row reload the deployment. A probe runs the backend on one blank image within `timeout`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from serving.config import Probe
+from serving.deployment import Deployment
+from serving.metrics import metrics
+
+logger = logging.getLogger("lantern.serving")
+
+
+class Prober:
+    """Runs in its own thread: loads the deployment, then probes it until stopped."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lantern-probe-{deployment.name}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def probe_once(self, probe: Probe) -> bool:
+        model = self.deployment.model
+        if model is None:
+            return False
+        crop = model.settings.valid_crop_size
+        future = self._pool.submit(model.predictor, np.zeros((1, 3, crop, crop), dtype=np.float32))
+        try:
+            return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
+        except FutureTimeout:
+            return False
+        except Exception:  # noqa: BLE001 - a failing probe is the information itself
+            logger.exception("probe of deployment %s failed", self.deployment.name)
+            return False
+
+    def run(self) -> None:
+        deployment = self.deployment
+        readiness, liveness = deployment.config.readiness_probe, deployment.config.liveness_probe
+        started = time.monotonic()
+        if not deployment.load():
+            return
+        if self._stop.wait(max(0.0, readiness.initial_delay - (time.monotonic() - started))):
+            return
+        passes = fails = live_fails = 0
+        next_liveness = started + liveness.initial_delay
+        while not self._stop.is_set():
+            if self.probe_once(readiness):
+                passes, fails = passes + 1, 0
+                if deployment.state != "ready" and passes >= readiness.success_threshold:
+                    deployment.state, deployment.reason = "ready", None
+                    logger.info("deployment %s is ready", deployment.name)
+            else:
+                passes, fails = 0, fails + 1
+                if deployment.state == "ready" and fails >= readiness.failure_threshold:
+                    deployment.state, deployment.reason = "unready", f"readiness probe failed {fails} times in a row"
+            if time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + liveness.period
+                live_fails = 0 if self.probe_once(liveness) else live_fails + 1
+                if live_fails >= liveness.failure_threshold:
+                    logger.error("deployment %s failed its liveness probe %d times; reloading", deployment.name,
+                                 live_fails)
+                    metrics().reloads.labels(deployment.name).inc()
+                    deployment.state = "loading"
+                    deployment.reason = f"reloaded after {live_fails} failed liveness probes in a row"
+                    if not deployment.load():
+                        return
+                    passes = fails = live_fails = 0
+            self._stop.wait(readiness.period if deployment.state == "ready" else min(readiness.period, 1.0))

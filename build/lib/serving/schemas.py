@@ -1,0 +1,212 @@
+"""Request and response bodies of the HTTP API (SPEC.md sections 3-4), as pydantic models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from explain.params import ExplainError, parse_params
+from registry.errors import describe_validation_error
+from serving.errors import bad_request, unprocessable
+
+AttributionEncoding = Literal["float32", "float16", "npy_base64"]
+XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with every definition written in place (no `$ref`), for a request body declared by hand:
+    BentoML's /docs.json keeps only the components FastAPI finds on the routes, so a reference would dangle there."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            if reference.startswith("#/$defs/"):
+                rest = {key: resolve(value) for key, value in node.items() if key != "$ref"}
+                return {**resolve(definitions[reference.removeprefix("#/$defs/")]), **rest}
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class XaiParameters(BaseModel):
+    """`xai_parameters` of a scoring row: the algorithm, what to return, and the algorithm's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    xai_algorithm: XaiAlgorithm = "xrai"
+    visualizations: bool = True
+    attributions: bool = False
+    attributions_encoding: AttributionEncoding = Field(
+        "float32", description="float32 or float16 nested lists, or npy_base64 (a base64 .npy file)")
+
+    def method_params(self, where: str = "xai_parameters") -> dict[str, Any]:
+        """The algorithm's own parameters (n_steps, xrai_fast, approximation_method...), validated by `explain`;
+        an error names `where` they came from (the row of a batch)."""
+        extra = dict(self.model_extra or {})
+        if "internal_batch_size" in extra:  # the server sizes path batches to its memory; a client may not
+            raise unprocessable(f"{where}: internal_batch_size is set by the server, not per request",
+                                "invalid_xai_parameters")
+        try:
+            return parse_params(self.xai_algorithm, extra).model_dump(exclude_unset=True)
+        except ExplainError as error:
+            raise unprocessable(f"{where}: {error}", "invalid_xai_parameters") from None
+
+
+class ScoreRow(Strict):
+    """One `data` item of a scoring request when it is a JSON object (the cloud's format)."""
+
+    image_base64: str = Field(description="the image bytes, base64-encoded (newlines allowed)")
+    model_explainability: bool = False
+    xai_parameters: XaiParameters = Field(default_factory=XaiParameters)
+    confidence_score_threshold_multilabel: float | None = Field(None, ge=0, le=1)
+
+
+def _describe_rows(schema: dict[str, Any]) -> None:
+    """Say in the schema what a `data` string holds: a ScoreRow as JSON text (OpenAPI 3.1 `contentSchema`)."""
+    for branch in schema.get("items", {}).get("anyOf", []):
+        if branch.get("type") == "string":
+            branch.update(contentMediaType="application/json", contentSchema=inline_schema(ScoreRow),
+                          description="a ScoreRow as JSON text (or the image's base64 bytes alone)")
+
+
+class InputData(Strict):
+    columns: list[str] = Field(default_factory=lambda: ["image"])
+    index: list[Any] | None = None
+    data: list[str | list[Any]] = Field(description="one item per image: a JSON string of a ScoreRow, or base64 bytes",
+                                        json_schema_extra=_describe_rows)
+
+
+class ScoreRequest(Strict):
+    """`POST /score`: `{"input_data": {"columns": ["image"], "data": [...]}}`."""
+
+    input_data: InputData
+    params: dict[str, Any] | None = Field(None, description="accepted for MLflow scoring compatibility; unused")
+
+
+class ScoreItem(BaseModel):
+    """One image's answer: multi-class gives one visualisation/attribution, multi-label a list per predicted label."""
+
+    probs: list[float]
+    labels: list[str]
+    visualizations: str | list[str] | None = None
+    attributions: Any = None
+    deployment: str
+    model_version: str
+
+
+class PredictQuery(Strict):
+    """The query of `POST /predict`: `?top_k=3` (an unknown or misspelt parameter is an error, not ignored)."""
+
+    top_k: int = Field(5, ge=1, description="how many labels to answer per image, most probable first")
+
+
+class TopLabel(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictItem(BaseModel):
+    predicted: list[str] = Field(description="the predicted class; every label over the threshold for multi-label")
+    top_k: list[TopLabel]
+
+
+class PredictResponse(BaseModel):
+    """`POST /predict`: one item per image, in the order sent."""
+
+    deployment: str
+    model_version: str
+    predictions: list[PredictItem]
+
+
+class ExplainRequest(Strict):
+    """`POST /explain` as JSON; the same fields are accepted as query parameters with a raw or multipart image."""
+
+    image_base64: str
+    method: XaiAlgorithm = "xrai"
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {\"n_steps\": 50}")
+    targets: list[str] | None = Field(None, description="labels to explain instead of the prediction")
+    visualizations: bool = True
+    attributions: bool = True
+    attributions_encoding: AttributionEncoding = "npy_base64"
+
+
+class TargetExplanation(BaseModel):
+    label: str
+    visualization: str | None = None
+    attributions: Any = None
+
+
+class ExplainResponse(BaseModel):
+    deployment: str
+    model_version: str
+    method: str
+    explanations: list[TargetExplanation]
+    fidelity: dict[str, Any]
+
+
+def describe_fields(error: ValidationError, what: str) -> str:
+    """One readable line per problem of a request body; extra keys are called unknown fields."""
+    return describe_validation_error(error, what).replace("unknown setting", "unknown field")
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests deeper than Python's parser goes)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"{what} nests its arrays or objects too deeply", "invalid_json") from None
+
+
+def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> Any:
+    """`body` validated by a pydantic model (or TypeAdapter); 400 for missing or malformed JSON, 422 naming each
+    invalid field."""
+    if not body:
+        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
+    values = load_json(body, f"the {what} body")
+    try:
+        return schema.model_validate(values) if hasattr(schema, "model_validate") else schema.validate_python(values)
+    except ValidationError as error:
+        raise unprocessable(describe_fields(error, f"{what} body")) from None
+
+
+def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
+    """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults."""
+    columns = request.input_data.columns
+    if "image" not in columns:
+        raise unprocessable(f"input_data.columns must include 'image'; got {columns}", "invalid_columns")
+    column = columns.index("image")
+    rows = []
+    for position, item in enumerate(request.input_data.data):
+        if isinstance(item, list):
+            if len(item) != len(columns) or not isinstance(item[column], str):
+                raise unprocessable(f"input_data.data[{position}]: a row must hold one string per column {columns}",
+                                    "invalid_row")
+            item = item[column]
+        rows.append(_parse_row(item, position))
+    return rows
+
+
+def _parse_row(item: str, position: int) -> ScoreRow:
+    text = item.strip()
+    if not text.startswith("{"):
+        return ScoreRow(image_base64=text)
+    values = load_json(text, f"input_data.data[{position}]")
+    try:
+        row = ScoreRow.model_validate(values)
+    except ValidationError as error:
+        raise unprocessable(describe_fields(error, f"input_data.data[{position}]"), "invalid_row") from None
+    row.xai_parameters.method_params(f"input_data.data[{position}].xai_parameters")
+    return row

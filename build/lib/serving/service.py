@@ -1,0 +1,61 @@
+"""The BentoML service: one instance per worker process, serving the endpoint configured by `endpoint.yaml`.
+
+Start it with `lantern serve endpoint.yaml`, or `bentoml serve` (from a checkout or a built bento) with
+`--arg config=PATH` and `--arg workers=N`; without them it reads `$LANTERN_ENDPOINT_CONFIG`, else `endpoint.yaml`
+in the working directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import bentoml
+from pydantic import BaseModel
+
+from serving.app import build_app
+from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
+from serving.endpoint import Endpoint
+from serving.unrouted import UnroutedRequests
+
+CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
+WORKERS_ENV = "LANTERN_WORKERS"
+logger = logging.getLogger("lantern.serving")
+logger.setLevel(logging.INFO)  # lifecycle lines (loaded, ready, serving generation N, retired) beside the access log
+
+
+class ServeArguments(BaseModel):
+    """`bentoml serve ... --arg config=endpoint.yaml --arg workers=2`."""
+
+    config: str = os.environ.get(CONFIG_ENV, "endpoint.yaml")
+    workers: int = int(os.environ.get(WORKERS_ENV, "1"))
+
+
+arguments = bentoml.use_arguments(ServeArguments)
+os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
+endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
+app = build_app()
+
+
+@bentoml.service(
+    name="lantern",
+    workers=arguments.workers,
+    traffic={"timeout": MAX_REQUEST_TIMEOUT_MS / 1000 + 30},  # deployments added later may take the longest
+)
+@bentoml.asgi_app(app, path="/")
+class Lantern:
+    """Serves the deployments of one endpoint: predictions through adaptive batching, explanations on the side."""
+
+    def __init__(self) -> None:
+        self.endpoint = Endpoint(endpoint_config)
+        app.state.endpoint = self.endpoint
+        self.endpoint.start()
+
+    def __is_ready__(self) -> bool:
+        return self.endpoint.is_ready()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.endpoint.stop()
+
+
+Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

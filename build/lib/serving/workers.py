@@ -1,0 +1,83 @@
+"""What each worker process serves, published as a small JSON file per worker beside the endpoint state, so the
+management API (answered by any one worker) can say whether a change has taken effect everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+HEARTBEAT_S = 1.0
+STALE_S = 5.0
+
+
+class InstanceStatus(BaseModel):
+    """One deployment as a worker serves it: the serving instance, and the next one while it is being readied."""
+
+    generation: int
+    state: str
+    reason: str | None = None
+    model_version: str | None = None
+    backend: str | None = Field(None, description="what runs predictions once loaded, e.g. 'onnxruntime "
+                                                  "(CUDAExecutionProvider)': the provider ONNX Runtime really chose")
+    explain_device: str | None = Field(None, description="the torch device explanations run on")
+    next_generation: int | None = None
+    next_state: str | None = None
+    next_reason: str | None = None
+
+
+class WorkerStatus(BaseModel):
+    worker: str
+    pid: int
+    revision: int
+    heartbeat: float
+    deployments: dict[str, InstanceStatus]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StatusBoard:
+    """`workers/<worker>.json` under the endpoint's folder: written by each worker, read by the management API."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder / "workers"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, status: WorkerStatus) -> None:
+        path = self.folder / f"{status.worker}.json"
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # threads may publish at once
+        temporary.write_text(status.model_dump_json())
+        os.replace(temporary, path)
+
+    def withdraw(self, worker: str) -> None:
+        (self.folder / f"{worker}.json").unlink(missing_ok=True)
+
+    def live(self) -> list[WorkerStatus]:
+        """Workers that published within STALE_S and whose process is still there (files of dead ones are removed)."""
+        found = []
+        now = time.time()
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                status = WorkerStatus.model_validate_json(path.read_text())
+            except (OSError, ValidationError, json.JSONDecodeError):
+                continue
+            if not _alive(status.pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            if now - status.heartbeat <= STALE_S:
+                found.append(status)
+        return found
