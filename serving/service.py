@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from serving.app import build_app
 from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
 from serving.endpoint import Endpoint
+from serving.request_ids import RequestIds
 from serving.unrouted import UnroutedRequests
 
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
@@ -58,4 +59,5 @@ class Lantern:
         self.endpoint.stop()
 
 
+Lantern.add_asgi_middleware(RequestIds)  # x-request-id: the trace id of the access log's line
 Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

@@ -440,6 +440,24 @@ def test_known_routes_are_not_taken_for_unknown_ones(server: Server, key: str) -
     assert redirect.status_code == 307 and redirect.headers["location"].endswith("/score")
 
 
+def test_every_answer_carries_a_request_id_that_the_server_log_names(server: Server, key: str) -> None:
+    answers = [httpx.post(f"{server.url}/predict", content=png_bytes(), headers=auth(key)),
+               httpx.post(f"{server.url}/predict", content=png_bytes()),  # 401
+               httpx.get(f"{server.url}/nothing"),  # 404
+               httpx.get(f"{server.url}/manage/endpoint")]  # 401 from the management API
+    assert [answer.status_code for answer in answers] == [200, 401, 404, 401]
+    ids = [answer.headers["x-request-id"] for answer in answers]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids) and len(set(ids)) == len(ids)
+    deadline = time.monotonic() + 10  # the access log's line is written once the answer is sent
+    while not all(f"trace={request_id}" in server.log_path.read_text() for request_id in ids):
+        assert time.monotonic() < deadline, f"request ids {ids} not in the access log"
+        time.sleep(0.2)
+    theirs = "4bf92f3577b34da6a3ce929d0e0e4736"  # a W3C traceparent from the client names the request
+    answer = httpx.post(f"{server.url}/predict", content=png_bytes(), headers=auth(
+        key, traceparent=f"00-{theirs}-00f067aa0ba902b7-01"))
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == theirs
+
+
 def test_the_web_page_is_self_contained_and_sends_what_the_routes_take(server: Server, key: str,
                                                                        tmp_path: Path) -> None:
     page = httpx.get(f"{server.url}/")
