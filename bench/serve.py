@@ -1,6 +1,6 @@
 """Serving benchmark, run by hand:
 `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
-[--skip-overhead]`.
+[--skip-overhead] [--images-per-request N]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -14,6 +14,8 @@ concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `ml
    costs next to nothing: requests per second and the server's CPU milliseconds per request. On a CPU the resnet50
    comparison measures the same ONNX Runtime on both sides; this one shows what each server adds, which is what bounds
    a GPU server.
+5. With `--images-per-request N`: Lantern on resnet50 again at concurrency 32, N images per multipart request, so the
+   HTTP cost is shared by N images; against the limit, it tells how much of the gap at one image per request is HTTP.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def load(url: str, request: Request, concurrency: int, seconds: float, loaders: 
     elapsed = max(e for _, _, e in results)
     return {"concurrency": concurrency, "loaders": loaders, "requests": len(latencies),
             "warm_up_requests": 2 * concurrency,
-            "errors": sum(e for _, e, _ in results), "images_per_s": len(latencies) / elapsed,
+            "errors": sum(e for _, e, _ in results), "requests_per_s": len(latencies) / elapsed,
             "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_s": float(np.percentile(latencies, 99)) if latencies else None}
 
@@ -234,10 +236,12 @@ def server_cpu_seconds(server: "Process") -> float:
 
 
 def measured(server: "Process", url: str, request: Request, concurrency: int, seconds: float, loaders: int,
-             what: str) -> dict:
+             what: str, images_per_request: int = 1) -> dict:
     """One load level, with the server's CPU milliseconds per answered request."""
     before = server_cpu_seconds(server)
     result = load(url, request, concurrency, seconds, loaders)
+    result["images_per_request"] = images_per_request
+    result["images_per_s"] = result["requests_per_s"] * images_per_request
     answered = result["requests"] + result["errors"] + result["warm_up_requests"]
     result["server_cpu_ms_per_request"] = 1000 * (server_cpu_seconds(server) - before) / max(1, answered)
     print(f"  {what}, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
@@ -247,7 +251,8 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
 
 
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, backend: str, workers: int,
-           best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY) -> list[dict]:
+           best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY,
+           images_per_request: int = 1) -> list[dict]:
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
         "name": "resnet", "model": uri, "device": device, "backend": backend, "max_batch_size": max(2, best_batch),
         "max_latency_ms": 60000,
@@ -263,12 +268,23 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
                      env, folder / "lantern.log", f"http://127.0.0.1:{port}/readyz")
     key = subprocess.run([*lantern, "endpoint", "get-credentials", str(path), "--key", "primary"], env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}
+    request = predict_request(image, key, images_per_request)
+    what = "lantern" if images_per_request == 1 else f"lantern, {images_per_request} images per request"
     try:
-        return [measured(server, f"http://127.0.0.1:{port}", Request("/predict", image, headers), concurrency, seconds,
-                         loaders, "lantern") for concurrency in concurrencies]
+        return [measured(server, f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders, what,
+                         images_per_request) for concurrency in concurrencies]
     finally:
         server.stop()
+
+
+def predict_request(image: bytes, key: str, images: int) -> Request:
+    """POST /predict with the JPEG as the raw body, or `images` copies of it as multipart files."""
+    if images == 1:
+        return Request("/predict", image, {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
+    files = [("images", (f"{i}.jpg", image, "image/jpeg")) for i in range(images)]
+    built = httpx.Request("POST", "http://bench/predict", files=files)
+    return Request("/predict", built.read(), {"Authorization": f"Bearer {key}",
+                                               "Content-Type": built.headers["content-type"]})
 
 
 def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], seconds: float, loaders: int,
@@ -297,6 +313,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="per concurrency level (default 20, quick 8)")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
     parser.add_argument("--skip-overhead", action="store_true", help="leave out the tiny-model serving overhead run")
+    parser.add_argument("--images-per-request", type=int, default=0, metavar="N",
+                        help="also serve resnet50 at concurrency 32 with N images per /predict request (multipart): "
+                             "what HTTP costs per image, amortised (a GPU server is bound by it)")
     parser.add_argument("--loaders", type=int, default=max(1, (os.cpu_count() or 1) // 4),
                         help="load-generating processes (default: a quarter of the cores, at least one)")
     args = parser.parse_args()
@@ -317,6 +336,11 @@ def main() -> None:
                          seconds, args.loaders)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
+        multi = None
+        if args.images_per_request > 1:
+            print(f"lantern serve, {args.images_per_request} images per request:")
+            multi = served(uri, image, folder, env, args.device, args.backend, args.workers, reference["best_batch"],
+                           seconds, args.loaders, (32,), args.images_per_request)[0]
         overhead = {}
         if not args.skip_overhead:
             print("serving overhead (a tiny model at 64 px, concurrency 32):")
@@ -334,6 +358,11 @@ def main() -> None:
     print(f"p50 at concurrency 1 vs in-process latency: {p50_ratio:.2f}x (goal <= 1.3x)")
     print("served vs mlflow models serve: " + ", ".join(f"c{c} {v:.1f}x" for c, v in vs_mlflow.items())
           + " (goal >= 3x)")
+    multi_ratio = None
+    if multi is not None:
+        multi_ratio = multi["images_per_s"] / reference["limit_images_per_s"]
+        print(f"served with {args.images_per_request} images per request at concurrency 32 vs the limit: "
+              f"{multi_ratio:.0%}")
     overhead_ratio = None
     if len(overhead) == 2:
         ours, theirs = overhead["lantern"], overhead["mlflow_models_serve"]
@@ -349,9 +378,9 @@ def main() -> None:
         "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
-        "overhead_tiny_model_c32": overhead,
+        "overhead_tiny_model_c32": overhead, "lantern_multi_image_c32": multi,
         "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow,
-                   "tiny_model_served_vs_mlflow": overhead_ratio},
+                   "tiny_model_served_vs_mlflow": overhead_ratio, "multi_image_c32_vs_limit": multi_ratio},
     }, indent=2))
     print(f"wrote {RESULTS}")
 
