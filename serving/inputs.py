@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 
@@ -14,7 +13,6 @@ from serving.errors import ApiError, bad_request, too_large, unsupported_media
 
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
-WHITESPACE = re.compile(r"\s+")
 NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
@@ -29,16 +27,19 @@ def decode_base64_image(text: str, where: str) -> bytes:
     """Image bytes from base64 text: MIME line breaks (as `base64.encodebytes` writes them), data URLs, the URL-safe
     alphabet and left-out `=` padding are all accepted; anything else is a 400 saying where the text went wrong."""
     refuse_url(text, where)
-    compact = WHITESPACE.sub("", DATA_URL_PATTERN.sub("", text.strip(), count=1)).translate(URL_SAFE_TO_STANDARD)
-    stray = NOT_BASE64.search(compact)
-    if stray:
-        raise bad_request(f"{where} is not valid base64: {stray.group()!r} at character {stray.start()}",
-                          "invalid_base64")
+    compact = text.strip()
+    if compact[:5].lower() == "data:":
+        compact = DATA_URL_PATTERN.sub("", compact, count=1)
+    compact = "".join(compact.split())  # str methods and binascii: a regex pass over 28 KB took 0.5 ms
+    if "-" in compact or "_" in compact:
+        compact = compact.translate(URL_SAFE_TO_STANDARD)
     unpadded = compact.rstrip("=")
     try:
-        data = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise bad_request(f"{where} is not valid base64: {error}", "invalid_base64") from None
+        data = binascii.a2b_base64((unpadded + "=" * (-len(unpadded) % 4)).encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError) as error:  # UnicodeEncodeError is a ValueError
+        stray = NOT_BASE64.search(compact)
+        reason = f"{stray.group()!r} at character {stray.start()}" if stray else str(error)
+        raise bad_request(f"{where} is not valid base64: {reason}", "invalid_base64") from None
     if not data:
         raise bad_request(f"{where} is empty", "empty_image")
     return data
