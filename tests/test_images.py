@@ -64,3 +64,19 @@ def test_an_unknown_format_is_named_by_its_first_bytes() -> None:
     with pytest.raises(ImageDecodeError, match=r"not recognised \(it starts with b'%PDF-1.7'\)") as refused:
         decode_image(b"%PDF-1.7 not an image")
     assert "object at 0x" not in str(refused.value)  # no Python object's repr in a message meant for users
+
+
+def test_our_pixel_limit_decides_below_pillows_hard_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns past MAX_IMAGE_PIXELS and refuses past twice that. The configured limit decides up to Pillow's
+    refusal (no warnings filter: it would not be thread-safe); past it, the refusal is a 413-style ImageTooLargeError."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    out = io.BytesIO()
+    Image.new("RGB", (60, 60), (10, 20, 30)).save(out, format="PNG")  # 3600 pixels: between 1x and 2x Pillow's bound
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert decode_image(out.getvalue(), max_pixels=10_000).size == (60, 60)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 1000"):
+        decode_image(out.getvalue(), max_pixels=1000)
+    big = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(big, format="PNG")  # 10000 pixels: past twice Pillow's bound
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):
+        decode_image(big.getvalue(), max_pixels=1_000_000)
