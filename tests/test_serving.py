@@ -489,6 +489,12 @@ def test_the_web_page_is_self_contained_and_sends_what_the_routes_take(server: S
     assert explained.headers["content-type"] == "image/png" and explained.content.startswith(b"\x89PNG")
     assert explained.headers["x-lantern-explained-label"] in answer["predictions"][0]["predicted"]
     assert explained.headers["x-lantern-model-version"] == answer["model_version"]
+    other = answer["predictions"][0]["top_k"][1]["label"]  # an "explain" button beside a label not predicted
+    explained = httpx.post(f"{server.url}/explain?method=xrai&n_steps=8&targets={other}",
+                           files={"image": ("a.png", image, "image/png")},
+                           headers=auth(key, **{"x-lantern-deployment": answer["deployment"], "Accept": "image/png"}),
+                           timeout=120)
+    assert explained.status_code == 200 and explained.headers["x-lantern-explained-label"] == other
 
 
 def test_unknown_xai_parameter_message_names_the_accepted_ones(server: Server, key: str) -> None:
