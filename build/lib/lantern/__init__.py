@@ -1,1 +1,0 @@
-"""Lantern lantern package."""
