@@ -49,12 +49,20 @@ CLIENT_CLOSED = 499
 # per request (3 alternated runs on 2 cores). Older FastAPI versions have no such option.
 NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
                 if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
-ERRORS = {status: {"description": text, "content": {"application/json": {"example": {
+REQUEST_ID = {"x-request-id": {"description": "the request's trace id, as the server's log lines name it (trace=...)",
+                                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}}
+ANSWERED_BY = {**REQUEST_ID,
+               "x-lantern-deployment": {"description": "the deployment that answered", "schema": {"type": "string"}},
+               "x-lantern-model-version": {"description": "its model version (models:/NAME/VERSION)",
+                                           "schema": {"type": "string"}}}
+ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"application/json": {"example": {
     "error": {"code": code, "message": "what was wrong and what is accepted"}}}}}
     for status, code, text in [
         (400, "bad_request", "malformed body, JSON or base64; a URL where image bytes belong"),
         (401, "unauthorized", "missing or wrong scoring key"),
-        (404, "no_deployment", "no deployment to route to, or an unknown pinned deployment"),
+        (404, "no_deployment", "no deployment to route to, or an unknown pinned deployment (`unknown_route`: no "
+                               "such path)"),
+        (405, "method_not_allowed", "a method the route does not take (the Allow header names those it does)"),
         (408, "request_timeout", "the request exceeded request_timeout_ms; its work was abandoned"),
         (413, "payload_too_large", "body or image (pixel count) over the limit"),
         (415, "unsupported_media_type", "not an image, or a content type the route does not take"),
@@ -311,7 +319,7 @@ def build_app() -> FastAPI:
                                                        f"{allowed}", headers).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
-    @app.post("/score", responses={200: {"model": list[ScoreItem]}, **ERRORS},
+    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": ANSWERED_BY}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": inline_schema(ScoreRequest)}}}})
     async def score(request: Request) -> Response:
@@ -330,7 +338,7 @@ def build_app() -> FastAPI:
 
         return await handle(request, "/score", wants_explanation, work)
 
-    @app.post("/predict", responses={200: {"model": PredictResponse}, **ERRORS},
+    @app.post("/predict", responses={200: {"model": PredictResponse, "headers": ANSWERED_BY}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -341,7 +349,8 @@ def build_app() -> FastAPI:
         """Top-k labels with probabilities for one or more images (multipart field `images`, or a raw image body)."""
         return await handle(request, "/predict", False, lambda e, c: predict_work(e, c, request))
 
-    @app.post("/explain", responses={200: {"model": ExplainResponse, "content": {"image/png": {}}}, **ERRORS},
+    @app.post("/explain", responses={200: {"model": ExplainResponse, "headers": ANSWERED_BY,
+                                         "content": {"image/png": {}}}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": inline_schema(ExplainRequest)},
                   "image/*": {"schema": {"type": "string", "format": "binary"}},

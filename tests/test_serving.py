@@ -729,8 +729,12 @@ def test_openapi_describes_every_route(server: Server) -> None:
         assert path in bentoml_document["paths"]
     paths = document["paths"]
     score = paths["/score"]["post"]
-    assert {"401", "404", "408", "413", "424", "429", "503"} <= set(score["responses"])
+    assert {"401", "404", "405", "408", "413", "424", "429", "503"} <= set(score["responses"])
     assert score["security"] == [{"scoringKey": []}]
+    for path in ("/score", "/predict", "/explain"):  # the headers every answer carries
+        responses = paths[path]["post"]["responses"]
+        assert {"x-request-id", "x-lantern-deployment", "x-lantern-model-version"} <= set(responses["200"]["headers"])
+        assert "x-request-id" in responses["404"]["headers"]
     for path in ("/manage/endpoint", "/manage/deployments", "/manage/deployments/{name}", "/manage/traffic",
                  "/manage/mirror-traffic", "/manage/keys/{kind}/regenerate"):
         for operation in paths[path].values():
