@@ -28,7 +28,7 @@ class UnroutedRequests:
         if scope["type"] != "http" or router is None:
             await self.app(scope, receive, send)
             return
-        answer = unrouted_answer(list(router.routes), scope, router.redirect_slashes)
+        answer = unrouted_answer(router.routes, scope, router.redirect_slashes)
         if answer is None:
             await self.app(scope, receive, send)
         else:
