@@ -1,6 +1,6 @@
 """Serving benchmark, run by hand:
 `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
-[--skip-overhead] [--images-per-request N]`.
+[--skip-overhead] [--images-per-request N] [--image-size PX]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -17,6 +17,7 @@ concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `ml
 5. With `--images-per-request N`: Lantern on resnet50 again with 32 images in flight as at concurrency 32, but in
    32 / N requests of N images (multipart), so HTTP's cost is shared by N images; against the limit, it tells how much
    of the gap at one image per request is HTTP.
+`--image-size PX` sends a larger JPEG (default 256 px): decoding a phone photo costs more than the model on a GPU.
 """
 
 from __future__ import annotations
@@ -58,11 +59,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def jpeg_image() -> bytes:
+def jpeg_image(size: int = 256) -> bytes:
+    """A shapes image as a `size` x `size` JPEG (drawn at up to 1024 px, then enlarged)."""
+    from PIL import Image
+
     from training.shapes import ShapesConfig, make_sample
 
+    image = make_sample(ShapesConfig(image_size=min(size, 1024), seed=5), 0).image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    make_sample(ShapesConfig(image_size=256, seed=5), 0).image.convert("RGB").save(out, format="JPEG", quality=90)
+    image.save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
@@ -108,7 +115,7 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
     chosen = torch_device(device)
     predictor = OnnxPredictor(bundle.onnx_path, chosen) if backend == "onnxruntime" else \
         TorchPredictor(bundle.module, chosen)
-    x = preprocess(decode_image(image))[None].numpy()
+    x = preprocess(decode_image(image, shorter_side=preprocess.resize_size))[None].numpy()
     throughput = {}
     for batch_size in (1, 2, 4, 8, 16, 32, 64):
         batch = np.repeat(x, batch_size, axis=0)
@@ -122,7 +129,7 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
     latencies = []
     for _ in range(10 if quick else 30):
         start = time.perf_counter()
-        predictor(preprocess(decode_image(image))[None].numpy())
+        predictor(preprocess(decode_image(image, shorter_side=preprocess.resize_size))[None].numpy())
         latencies.append(time.perf_counter() - start)
     best = max(throughput, key=throughput.get)
     return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
@@ -317,6 +324,9 @@ def main() -> None:
     parser.add_argument("--images-per-request", type=int, default=0, metavar="N",
                         help="also serve resnet50 with 32 images in flight in 32/N requests of N images (multipart): "
                              "HTTP's cost shared by N images (a GPU server is bound by it)")
+    parser.add_argument("--image-size", type=int, default=256, metavar="PX",
+                        help="side of the square JPEG sent (default 256; a phone photo is about 3000): decoding it is "
+                             "part of every figure, in-process included")
     parser.add_argument("--loaders", type=int, default=max(1, (os.cpu_count() or 1) // 4),
                         help="load-generating processes (default: a quarter of the cores, at least one)")
     args = parser.parse_args()
@@ -329,7 +339,7 @@ def main() -> None:
         os.environ.update(env)
         print("registering resnet50 (random weights) ...")
         uri = register_resnet50(folder)
-        image = jpeg_image()
+        image = jpeg_image(args.image_size)
         print("in-process:")
         reference = in_process(uri, image, args.device, args.backend, args.quick)
         print("lantern serve:")
@@ -375,7 +385,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "model": "resnet50, random weights, 10 classes, 224 px (JPEG 256 px in)", "backend": args.backend,
+        "model": f"resnet50, random weights, 10 classes, 224 px (JPEG {args.image_size} px in)", "backend": args.backend,
         "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,

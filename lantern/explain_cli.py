@@ -51,7 +51,7 @@ def explain_command(image: str, model_ref: str, method: str, assignments: tuple[
     if unknown:
         raise LanternError(f"unknown label(s) {', '.join(unknown)}; {bundle.uri} knows {', '.join(bundle.labels)}")
     preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
-    cropped = preprocess.crop(decode_image(Path(image).read_bytes()))
+    cropped = preprocess.crop(decode_image(Path(image).read_bytes(), shorter_side=preprocess.resize_size))
     x = preprocess.normalize(cropped).to(next(bundle.module.parameters()).device)
     threshold = getattr(bundle.settings, "confidence_score_threshold_multilabel", 0.5)
     try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from registry.errors import LanternError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+REDUCING_GAP = 3.0  # Pillow's term: a JPEG is decoded no smaller than 3x the size it will be resized to
 
 
 class ImageDecodeError(LanternError):
@@ -19,8 +21,13 @@ class ImageTooLargeError(LanternError):
     """The image declares more pixels than allowed (a decompression bomb is refused before decoding)."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `data` into an RGB PIL image, refusing non-images and images over `max_pixels`."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, shorter_side: int | None = None) -> Image.Image:
+    """Decode `data` into an RGB PIL image, refusing non-images and images over `max_pixels`.
+
+    `shorter_side`: the size the caller will resize the shorter side to. A JPEG at least twice REDUCING_GAP times
+    larger is decoded at 1/2, 1/4 or 1/8 scale (Pillow's `draft`: libjpeg's DCT scaling), never below REDUCING_GAP x
+    `shorter_side`: a 12 MP phone photo costs half the CPU and a quarter of the memory, and after the resize its
+    pixels are within a few grey levels of a full decode's (Pillow's `thumbnail` does the same, with a gap of 2)."""
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
     try:  # no warnings.catch_warnings() here: it is not thread-safe, and servers decode in several threads at once
@@ -30,6 +37,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             raise ImageTooLargeError(
                 f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
             )
+        if shorter_side and image.format == "JPEG":
+            needed = math.ceil(shorter_side * REDUCING_GAP)
+            if min(width, height) >= 2 * needed:
+                image.draft(None, (needed, needed))  # the largest reduction keeping both sides >= needed
         image.load()
     except ImageTooLargeError:
         raise

@@ -55,7 +55,8 @@ class LanternImageModel(mlflow.pyfunc.PythonModel):
         """`model_input`: a DataFrame with an `image` column (MLflow enforces the signature before this runs)."""
         if "image" not in model_input.columns:
             raise LanternError("the input needs an `image` column of base64-encoded image bytes")
-        batch = self.preprocess.batch(decode_image(_image_bytes(value)) for value in model_input["image"]).numpy()
+        batch = self.preprocess.batch(decode_image(_image_bytes(value), shorter_side=self.preprocess.resize_size)
+                                     for value in model_input["image"]).numpy()
         logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         probs = probabilities(logits, self.spec.task)
         rows = []

@@ -240,7 +240,8 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
         raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
                             f"{', '.join(model.bundle.labels)}", "invalid_targets")
     cropped = await endpoint.in_thread(
-        lambda: model.preprocess.crop(decode(blob, "the image", limits.max_image_pixels)))  # off the event loop
+        lambda: model.preprocess.crop(decode(blob, "the image", limits.max_image_pixels,  # off the event loop
+                                             model.preprocess.resize_size)))
     targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None
     explanation = await endpoint.explain(context.instance, cropped, options.method, options.params, context.token,
                                          targets=targets)

@@ -48,7 +48,8 @@ class Prepared:
     pixels: list[np.ndarray]
 
 
-ImageSource = Callable[[], Image.Image]  # decodes one image of a request (raising its 4xx answer) when called
+# decodes one image of a request (raising its 4xx answer) when called with the shorter side it will be resized to
+ImageSource = Callable[[int], Image.Image]
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ class Endpoint:
         def run() -> Prepared:
             crops, pixels = [], []
             for source in sources:
-                crop = preprocess.crop(source())
+                crop = preprocess.crop(source(preprocess.resize_size))
                 crops.append(crop)
                 pixels.append(preprocess.normalize(crop).numpy())
             return Prepared(crops, pixels)

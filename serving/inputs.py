@@ -45,10 +45,11 @@ def decode_base64_image(text: str, where: str) -> bytes:
     return data
 
 
-def decode(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """An RGB image, or the 413 / 415 answer naming what was wrong."""
+def decode(data: bytes, where: str, max_pixels: int, shorter_side: int | None = None) -> Image.Image:
+    """An RGB image, or the 413 / 415 answer naming what was wrong; a large JPEG is decoded at a reduced scale no
+    smaller than 3 x `shorter_side` (registry/images.py)."""
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return decode_image(data, max_pixels=max_pixels, shorter_side=shorter_side)
     except ImageTooLargeError as error:
         raise too_large(f"{where}: {error}") from None
     except ImageDecodeError as error:

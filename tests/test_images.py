@@ -80,3 +80,49 @@ def test_our_pixel_limit_decides_below_pillows_hard_bound(monkeypatch: pytest.Mo
     Image.new("RGB", (100, 100)).save(big, format="PNG")  # 10000 pixels: past twice Pillow's bound
     with pytest.raises(ImageTooLargeError, match="decompression bomb"):
         decode_image(big.getvalue(), max_pixels=1_000_000)
+
+
+def photo_like(width: int, height: int) -> Image.Image:
+    """Smooth colour gradients with sharp-edged discs and some noise: edges and texture, like a photograph."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    pixels = np.stack([128 + 100 * np.sin(6 * x), 128 + 100 * np.cos(5 * y), 255 * x * y], axis=-1)
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.03, 0.15)
+        pixels[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    pixels += rng.normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_crop() -> None:
+    """A JPEG whose shorter side is at least 2 x 3 x the resize target is decoded at 1/2, 1/4 or 1/8 scale, never
+    below 3 x the target; resized and cropped, it matches the full decode's crop within a few grey levels."""
+    from registry.preprocess import Preprocess
+
+    data = encoded(photo_like(2400, 1800), "JPEG", quality=92)
+    full = decode_image(data)
+    reduced = decode_image(data, shorter_side=256)
+    assert full.size == (2400, 1800)
+    assert reduced.size == (1200, 900) and reduced.mode == "RGB"  # 1800 // 768 = 2: half scale, and >= 768
+    assert decode_image(data, shorter_side=128).size == (600, 450)  # 1800 // 384 = 4: a quarter, >= 384
+    preprocess = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    difference = np.abs(np.asarray(preprocess.crop(full), np.int16) - np.asarray(preprocess.crop(reduced), np.int16))
+    print(f"reduced-scale crop vs full decode: mean {difference.mean():.3f}, max {difference.max()} grey levels")
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 4
+
+
+@pytest.mark.parametrize("fmt,size", [("PNG", (2400, 1800)), ("JPEG", (2000, 1535))])
+def test_other_images_are_decoded_at_full_size(fmt: str, size: tuple[int, int]) -> None:
+    """Only JPEG has a reduced-scale decode, and only from twice the needed size (a 1535 px side is under 2 x 768)."""
+    assert decode_image(encoded(photo_like(*size), fmt), shorter_side=256).size == size
+
+
+def test_a_reduced_scale_decode_keeps_the_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display: stored 1600 x 1600 // 2 landscape, shown portrait
+    image = photo_like(3200, 1600)
+    image.paste((255, 0, 0), (0, 0, 1600, 1600))  # stored left half red: after the rotation it is the top
+    decoded = decode_image(encoded(image, "JPEG", quality=90, exif=exif.tobytes()), shorter_side=256)
+    assert decoded.size == (800, 1600)  # 1600 // 768 = 2: half scale, then rotated
+    top = np.asarray(decoded)[100, 400]
+    assert top[0] > 200 and top[1] < 60, top
