@@ -61,12 +61,12 @@ def with_overrides(settings: ClassificationSettings, task: str, overrides: dict[
     return build_settings(task, {**settings.model_dump(), **overrides})
 
 
-def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Parse `key=value` strings (from `--set`) into a dict; the schema converts the values."""
+def parse_assignments(pairs: list[str] | tuple[str, ...], option: str = "--set") -> dict[str, str]:
+    """Parse `key=value` strings (from `option`) into a dict; the schema converts the values."""
     result: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SpecError(f"--set expects key=value, got {pair!r}")
+            raise SpecError(f"{option} expects key=value, got {pair!r}")
         result[key.strip()] = value.strip()
     return result

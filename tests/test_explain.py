@@ -331,13 +331,62 @@ def test_explain_command_writes_the_png_and_the_report(trained_shapes: TrainResu
     report = json.loads(done.stdout)
     assert report["model"] == registered.uri and report["labels"] == list(example.labels)
     assert report["params"]["n_steps"] == 16 and report["completeness_error"][0] >= 0
-    assert Image.open(out).size == (512, 512)  # 64 px panels enlarged 4x and np.load(npy).shape == (1, 3, 64, 64)
+    assert Image.open(out).size == (512, 512)  # 64 px panels enlarged 4x
+    assert np.load(npy).shape == (1, 3, 64, 64)
 
     refused = subprocess.run(
         [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
-         "--param", "n_steps=1", "--target", "hexagon"], capture_output=True, text=True, timeout=300)
+         "--target", "hexagon"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "unknown label(s) hexagon" in refused.stderr
     bad_param = subprocess.run(
         [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
          "--param", "n_steps=1"], capture_output=True, text=True, timeout=300)
     assert bad_param.returncode == 2 and "n_steps: Input should be greater than or equal to 2" in bad_param.stderr
+
+
+def test_explain_command_explains_a_folder_into_out_dir(trained_shapes: TrainResult, store: str,
+                                                        tmp_path: Path) -> None:
+    """Several images (a folder, plus a file with the same stem elsewhere) go to --out-dir: a PNG and an .npy per
+    image, one report line each; an unreadable file is reported and skipped (exit status 1), not the end of the run."""
+    import shutil
+    import subprocess
+
+    from registry.register import register_session_checkpoint
+    from tests.conftest import lantern_executable
+
+    register_session_checkpoint("batch-explained", trained_shapes.session_dir, alias="champion")
+    _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
+    folder, other = tmp_path / "images", tmp_path / "other"
+    folder.mkdir()
+    other.mkdir()
+    for example in validation[:3]:
+        shutil.copy(example.path, folder / example.path.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("not an image: left out by its suffix")
+    shutil.copy(validation[3].path, other / validation[0].path.name)  # the same stem as the folder's first image
+    out_dir = tmp_path / "explained"
+    command = [lantern_executable(), "explain", str(folder), str(other / validation[0].path.name),
+               "--model", "models:/batch-explained@champion", "--method", "guided_backprop"]
+    done = subprocess.run(command + ["--out-dir", str(out_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # one image failed; the others were explained
+    summary = json.loads(done.stdout)
+    assert summary["images"] == 5 and summary["explained"] == 4
+    assert [Path(f["image"]).name for f in summary["failed"]] == ["broken.png"]
+    assert "not a readable image" in summary["failed"][0]["error"]
+    reports = [json.loads(line) for line in (out_dir / "reports.jsonl").read_text().splitlines()]
+    assert len(reports) == 5 and sum("error" in r for r in reports) == 1
+    explained = [r for r in reports if "error" not in r]
+    stems = [validation[0].path.stem, validation[1].path.stem, validation[2].path.stem,
+             f"{validation[0].path.stem}-2"]  # sorted folder first, then the file with the repeated stem
+    assert sorted(r["attributions"] for r in explained) == sorted(f"{stem}.npy" for stem in stems)
+    for report in explained:
+        assert report["method"] == "guided_backprop" and len(report["labels"]) == 1
+        assert Image.open(out_dir / report["visualizations"][0]).size == (512, 512)
+        assert np.load(out_dir / report["attributions"]).shape == (1, 3, 64, 64)
+    assert "guided_backprop 5/5" in done.stderr  # one progress line per image when stderr is not a terminal
+
+    several = subprocess.run(command + ["--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
+    assert several.returncode == 2 and "5 images to explain: give --out-dir DIR" in several.stderr
+    bad = subprocess.run(command + ["--out-dir", str(out_dir), "--param", "n_steps=8"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "n_steps: not a parameter of guided_backprop" in bad.stderr
