@@ -132,6 +132,7 @@ def attribute(
         attributions = result.gains.float()[:, None].expand(-1, 3, -1, -1)
         report.update(completeness_error=[max(errors) for errors in result.completeness_error],
                       baseline_completeness_error=result.completeness_error, segments=result.segments,
+                      internal_batch_size=result.internal_batch_size,
                       stage_seconds={"gradients": result.gradient_seconds, "regions": result.region_seconds})
     else:
         inputs = x.expand(len(chosen), -1, -1, -1).contiguous()

@@ -3,9 +3,12 @@ batches that fit memory, the convergence delta, and an optional SmoothGrad wrapp
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel
@@ -20,6 +23,8 @@ from explain.params import IntegratedGradientsParams
 # 2 cores: 4 points 1.04x the time of 8-10, 16 points 1.05x, 25 points 1.6x, where the working set no longer fits).
 PATH_MEMORY_BUDGET = {"cpu": 3 * 1024**3, "cuda": 4 * 1024**3}
 MAX_PATH_BATCH = 256
+T = TypeVar("T")
+logger = logging.getLogger("lantern.explain")
 
 
 @dataclass(frozen=True)
@@ -31,12 +36,17 @@ class IGResult:
 
 
 _ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+_FITTING_POINTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def _shape_key(sample: Tensor) -> tuple:
+    return tuple(sample.shape[1:]), sample.dtype, sample.device
 
 
 def activation_bytes(model: nn.Module, sample: Tensor) -> int:
     """Bytes of every module output of one forward pass on `sample` (one image): what autograd keeps per point.
     Measured once per model, input shape, dtype and device (a served model explains many images of one size)."""
-    key = (tuple(sample.shape[1:]), sample.dtype, sample.device)
+    key = _shape_key(sample)
     known = _ACTIVATION_BYTES.setdefault(model, {})
     if key not in known:
         known[key] = _measure_activation_bytes(model, sample)
@@ -66,8 +76,32 @@ def path_batch_size(model: nn.Module, sample: Tensor, rows: int, steps: int) -> 
     device: a whole number of steps for every row (captum splits the path by steps), in passes of equal size."""
     budget = PATH_MEMORY_BUDGET["cuda" if sample.device.type == "cuda" else "cpu"]
     most = int(max(1, min(MAX_PATH_BATCH, budget // (2 * activation_bytes(model, sample)))))
+    most = min(most, _FITTING_POINTS.get(model, {}).get(_shape_key(sample), most))
+    return _even_passes(most, rows, steps)
+
+
+def _even_passes(most: int, rows: int, steps: int) -> int:
     passes = math.ceil(steps / max(1, most // rows))
     return math.ceil(steps / passes) * rows
+
+
+def fitting_path_batch(run: Callable[[int], T], batch: int, model: nn.Module, sample: Tensor, rows: int,
+                       steps: int) -> tuple[T, int]:
+    """`run(batch)` and the batch it ran with: when the device runs out of memory (a GPU shared with other
+    deployments and explanations), retried with half as many path points per pass, down to one step of every row.
+    The size that fitted is remembered for this model and input shape, so later explanations start there."""
+    while True:
+        try:
+            return run(batch), batch
+        except torch.OutOfMemoryError:
+            if batch <= rows:
+                raise
+        smaller = _even_passes(max(rows, batch // 2), rows, steps)  # outside the handler: its frames are freed
+        if sample.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("out of %s memory at %d path points per pass; retrying with %d", sample.device, batch, smaller)
+        _FITTING_POINTS.setdefault(model, {})[_shape_key(sample)] = smaller
+        batch = smaller
 
 
 def target_scores(model: nn.Module, inputs: Tensor, targets: list[int]) -> Tensor:
@@ -84,17 +118,23 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
     Zeros in a normalised input space are the mean colour, not black: callers pass the normalised black image."""
     baselines = torch.zeros_like(inputs) if baselines is None else baselines
     rows = inputs.shape[0] * (params.smoothgrad_samples or 1)  # NoiseTunnel runs IG on every noisy copy at once
-    batch = params.internal_batch_size or path_batch_size(model, inputs, rows, params.n_steps)
     ig = IntegratedGradients(model)
-    if params.smoothgrad_samples:
-        attributions = NoiseTunnel(ig).attribute(
-            inputs, nt_type="smoothgrad", nt_samples=params.smoothgrad_samples, stdevs=params.smoothgrad_stdev,
-            baselines=baselines, target=targets, n_steps=params.n_steps, method=params.approximation_method,
-            internal_batch_size=batch,
-        )
+
+    def run(batch: int) -> Tensor:
+        if params.smoothgrad_samples:
+            return NoiseTunnel(ig).attribute(
+                inputs, nt_type="smoothgrad", nt_samples=params.smoothgrad_samples, stdevs=params.smoothgrad_stdev,
+                baselines=baselines, target=targets, n_steps=params.n_steps, method=params.approximation_method,
+                internal_batch_size=batch,
+            )
+        return ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
+                            method=params.approximation_method, internal_batch_size=batch)
+
+    if params.internal_batch_size:  # the caller's choice is kept, out of memory or not
+        attributions, batch = run(params.internal_batch_size), params.internal_batch_size
     else:
-        attributions = ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
-                                    method=params.approximation_method, internal_batch_size=batch)
+        attributions, batch = fitting_path_batch(run, path_batch_size(model, inputs, rows, params.n_steps), model,
+                                                 inputs, rows, params.n_steps)
     if input_scores is None:
         input_scores = target_scores(model, inputs, targets)
     gap = input_scores - target_scores(model, baselines, targets)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from explain.integrated import path_batch_size
+from explain.integrated import fitting_path_batch, path_batch_size
 from explain.xrai_regions import segment_masks, select_regions
 
 
@@ -32,6 +32,7 @@ class XRAIResult:
     gradient_seconds: float
     region_seconds: float
     segments: int
+    internal_batch_size: int  # path points per pass, after any halving for memory
 
 
 def pair_integrated_gradients(score: Callable[[Tensor], Tensor], x: Tensor, baselines: Tensor, steps: int,
@@ -70,7 +71,13 @@ def xrai(model: nn.Module, x: Tensor, targets: Sequence[int], steps: int, fast: 
         def score(points: Tensor, target: int = target) -> Tensor:
             return model((points - m) / s)[:, target]
 
-        ig = pair_integrated_gradients(score, pixels, baselines, steps, chunk)
+        def run(points: int, score: Callable[[Tensor], Tensor] = score) -> Tensor:
+            return pair_integrated_gradients(score, pixels, baselines, steps, points)
+
+        if batch_size:  # the caller's choice is kept, out of memory or not
+            ig = run(chunk)
+        else:
+            ig, chunk = fitting_path_batch(run, chunk, model, x[None], 1, 2 * steps)
         with torch.no_grad():
             gap = score(pixels[None])[0] - score(baselines)
         errors.append([float(e) for e in ((ig.sum(dim=(1, 2, 3)) - gap) / gap.abs().clamp_min(1e-12)).abs()])
@@ -94,5 +101,5 @@ def xrai(model: nn.Module, x: Tensor, targets: Sequence[int], steps: int, fast: 
         ranks=torch.stack(ranks).cpu() if ranks else empty.long(),
         ig=torch.stack(igs).cpu() if igs else torch.zeros(0, 2, *x.shape),
         completeness_error=errors, gradient_seconds=gradient_seconds, region_seconds=region_seconds,
-        segments=int(masks.shape[0]),
+        segments=int(masks.shape[0]), internal_batch_size=chunk,
     )

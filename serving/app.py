@@ -69,7 +69,8 @@ ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"appl
         (422, "invalid_request", "a field or parameter out of range, unknown, or of the wrong type"),
         (424, "model_error", "the model failed on this input; the reason is in the message"),
         (429, "too_many_requests", "more requests in flight than the deployment allows"),
-        (503, "not_ready", "the deployment is loading, unready or failed"),
+        (503, "not_ready", "the deployment is loading, unready or failed (`out_of_memory`: its device ran out of "
+                           "memory for this request; retry it later)"),
     ]}
 
 

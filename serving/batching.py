@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import numpy as np
+import torch
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
 from serving.deployment import Deployment
@@ -104,7 +105,24 @@ class BatchedPredictor:
             pass
 
 
+# ONNX Runtime has no exception type for it (its CUDA arena and cudaMalloc failures are RuntimeExceptions saying so),
+# and torch raises OutOfMemoryError only for its own allocator (cuDNN's and cuBLAS's failures are RuntimeErrors)
+ORT_OUT_OF_MEMORY = ("failed to allocate memory", "out of memory")
+CUDA_OUT_OF_MEMORY = ("cuda error: out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+
+
+def out_of_memory(error: Exception) -> bool:
+    text = str(error).lower()
+    if isinstance(error, torch.OutOfMemoryError) or any(t in text for t in CUDA_OUT_OF_MEMORY):
+        return True
+    return type(error).__module__.startswith("onnxruntime") and any(t in text for t in ORT_OUT_OF_MEMORY)
+
+
 def model_error(deployment: Deployment, error: Exception) -> ApiError:
-    """The 424 answer when the model fails on an input."""
+    """The 424 answer when the model fails on an input, or a 503 when its device ran out of memory: that is not the
+    input's fault, and a retry may fit once other work has left the device."""
+    if out_of_memory(error):
+        return ApiError(503, "out_of_memory", f"deployment {deployment.name} ran out of device memory for this "
+                                              f"request; retry it later", {"Retry-After": "1"})
     return ApiError(424, "model_error", f"deployment {deployment.name} failed on this input: "
                                         f"{type(error).__name__}: {error}")

@@ -84,6 +84,46 @@ def test_integrated_gradients_equals_captum_and_is_batch_invariant(cnn: SmallCNN
     assert ours.attributions.shape == (1, 3, 32, 32)
 
 
+class MemoryLimited(nn.Module):
+    """A model on a device that holds at most `most` inputs a pass: a larger batch raises torch.OutOfMemoryError, as
+    CUDA's caching allocator does when a GPU is shared by other deployments and explanations."""
+
+    def __init__(self, model: nn.Module, most: int) -> None:
+        super().__init__()
+        self.model, self.most, self.batches = model, most, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {x.shape[0]} inputs, room for {self.most})")
+        return self.model(x)
+
+
+@pytest.mark.parametrize(("method", "params"), [("integrated_gradients", {"n_steps": 24}),
+                                                ("integrated_gradients", {"n_steps": 8, "smoothgrad_samples": 2}),
+                                                ("xrai", {"n_steps": 12})])
+def test_out_of_memory_halves_the_path_batch_and_remembers_it(cnn: SmallCNN, method: str, params: dict) -> None:
+    """Out of device memory, the gradient passes are retried with half as many path points until they fit; the result
+    equals the unconstrained one, the report gives the size that fitted, and the next explanation starts there."""
+    x = image_tensor(3)
+    torch.manual_seed(0)  # SmoothGrad's noise
+    expected = attribute(cnn, x, method, params)
+    limited = MemoryLimited(cnn, most=5)
+    explained = attribute(limited, x, method, params)
+    if "smoothgrad_samples" not in params:  # (a retry draws new noise)
+        assert torch.allclose(explained.attributions, expected.attributions, rtol=1e-5, atol=1e-7)
+    assert max(limited.batches) > 5 and explained.fidelity.internal_batch_size <= 5  # it did run out, then fitted
+    limited.batches.clear()
+    torch.manual_seed(0)
+    again = attribute(limited, x, method, params)
+    assert max(limited.batches) <= 5 and again.fidelity.internal_batch_size == explained.fidelity.internal_batch_size
+    assert torch.allclose(again.attributions, expected.attributions, rtol=1e-5, atol=1e-7)
+    with pytest.raises(torch.OutOfMemoryError):  # a size the caller chose is kept, out of memory or not
+        attribute(MemoryLimited(cnn, most=5), x, method, {**params, "internal_batch_size": 8})
+    with pytest.raises(torch.OutOfMemoryError):  # one step of every row a pass does not fit: nothing left to halve
+        attribute(MemoryLimited(cnn, most=0), x, method, params)
+
+
 @pytest.mark.parametrize(("points_in_budget", "rows", "steps", "expected"), [
     (12, 1, 50, 10),  # 5 passes of 10, not 4 of 12 and one of 2
     (8, 1, 50, 8),  # 7 passes: 6 of 8, one of 2 is the fewest passes

@@ -53,3 +53,29 @@ def test_padded_batches_answer_like_unpadded_ones(onnx_path: tuple[SmallCNN, Pat
     with torch.inference_mode():
         np.testing.assert_allclose(logits, model(torch.from_numpy(np.stack(rows))).numpy(), atol=1e-4)
     assert TorchPredictor(model, torch.device("cpu")).buckets is None
+
+
+def test_running_out_of_device_memory_is_a_503_to_retry_not_the_inputs_fault() -> None:
+    """torch's OutOfMemoryError, and ONNX Runtime's arena or cudaMalloc failures (RuntimeExceptions in its words),
+    answer 503 `out_of_memory` with Retry-After; any other failure stays the input's 424."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    from serving.batching import model_error
+    from serving.config import DeploymentConfig
+    from serving.deployment import Deployment
+
+    deployment = Deployment(DeploymentConfig(name="blue", model="models:/shapes/1"))
+    arena = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+                             "Conv node. Status Message: bfc_arena.cc:376 onnxruntime::BFCArena::AllocateRawInternal "
+                             "Failed to allocate memory for requested buffer of size 285081600")
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), arena,
+                  Fail("CUDA failure 2: out of memory ; GPU=0"), RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+                  RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")):
+        answer = model_error(deployment, error)
+        assert (answer.status, answer.code, answer.headers) == (503, "out_of_memory", {"Retry-After": "1"}), error
+        assert "blue ran out of device memory" in answer.message
+    for error in (RuntimeError("out of memory"),  # neither CUDA's nor ONNX Runtime's: no telling what it means
+                  RuntimeException("Non-zero status code returned while running Reshape node: invalid shape")):
+        answer = model_error(deployment, error)
+        assert (answer.status, answer.code) == (424, "model_error")
+        assert str(error) in answer.message
