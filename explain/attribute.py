@@ -110,8 +110,10 @@ def attribute(
         raise ExplainError(f"expected one image as a [3, H, W] or [1, 3, H, W] tensor, got {tuple(x.shape)}")
     model.eval()
     start = time.perf_counter()
-    with torch.no_grad():
-        logits = model(x)[0]
+    black = black_image(x, mean, std)
+    with torch.no_grad():  # integrated gradients also needs the black image's scores: one pass for both
+        both = model(torch.cat([x, black])) if method == "integrated_gradients" else model(x)
+    logits = both[0]
     if targets is None:
         chosen = predicted_targets(logits, task, threshold)
     else:
@@ -136,20 +138,25 @@ def attribute(
                       stage_seconds={"gradients": result.gradient_seconds, "regions": result.region_seconds})
     else:
         inputs = x.expand(len(chosen), -1, -1, -1).contiguous()
-        attributions = _run(model, inputs, chosen, method, typed, gradcam_layer, mean, std, report,
-                            logits[chosen])
+        attributions = _run(model, inputs, chosen, method, typed, gradcam_layer, black, report, both[:, chosen])
     report["seconds"] = time.perf_counter() - start
     return Explanation(method, chosen, attributions.detach().float().cpu(), picture, FidelityReport(**report))
 
 
+def black_image(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The black image [1, 3, H, W] shaped like `x`, in the normalised space (zeros there are the mean colour)."""
+    black = (torch.zeros(3, device=x.device, dtype=x.dtype) - torch.tensor(mean, device=x.device, dtype=x.dtype)) \
+        / torch.tensor(std, device=x.device, dtype=x.dtype)
+    return black.view(1, 3, 1, 1).expand(1, 3, *x.shape[2:])
+
+
 def _run(model: nn.Module, inputs: Tensor, targets: list[int], method: str, params: BaseModel,
-         gradcam_layer: str | None, mean: Sequence[float], std: Sequence[float], report: dict[str, Any],
-         scores: Tensor) -> Tensor:
+         gradcam_layer: str | None, black: Tensor, report: dict[str, Any], scores: Tensor) -> Tensor:
+    """`scores` [1 or 2, targets]: the targets' scores of the input (and of the black image for integrated gradients)."""
     if method == "integrated_gradients":
         assert isinstance(params, IntegratedGradientsParams)
-        black = ((torch.zeros(3, device=inputs.device) - torch.tensor(mean, device=inputs.device))
-                 / torch.tensor(std, device=inputs.device)).view(1, 3, 1, 1).expand_as(inputs)
-        result = integrated_gradients(model, inputs, targets, params, baselines=black.contiguous(), input_scores=scores)
+        result = integrated_gradients(model, inputs, targets, params, baselines=black.expand_as(inputs).contiguous(),
+                                      input_scores=scores[0], baseline_scores=scores[1])
         gap = result.gap.abs().clamp_min(1e-12)
         report.update(completeness_error=(result.delta.abs() / gap).tolist(),
                       convergence_delta=result.delta.tolist(), internal_batch_size=result.internal_batch_size)

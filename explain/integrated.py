@@ -21,7 +21,11 @@ from explain.params import IntegratedGradientsParams
 # every pass is as full as the others (50 steps in passes of 8 leave a last pass of 2). On the CPU, 3 GiB gives
 # resnet50 at 224 px 12 points a pass, so 50 steps run as 5 passes of 10, the fastest captum batch measured (50 steps,
 # 2 cores: 4 points 1.04x the time of 8-10, 16 points 1.05x, 25 points 1.6x, where the working set no longer fits).
-PATH_MEMORY_BUDGET = {"cpu": 3 * 1024**3, "cuda": 4 * 1024**3}
+# On a GPU the budget is a quarter of the memory free when the explanation starts (the rest stays for other
+# deployments and explanations sharing it): on an 80 GB H100, resnet50's 50 steps run in one pass, 2x faster than
+# in passes of 13 points that a fixed 4 GiB allowed (43 vs 88 ms).
+PATH_MEMORY_BUDGET = {"cpu": 3 * 1024**3}
+CUDA_FREE_MEMORY_SHARE = 0.25
 MAX_PATH_BATCH = 256
 T = TypeVar("T")
 logger = logging.getLogger("lantern.explain")
@@ -74,10 +78,18 @@ def _measure_activation_bytes(model: nn.Module, sample: Tensor) -> int:
 def path_batch_size(model: nn.Module, sample: Tensor, rows: int, steps: int) -> int:
     """How many path points to evaluate at once for `rows` inputs shaped like `sample`, `steps` points each, on its
     device: a whole number of steps for every row (captum splits the path by steps), in passes of equal size."""
-    budget = PATH_MEMORY_BUDGET["cuda" if sample.device.type == "cuda" else "cpu"]
+    budget = path_memory_budget(sample.device)
     most = int(max(1, min(MAX_PATH_BATCH, budget // (2 * activation_bytes(model, sample)))))
     most = min(most, _FITTING_POINTS.get(model, {}).get(_shape_key(sample), most))
     return _even_passes(most, rows, steps)
+
+
+def path_memory_budget(device: torch.device) -> int:
+    """Bytes of activations one pass of path points may take on `device`."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_MEMORY_SHARE)
+    return PATH_MEMORY_BUDGET["cpu"]
 
 
 def _even_passes(most: int, rows: int, steps: int) -> int:
@@ -111,9 +123,11 @@ def target_scores(model: nn.Module, inputs: Tensor, targets: list[int]) -> Tenso
 
 
 def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], params: IntegratedGradientsParams,
-                         baselines: Tensor | None = None, input_scores: Tensor | None = None) -> IGResult:
+                         baselines: Tensor | None = None, input_scores: Tensor | None = None,
+                         baseline_scores: Tensor | None = None) -> IGResult:
     """IG of each row of `inputs` [N, 3, H, W] for its target, from `baselines` (same shape; None means zeros).
-    `input_scores` [N]: each row's target output when the caller has it already (saves a forward pass).
+    `input_scores`, `baseline_scores` [N]: each row's target output for its input and its baseline, when the caller
+    has them already (each saves a forward pass).
 
     Zeros in a normalised input space are the mean colour, not black: callers pass the normalised black image."""
     baselines = torch.zeros_like(inputs) if baselines is None else baselines
@@ -128,7 +142,10 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
                 internal_batch_size=batch,
             )
         return ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
-                            method=params.approximation_method, internal_batch_size=batch)
+                            method=params.approximation_method, internal_batch_size=one_pass_or(batch))
+
+    def one_pass_or(batch: int) -> int | None:  # the whole path in one pass skips captum's batching machinery
+        return None if batch >= rows * params.n_steps else batch
 
     if params.internal_batch_size:  # the caller's choice is kept, out of memory or not
         attributions, batch = run(params.internal_batch_size), params.internal_batch_size
@@ -137,6 +154,8 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
                                                  inputs, rows, params.n_steps)
     if input_scores is None:
         input_scores = target_scores(model, inputs, targets)
-    gap = input_scores - target_scores(model, baselines, targets)
+    if baseline_scores is None:
+        baseline_scores = target_scores(model, baselines, targets)
+    gap = input_scores - baseline_scores
     delta = attributions.sum(dim=(1, 2, 3)) - gap
     return IGResult(attributions.detach(), delta.detach(), gap.detach(), batch)

@@ -50,11 +50,22 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 ])
 def test_gradient_methods_on_the_gpu_match_the_cpu(model: SmallCNN, picture: np.ndarray, method: str,
                                                    params: dict) -> None:
+    """In full float32 the GPU computes the CPU's maps; with torch's default TF32 convolutions (what serving uses) they
+    differ a little: measured on an H100, 0.14 % for integrated gradients and 2 % for the guided methods, whose
+    zeroed negative gradients turn small rounding differences into sign flips."""
     x = normalised(picture)
     cpu = attribute(model, x, method, params, gradcam_layer=last_conv_layer(model), image=picture)
     gpu_model = SmallCNN(3).eval().cuda()
     gpu_model.load_state_dict(model.state_dict())
-    gpu = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture)
+    tf32 = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture)
+    assert relative_difference(tf32.attributions, cpu.attributions) < 0.05
+    assert tf32.targets == cpu.targets
+    default = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = default
     assert gpu.fidelity.device.startswith("cuda") and cpu.fidelity.device == "cpu"
     assert gpu.targets == cpu.targets
     assert relative_difference(gpu.attributions, cpu.attributions) < 1e-3
