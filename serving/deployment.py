@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -52,6 +53,14 @@ class LoadedModel:
         return float(getattr(self.settings, "confidence_score_threshold_multilabel", 0.5))
 
 
+def freeze_long_lived_objects() -> None:
+    """Leave what is loaded by now (the libraries, the model: ~700k objects in a worker) out of Python's full garbage
+    collections, which requests' short-lived objects trigger every few seconds under load: walking it all took 350 ms
+    on 2 cores, a stall of every request in flight."""
+    gc.collect()
+    gc.freeze()
+
+
 class Deployment:
     """Loads its model version in the background, warms it up, and only then reports ready."""
 
@@ -90,6 +99,7 @@ class Deployment:
             return False
         self.loaded_at = time.monotonic()
         logger.info("deployment %s loaded: %s on %s", self.name, self.model.bundle.uri, self.model.predictor.description)
+        freeze_long_lived_objects()
         return True
 
     def _fail(self, reason: str) -> None:

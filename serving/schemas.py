@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -160,8 +161,36 @@ def describe_fields(error: ValidationError, what: str) -> str:
     return describe_validation_error(error, what).replace("unknown setting", "unknown field")
 
 
+# Lantern's bodies nest a few levels; Python's parser gives up somewhere past a thousand (its limit differs between
+# versions: 3.11 raised RecursionError at 3000 levels where 3.12 parsed them), so the limit is ours and explicit.
+MAX_JSON_DEPTH = 64
+_JSON_TOKENS = {str: re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]'),
+                bytes: re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')}
+
+
+def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `text` opens more than `limit` arrays or objects inside each other (brackets in strings do not count;
+    only texts with more than `limit` opening brackets are scanned)."""
+    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
+    if text.count(opening[0]) + text.count(opening[1]) <= limit:
+        return False
+    depth = 0
+    for token in _JSON_TOKENS[type(text)].finditer(text):
+        bracket = token.group()
+        if bracket in opening:
+            depth += 1
+            if depth > limit:
+                return True
+        elif len(bracket) == 1:
+            depth -= 1
+    return False
+
+
 def load_json(text: str | bytes, what: str) -> Any:
-    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests deeper than Python's parser goes)."""
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels)."""
+    if nests_too_deeply(text):
+        raise bad_request(f"{what} nests its arrays or objects too deeply (more than {MAX_JSON_DEPTH} levels)",
+                          "invalid_json")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -16,6 +16,7 @@ from serving.app import build_app
 from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
 from serving.endpoint import Endpoint
 from serving.request_ids import RequestIds
+from serving.request_timer import cancel_request_timers
 from serving.unrouted import UnroutedRequests
 
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
@@ -31,6 +32,7 @@ class ServeArguments(BaseModel):
     workers: int = int(os.environ.get(WORKERS_ENV, "1"))
 
 
+cancel_request_timers()  # before BentoML builds the app around ours
 arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
