@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,24 @@ def test_running_out_of_device_memory_is_a_503_to_retry_not_the_inputs_fault() -
         answer = model_error(deployment, error)
         assert (answer.status, answer.code) == (424, "model_error")
         assert str(error) in answer.message
+
+
+def test_a_predictor_runs_every_batch_on_one_thread_of_its_own(onnx_path: tuple[SmallCNN, Path]) -> None:
+    """Batches come from whichever server thread is free; the backend sees one thread (CUDA handles are per thread:
+    a new one cost each new pool thread ~300 ms on a GPU). Answers stay each caller's own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, path = onnx_path
+    threads: set[int] = set()
+    model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(24)]
+    with torch.inference_mode():
+        expected = [model(torch.from_numpy(b)).numpy() for b in batches]
+    threads.clear()
+    for predictor in (TorchPredictor(model, torch.device("cpu")), OnnxPredictor(path, torch.device("cpu"))):
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(predictor, batches))
+        for answer, want in zip(answers, expected):
+            np.testing.assert_allclose(answer, want, atol=1e-4)
+    assert len(threads) == 1 and threading.get_ident() not in threads  # the torch module's own thread
