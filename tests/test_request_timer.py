@@ -1,6 +1,6 @@
 """BentoML's request timeout, as the service installs it: an answered request leaves no timer behind (each one held
 the request for the whole timeout, and the growing heap made Python's garbage collections stall the server), and a
-request over the timeout still gets BentoML's 504."""
+request over the timeout still gets BentoML's 504, and an app that fails before answering fails at once."""
 
 from __future__ import annotations
 
@@ -54,6 +54,17 @@ def test_answered_requests_leave_no_timer_and_slow_ones_still_get_504() -> None:
         sent = await call(slow)
         assert sent[0]["status"] == 504
         assert b"Not able to process the request in 0.05 seconds" in sent[1]["body"]
+        assert timeout_timers(loop) == []
+
+        async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+            raise RuntimeError("broken before answering")
+
+        try:  # the error comes out at once, not after the 210 s timeout (the guard only stops a hang)
+            await asyncio.wait_for(call(TimeoutMiddleware(failing, timeout=210)), 30)
+        except RuntimeError as error:
+            assert str(error) == "broken before answering"
+        else:
+            raise AssertionError("the app's error was swallowed")
         assert timeout_timers(loop) == []
 
     asyncio.run(scenario())
