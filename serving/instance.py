@@ -50,6 +50,7 @@ class DeploymentInstance:
     def stop(self) -> None:
         self.prober.stop()
         self.batcher.shutdown()
+        self.deployment.unload()
 
     def retire(self) -> None:
         """Stop after a grace period, once no admitted request is left (waiting at most its request timeout)."""
