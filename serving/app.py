@@ -27,7 +27,6 @@ from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
 from serving.page import POLICY, render_page
 from serving.schemas import (
-    MAX_JSON_DEPTH,
     ExplainRequest,
     ExplainResponse,
     PredictItem,
@@ -39,9 +38,9 @@ from serving.schemas import (
     TargetExplanation,
     TopLabel,
     inline_schema,
-    nests_too_deeply,
     parse_json_body,
     parse_score_rows,
+    refuse_deep_nesting,
 )
 
 logger = logging.getLogger("lantern.serving")
@@ -215,9 +214,7 @@ def query_explain_options(request: Request) -> ExplainRequest:
         options["targets"] = [t for t in query.pop("targets").split(",") if t]
     params: dict[str, Any] = {}
     for key, value in query.items():
-        if nests_too_deeply(value):
-            raise bad_request(f"the query parameter {key} nests its arrays or objects too deeply (more than "
-                              f"{MAX_JSON_DEPTH} levels)", "invalid_json")
+        refuse_deep_nesting(value, f"the query parameter {key}")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -99,7 +99,7 @@ class Endpoint:
     def stop(self) -> None:
         self._stop.set()
         for instance in [*self.instances.values(), *self.next_instances.values()]:
-            instance.stop()
+            instance.stop(unload=False)  # the worker is ending
         self.board.withdraw(self.worker)
         self.explain_pool.shutdown(wait=False, cancel_futures=True)
         self.work_pool.shutdown(wait=False, cancel_futures=True)

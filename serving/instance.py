@@ -47,10 +47,12 @@ class DeploymentInstance:
         threading.Thread(target=self.prober.run, name=f"lantern-load-{self.name}-{self.generation}",
                          daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, unload: bool = True) -> None:
+        """Stop probing and batching, and let go of the model (not worth a full collection when the process ends)."""
         self.prober.stop()
         self.batcher.shutdown()
-        self.deployment.unload()
+        if unload:
+            self.deployment.unload()
 
     def retire(self) -> None:
         """Stop after a grace period, once no admitted request is left (waiting at most its request timeout)."""

@@ -186,17 +186,20 @@ def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def load_json(text: str | bytes, what: str) -> Any:
-    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels)."""
+def refuse_deep_nesting(text: str | bytes, what: str) -> None:
+    """A 400 naming `what` when `text` nests more than MAX_JSON_DEPTH levels (checked before any parsing)."""
     if nests_too_deeply(text):
         raise bad_request(f"{what} nests its arrays or objects too deeply (more than {MAX_JSON_DEPTH} levels)",
                           "invalid_json")
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels)."""
+    refuse_deep_nesting(text, what)
     try:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
-    except RecursionError:
-        raise bad_request(f"{what} nests its arrays or objects too deeply", "invalid_json") from None
 
 
 def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> Any:
