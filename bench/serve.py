@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import serving  # noqa: F401  (before torch: the server's OpenMP spin setting, so the in-process reference runs as served)
 import aiohttp
 import httpx
 import numpy as np

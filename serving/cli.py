@@ -32,8 +32,7 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     from registry.store import tracking_uri as resolve_uri
     from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
     from serving.checks import check_against_registry
-    from serving.config import load_endpoint_config
-    from serving.service import CONFIG_ENV, WORKERS_ENV
+    from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.state import StateStore
 
     config = load_endpoint_config(config_path)

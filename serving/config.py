@@ -15,6 +15,11 @@ from registry.resolve import URI_PATTERN
 
 Percent = Annotated[int, Field(strict=True)]
 """A whole percent; YAML and JSON give ints, and a string or a float is refused rather than rounded."""
+
+# How `lantern serve` tells the service (started by `bentoml serve`) which file to read and how many workers run
+# (each worker's ONNX Runtime takes its share of the cores).
+CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
+WORKERS_ENV = "LANTERN_WORKERS"
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from registry.errors import LanternError
 from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
+from serving.config import WORKERS_ENV
 
 
 class Predictor(Protocol):
@@ -122,5 +123,5 @@ class TorchPredictor:
 def _cpu_threads() -> int:
     """ONNX Runtime threads on the CPU: the cores this process may use, shared out among the service's workers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, int(os.environ.get("LANTERN_WORKERS", "1")))
+    workers = max(1, int(os.environ.get(WORKERS_ENV, "1")))
     return max(1, cores // workers)

@@ -13,14 +13,12 @@ import bentoml
 from pydantic import BaseModel
 
 from serving.app import build_app
-from serving.config import MAX_REQUEST_TIMEOUT_MS, EndpointConfig, load_endpoint_config
+from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
 from serving.endpoint import Endpoint
 from serving.request_ids import RequestIds
 from serving.request_timer import cancel_request_timers
 from serving.unrouted import UnroutedRequests
 
-CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
-WORKERS_ENV = "LANTERN_WORKERS"
 logger = logging.getLogger("lantern.serving")
 logger.setLevel(logging.INFO)  # lifecycle lines (loaded, ready, serving generation N, retired) beside the access log
 

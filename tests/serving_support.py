@@ -54,10 +54,12 @@ class Server:
 
     def start(self, ready_timeout: float = 180) -> "Server":
         log = self.log_path.open("ab")  # a restart keeps the earlier log
+        elsewhere = self.folder / "elsewhere"  # the configuration is found by its path, not in the working directory
+        elsewhere.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             [lantern_executable(), "serve", str(self.config_path), "--port", str(self.port),
              "--workers", str(self.workers)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder,
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=elsewhere,
         )
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:

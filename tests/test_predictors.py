@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -101,3 +104,15 @@ def test_a_predictor_runs_every_batch_on_one_thread_of_its_own(onnx_path: tuple[
         for answer, want in zip(answers, expected):
             np.testing.assert_allclose(answer, want, atol=1e-4)
     assert len(threads) == 1 and threading.get_ident() not in threads  # the torch module's own thread
+
+
+def test_the_serving_package_caps_openmp_spinning_before_torch_loads() -> None:
+    """torch's OpenMP threads spinning after preprocessing took the cores ONNX Runtime runs on; the cap must be in the
+    environment before torch is imported, and a value the user set wins."""
+    probe = "import os, sys, serving; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["10000", "False"]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**env, "GOMP_SPINCOUNT": "500"}, check=True)
+    assert out.stdout.split() == ["500", "False"]

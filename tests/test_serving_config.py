@@ -103,8 +103,10 @@ def test_serve_checks_the_registry_before_starting(store: str, tmp_path: Path, c
         {"name": "green", "model": "models:/m/7"},
         {"name": "red", "model": "models:/nobody@champion"},
     ])))
+    elsewhere = tmp_path / "elsewhere"  # no endpoint.yaml in the working directory: the file is found by its path
+    elsewhere.mkdir()
     out = subprocess.run([lantern_executable(), "serve", str(path), "--port", "1"], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=120)
+                         env=dict(os.environ), timeout=120, cwd=elsewhere)
     assert out.returncode == 2, out.stdout + out.stderr
     message = " ".join(out.stderr.split())
     assert "deployment blue" in message and "confidence_score_threshold_multilabel: unknown setting" in message
