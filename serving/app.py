@@ -75,6 +75,21 @@ ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"appl
     ]}
 
 
+# BentoML's own routes (outside our app), in the document /docs shows too; they take no key.
+SERVER_ROUTES = {path: {"get": {"summary": summary, "description": description, "security": [], "responses": {
+    "200": {"description": ok, "content": {media: {}}},
+    **({"503": {"description": failing, "content": {"text/plain": {}}}} if failing else {})}}}
+    for path, summary, description, ok, media, failing in [
+        ("/livez", "Liveness", "The worker process answers (a liveness probe).", "alive", "text/plain", None),
+        ("/readyz", "Readiness", "Ready when every deployment with live traffic (with no traffic set: every "
+                                 "deployment) has loaded and warmed up (a readiness probe).", "ready", "text/plain",
+         "a deployment that takes traffic is loading, unready or failed"),
+        ("/metrics", "Prometheus metrics", "BentoML's request metrics, and Lantern's per-deployment request counts, "
+                                           "latencies, batch sizes and explanation timings.", "the metrics",
+         "text/plain; version=0.0.4", None),
+    ]}
+
+
 class Context:
     """The routed deployment instance (and mirror) and the cancellation token of one request."""
 
@@ -380,6 +395,7 @@ def build_app() -> FastAPI:
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]
+            schema["paths"].update(SERVER_ROUTES)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from packaging.requirements import Requirement
 from PIL import Image
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
@@ -738,6 +740,7 @@ def test_openapi_describes_every_route(server: Server) -> None:
         assert {"name", "model", "request_settings"} <= set(bodies["/manage/deployments"]["properties"])
     for path in ("/livez", "/readyz", "/metrics"):
         assert path in bentoml_document["paths"]
+        assert document["paths"][path]["get"]["security"] == []  # health and metrics need no key
     paths = document["paths"]
     score = paths["/score"]["post"]
     assert {"401", "404", "405", "408", "413", "424", "429", "503"} <= set(score["responses"])
@@ -766,3 +769,8 @@ def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None
     assert (source / "serving" / "service.py").exists()
     assert (source / "serving" / "page.html").read_text() == (root / "serving" / "page.html").read_text()
     assert "serving.service:Lantern" in bentos[0].read_text()
+    required = {Requirement(line).name.lower() for line in
+                (bentos[0].parent / "env" / "python" / "requirements.txt").read_text().splitlines() if line.strip()}
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = {Requirement(line).name.lower() for line in dependencies} - required
+    assert not missing, f"the bento would be installed without {missing}"
