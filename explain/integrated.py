@@ -133,14 +133,17 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
     baselines = torch.zeros_like(inputs) if baselines is None else baselines
     rows = inputs.shape[0] * (params.smoothgrad_samples or 1)  # NoiseTunnel runs IG on every noisy copy at once
     ig = IntegratedGradients(model)
+    noise_seed = int(torch.randint(0, 2**62, ()))  # SmoothGrad's noise: drawn once, the same again on a retry
 
     def run(batch: int) -> Tensor:
         if params.smoothgrad_samples:
-            return NoiseTunnel(ig).attribute(
-                inputs, nt_type="smoothgrad", nt_samples=params.smoothgrad_samples, stdevs=params.smoothgrad_stdev,
-                baselines=baselines, target=targets, n_steps=params.n_steps, method=params.approximation_method,
-                internal_batch_size=batch,
-            )
+            with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []):
+                torch.manual_seed(noise_seed)
+                return NoiseTunnel(ig).attribute(
+                    inputs, nt_type="smoothgrad", nt_samples=params.smoothgrad_samples,
+                    stdevs=params.smoothgrad_stdev, baselines=baselines, target=targets, n_steps=params.n_steps,
+                    method=params.approximation_method, internal_batch_size=batch,
+                )
         return ig.attribute(inputs, baselines=baselines, target=targets, n_steps=params.n_steps,
                             method=params.approximation_method, internal_batch_size=one_pass_or(batch))
 
