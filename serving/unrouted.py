@@ -2,14 +2,18 @@
 
 BentoML's outer Starlette app holds its own routes (`/livez`, `/readyz`, `/metrics`, `/docs.json`) and mounts ours
 without claiming the prefix, so a request that matches neither falls to Starlette's plain-text "Not Found". This ASGI
-middleware (added with `add_asgi_middleware`) asks the outer router the same question first and answers those."""
+middleware (added with `add_asgi_middleware`) asks the outer router the same question first and answers those. Under
+a static-files mount (BentoML's `/static_content`, the docs page's assets) only the files answer which paths exist:
+there it rewrites a plain-text 404 or 405 into the JSON error."""
 
 from __future__ import annotations
 
 import difflib
 
+from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match, Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import ApiError
 
@@ -22,6 +26,7 @@ class UnroutedRequests:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._static_prefixes: tuple[str, ...] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         router = getattr(scope.get("app"), "router", None)
@@ -29,10 +34,38 @@ class UnroutedRequests:
             await self.app(scope, receive, send)
             return
         answer = unrouted_answer(router.routes, scope, router.redirect_slashes)
-        if answer is None:
-            await self.app(scope, receive, send)
-        else:
+        if answer is not None:
             await answer.response()(scope, receive, send)
+            return
+        if self._static_prefixes is None:
+            self._static_prefixes = tuple(route.path + "/" for route in router.routes
+                                          if isinstance(route, Mount) and isinstance(route.app, StaticFiles))
+        if scope["path"].startswith(self._static_prefixes):
+            send = json_errors(scope, send)
+        await self.app(scope, receive, send)
+
+
+def json_errors(scope: Scope, send: Send) -> Send:
+    """`send` with a plain-text 404 or 405 (a static file that is not there) answered as Lantern's JSON error."""
+    replaced = False
+
+    async def send_json_errors(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            replaced = True
+            method, path = scope["method"], scope["path"]
+            allowed = Headers(raw=message.get("headers", [])).get("allow")
+            error = ApiError(405, "method_not_allowed", f"{method} {path}: this route takes {allowed}",
+                             {"Allow": allowed}) if message["status"] == 405 and allowed else \
+                ApiError(404, "unknown_route", f"no file {path} (the static files are the /docs page's assets); the "
+                                               f"scoring routes are {SCORING_ROUTES}, and /docs lists every route")
+            response = error.response()
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+        elif not replaced:  # the plain-text body of a replaced answer is dropped
+            await send(message)
+
+    return send_json_errors
 
 
 def unrouted_answer(routes: list[BaseRoute], scope: Scope, redirect_slashes: bool) -> ApiError | None:

@@ -431,6 +431,8 @@ def test_json_nested_too_deeply_is_400(server: Server, key: str, path: str, body
     ("PUT", "/manage/endpoint", 405, "method_not_allowed", "this route takes GET"),
     ("POST", "/livez", 405, "method_not_allowed", "this route takes GET, HEAD"),
     ("DELETE", "/metrics", 405, "method_not_allowed", "this route takes GET, HEAD"),
+    ("GET", "/static_content/nothing.js", 404, "unknown_route", "no file /static_content/nothing.js"),
+    ("POST", "/static_content/swagger-ui.css", 405, "method_not_allowed", "this route takes GET, HEAD"),
 ])
 def test_unknown_routes_and_methods_get_a_json_error(server: Server, key: str, method: str, path: str, status: int,
                                                      code: str, named: str) -> None:
@@ -445,7 +447,7 @@ def test_unknown_routes_and_methods_get_a_json_error(server: Server, key: str, m
 
 def test_known_routes_are_not_taken_for_unknown_ones(server: Server, key: str) -> None:
     """The JSON 404 leaves BentoML's own routes and Starlette's trailing-slash redirect alone."""
-    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs"):
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs", "/static_content/swagger-ui.css"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
     redirect = httpx.post(f"{server.url}/score/", headers=auth(key), json={})
     assert redirect.status_code == 307 and redirect.headers["location"].endswith("/score")
