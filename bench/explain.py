@@ -51,9 +51,14 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
 
 
 def normalise(picture: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The normalised [3, H, W] image, contiguous as served (Lantern's preprocessing gives contiguous tensors).
+
+    The permuted HWC array keeps channels-last strides through the arithmetic, and captum's path points kept them: on
+    the CPU, convolutions on channels-last inputs ran 8 % faster (resnet50 IG, 2 cores), so captum was measured on a
+    faster layout than the one Lantern is given (attribute() makes its input contiguous)."""
     pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((pixels - mean) / std).to(device)
+    return ((pixels - mean) / std).contiguous().to(device)
 
 
 def resnet50_input(device: torch.device) -> tuple[torch.nn.Module, np.ndarray, torch.Tensor]:
