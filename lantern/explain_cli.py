@@ -74,6 +74,7 @@ def explain_command(images: tuple[str, ...], model_ref: str, method: str, assign
                     target_labels: tuple[str, ...], out: str | None, attributions_out: str | None,
                     out_dir: str | None, device: str, tracking_uri: str | None) -> None:
     """Explain a registered model's predictions on IMAGES (files or folders); prints the report as JSON."""
+    from explain.layout import fastest_layout
     from explain.params import ExplainError, parse_params
     from registry.devices import torch_device
     from registry.errors import LanternError
@@ -93,6 +94,7 @@ def explain_command(images: tuple[str, ...], model_ref: str, method: str, assign
     except ExplainError as error:
         raise LanternError(str(error)) from None
     bundle = load_bundle(model_ref, tracking_uri=tracking_uri, device=str(torch_device(device)))
+    fastest_layout(bundle.module)
     unknown = [label for label in target_labels if label not in bundle.labels]
     if unknown:
         raise LanternError(f"unknown label(s) {', '.join(unknown)}; {bundle.uri} knows {', '.join(bundle.labels)}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 from PIL import Image
 from scipy import ndimage
+from scipy.stats import spearmanr
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms import InterpolationMode
@@ -24,6 +25,7 @@ from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
 from explain.encoding import decode_npy_base64
 from explain.guided import guided_backprop
 from explain.integrated import PATH_MEMORY_BUDGET, activation_bytes, path_batch_size
+from explain.layout import fastest_layout
 from explain.params import ExplainError, parse_params
 from registry.architectures import ARCHITECTURES
 from registry.small_cnn import SmallCNN
@@ -188,6 +190,26 @@ def test_guided_methods_on_real_architectures(arch: str, expected: dict[str, int
     assert torch.isfinite(cam.attributions).all() and cam.attributions.abs().sum() > 0
     assert {name for name, m in model.named_modules() if getattr(m, "inplace", False)} == inplace_before
     assert any("sanity check" in note for note in backprop.fidelity.notes)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_channels_last_weights_give_the_same_maps(arch: str) -> None:
+    """fastest_layout (channels-last weights on the CPU) changes how fast the maps come, not the maps."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch].build(3).eval()
+    fast = fastest_layout(copy.deepcopy(model))
+    weights = [p for p in fast.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    x = torch.randn(3, 64, 64)
+    layer = ARCHITECTURES[arch].gradcam_layer
+    for method, params in [("integrated_gradients", {"n_steps": 8}), ("guided_backprop", None),
+                           ("guided_gradcam", None), ("xrai", {"n_steps": 4})]:
+        expected = attribute(model, x, method, params, targets=[1], gradcam_layer=layer)
+        got = attribute(fast, x, method, params, targets=[1], gradcam_layer=layer)
+        if method == "xrai":  # region ranks from gains: a float-rounding tie may swap two neighbours
+            assert spearmanr(got.attributions[0, 0].flatten(), expected.attributions[0, 0].flatten())[0] > 0.999
+        else:
+            assert relative_difference(got.attributions, expected.attributions) < 1e-2, method
 
 
 def test_reused_in_place_relus_give_the_same_map_as_separate_modules() -> None:
