@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -26,6 +27,7 @@ class Predictor(Protocol):
     device: str
     description: str
     buckets: tuple[int, ...] | None
+    thread: OwnThread
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -71,9 +73,18 @@ class OwnThread:
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
+        self.last_answer = 0.0  # time.monotonic() when a call last returned (probes: busy is not stuck)
+
+    def submit(self, work: Callable[..., T], *args: object) -> Future[T]:
+        return self._executor.submit(self._answered, work, *args)
 
     def run(self, work: Callable[..., T], *args: object) -> T:
-        return self._executor.submit(work, *args).result()
+        return self.submit(work, *args).result()
+
+    def _answered(self, work: Callable[..., T], *args: object) -> T:
+        result = work(*args)
+        self.last_answer = time.monotonic()
+        return result
 
 
 class OnnxPredictor:

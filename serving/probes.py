@@ -2,7 +2,9 @@
 
 Readiness: the deployment takes traffic only after `initial_delay` and `success_threshold` passing probes;
 `failure_threshold` failures in a row mark it unready until it passes again. Liveness: `failure_threshold` failures in a
-row reload the deployment. A probe runs the backend on one blank image within `timeout`."""
+row reload the deployment. A probe runs the backend on one blank image within `timeout`; a probe that waited that
+long behind the batches of live traffic (the backend runs one call at a time, on its own thread) passes when the
+backend answered one of those calls meanwhile: busy is not stuck."""
 
 from __future__ import annotations
 
@@ -38,11 +40,12 @@ class Prober:
         if model is None:
             return False
         crop = model.settings.valid_crop_size
+        started = time.monotonic()
         future = self._pool.submit(model.predictor, np.zeros((1, 3, crop, crop), dtype=np.float32))
         try:
             return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
         except FutureTimeout:
-            return False
+            return model.predictor.thread.last_answer > started
         except Exception:  # noqa: BLE001 - a failing probe is the information itself
             logger.exception("probe of deployment %s failed", self.deployment.name)
             return False
