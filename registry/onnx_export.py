@@ -57,18 +57,19 @@ def onnx_providers(device: str = "auto") -> list[str]:
 def make_session(path: str | Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session tuned for throughput on `device` (`auto`, `cpu`, `cuda` or `cuda:N`).
 
-    On the CPU, intra-op threads keep ONNX Runtime's default of spinning while they wait for work, also in the server:
-    without it, resnet50 at batch 8 on 2 cores ran 22 % slower in-process (12.7 vs 16.3 images/s) and 17 % slower
-    served. On the CUDA provider they have next to no work, and spinning would only burn the cores that decode and
-    preprocess the images (served on the CPU, spinning costs a tiny model 8.2 instead of 5.8 ms of CPU per request)."""
+    Intra-op threads do not spin while they wait for work. On the CUDA provider they have next to no work, and spinning
+    only burnt the cores that decode and preprocess the images (a tiny model: 8.2 instead of 5.8 ms of CPU per
+    request). On the CPU, once torch's OpenMP threads stopped spinning too (serving/__init__.py), served resnet50 on 2
+    cores took 38-41 instead of 40-43 ms of CPU per request, at the same or higher throughput (c32: 48.7-49.5 vs
+    45.7-48.5 images/s, two alternated rounds); in-process, batches of 8 and 32 run as fast, batch 1 5 % slower.
+    (Before that fix, turning spinning off here had cost 17-22 %: the threads lost their cores to torch's.)"""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = onnx_providers(device)
-    if providers[0] == "CUDAExecutionProvider":
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers[0] == "CUDAExecutionProvider" and ":" in device:
         providers[0] = ("CUDAExecutionProvider", {"device_id": int(device.split(":", 1)[1])})
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)

@@ -39,10 +39,9 @@ def test_parity_check_refuses_a_model_that_differs(tmp_path):
         check_parity(float("nan"), 1e-3)
 
 
-def test_onnx_runtime_on_the_cpu_keeps_spinning(tmp_path):
-    """Spinning intra-op threads make resnet50 about 20 % faster on the CPU (make_session's docstring); on CUDA
-    they are turned off (tests/test_gpu.py)."""
+def test_onnx_runtime_on_the_cpu_does_not_spin_its_threads(tmp_path):
+    """Spinning intra-op threads burnt the cores the server decodes, preprocesses and answers HTTP on, for no gain
+    (make_session's docstring); on CUDA too (tests/test_gpu.py)."""
     path = export_onnx(SmallCNN(3).eval(), 32, tmp_path / "model.onnx")
     options = make_session(path, device="cpu").get_session_options()
-    with pytest.raises(RuntimeError, match="does not have configuration"):
-        options.get_session_config_entry("session.intra_op.allow_spinning")  # ONNX Runtime's default: spin
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
