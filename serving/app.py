@@ -20,7 +20,7 @@ from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
 from serving.deployment import Deployment
 from serving.endpoint import Endpoint, Route, endpoint_of
-from serving.errors import ApiError, bad_request, unprocessable, unsupported_media
+from serving.errors import ApiError, bad_request, method_not_allowed, unprocessable, unsupported_media
 from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
 from serving.limits import ClientGone, within_deadline
 from serving.manage_api import PREFIX, build_router
@@ -329,10 +329,10 @@ def build_app() -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> Response:
         """Routing errors (a method a route does not take) in Lantern's error format, not FastAPI's `detail`."""
         headers = dict(error.headers or {})
-        if error.status_code == 405:
-            allowed = next((value for name, value in headers.items() if name.lower() == "allow"), "another method")
-            return ApiError(405, "method_not_allowed", f"{request.method} {request.url.path}: this route takes "
-                                                       f"{allowed}", headers).response()
+        allowed = next((value for name, value in headers.items() if name.lower() == "allow"), None)
+        if error.status_code == 405 and allowed is not None:  # Starlette's 405 always names them
+            others = {name: value for name, value in headers.items() if name.lower() != "allow"}
+            return method_not_allowed(request.method, request.url.path, allowed, others).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
     @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": ANSWERED_BY}, **ERRORS},

@@ -40,6 +40,12 @@ def not_found(message: str, code: str = "no_deployment") -> ApiError:
     return ApiError(404, code, message)
 
 
+def method_not_allowed(method: str, path: str, allowed: str, headers: dict[str, str] | None = None) -> ApiError:
+    """405 naming the methods the route takes (also in the Allow header)."""
+    return ApiError(405, "method_not_allowed", f"{method} {path}: this route takes {allowed}",
+                    {**(headers or {}), "Allow": allowed})
+
+
 def conflict(message: str, code: str = "conflict") -> ApiError:
     return ApiError(409, code, message)
 

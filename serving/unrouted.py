@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import ApiError
+from serving.errors import ApiError, method_not_allowed
 
 SCORING_ROUTES = "POST /score, /predict and /explain"
 
@@ -55,8 +55,7 @@ def json_errors(scope: Scope, send: Send) -> Send:
             replaced = True
             method, path = scope["method"], scope["path"]
             allowed = Headers(raw=message.get("headers", [])).get("allow")
-            error = ApiError(405, "method_not_allowed", f"{method} {path}: this route takes {allowed}",
-                             {"Allow": allowed}) if message["status"] == 405 and allowed else \
+            error = method_not_allowed(method, path, allowed) if message["status"] == 405 and allowed else \
                 ApiError(404, "unknown_route", f"no file {path} (the static files are the /docs page's assets); the "
                                                f"scoring routes are {SCORING_ROUTES}, and /docs lists every route")
             response = error.response()
@@ -80,8 +79,7 @@ def unrouted_answer(routes: list[BaseRoute], scope: Scope, redirect_slashes: boo
     method, path = scope["method"], scope["path"]
     if isinstance(partial, Route) and partial.methods:
         allowed = ", ".join(sorted(partial.methods))
-        return ApiError(405, "method_not_allowed", f"{method} {path}: this route takes {allowed}",
-                        {"Allow": allowed})
+        return method_not_allowed(method, path, allowed)
     if partial is not None:
         return None  # a mounted app (ours) answers its own 405
     if redirect_slashes and path != "/":
