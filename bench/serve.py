@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +128,7 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
             runs += 1
         throughput[batch_size] = runs * batch_size / (time.perf_counter() - start)
         print(f"  in-process {predictor.description}, batch {batch_size:2d}: {throughput[batch_size]:7.1f} images/s")
+    mixed = mixed_batch_sizes(predictor, x, throughput, quick)
     latencies = []
     for _ in range(10 if quick else 30):
         start = time.perf_counter()
@@ -134,7 +136,27 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
         latencies.append(time.perf_counter() - start)
     best = max(throughput, key=throughput.get)
     return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
-            "latency_p50_s": float(np.median(latencies)), "predictor": predictor.description}
+            "latency_p50_s": float(np.median(latencies)), "predictor": predictor.description,
+            "mixed_batch_sizes": mixed}
+
+
+MIXED_SIZES = (1, 8, 2, 4, 1, 2, 8, 4)
+
+
+def mixed_batch_sizes(predictor, x: np.ndarray, throughput: dict[int, float], quick: bool) -> dict:
+    """Model calls whose batch size changes from one call to the next, as adaptive batching makes them, against the
+    same sizes run one size at a time (from `throughput`): what a change of input shape costs this backend."""
+    batches = [np.repeat(x, size, axis=0) for size in MIXED_SIZES]
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < (1.5 if quick else 4) or calls < 2 * len(batches):
+        predictor(batches[calls % len(batches)])
+        calls += 1
+    measured_ms = 1000 * (time.perf_counter() - start) / calls
+    expected_ms = 1000 * float(np.mean([size / throughput[size] for size in MIXED_SIZES]))
+    print(f"  in-process, batch sizes changing each call ({', '.join(map(str, MIXED_SIZES))}): "
+          f"{measured_ms:.2f} ms per call, {measured_ms / expected_ms:.2f}x the same sizes run one size at a time")
+    return {"sizes": list(MIXED_SIZES), "ms_per_call": measured_ms, "ms_per_call_fixed_sizes": expected_ms,
+            "ratio": measured_ms / expected_ms}
 
 
 @dataclass(frozen=True)
@@ -244,10 +266,37 @@ def server_cpu_seconds(server: "Process") -> float:
     return total
 
 
+BATCHING_METRICS = ("lantern_batch_size", "lantern_batch_queue_seconds", "lantern_model_call_seconds")
+
+
+def batching_totals(url: str) -> dict[str, float]:
+    """The `_sum` and `_count` of Lantern's batching histograms, over every deployment and worker."""
+    totals = {f"{name}_{part}": 0.0 for name in BATCHING_METRICS for part in ("sum", "count")}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        match = re.match(r"^(\w+)(?:\{.*\})? (\S+)$", line)
+        if match and match.group(1) in totals:
+            totals[match.group(1)] += float(match.group(2))
+    return totals
+
+
+def batching_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Per model call in a load level (its warm-up included): images, the mean wait of an image in the batching
+    queue, and the mean model call. A queue wait far above the model call means batches wait for the device, or
+    the dispatcher holds them back for larger batches."""
+    def mean(name: str) -> float | None:
+        count = after[f"{name}_count"] - before[f"{name}_count"]
+        return (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else None
+
+    return {"mean_batch_size": mean("lantern_batch_size"), "mean_queue_wait_s": mean("lantern_batch_queue_seconds"),
+            "mean_model_call_s": mean("lantern_model_call_seconds")}
+
+
 def measured(server: "Process", url: str, request: Request, concurrency: int, seconds: float, loaders: int,
-             what: str, images_per_request: int = 1) -> dict:
-    """One load level, with the server's CPU milliseconds per answered request."""
+             what: str, images_per_request: int = 1, lantern: bool = True) -> dict:
+    """One load level, with the server's CPU milliseconds per answered request (and for Lantern, where the time
+    went: the batching queue vs the model calls)."""
     before = server_cpu_seconds(server)
+    totals = batching_totals(url) if lantern else None
     result = load(url, request, concurrency, seconds, loaders)
     result["images_per_request"] = images_per_request
     result["images_per_s"] = result["requests_per_s"] * images_per_request
@@ -256,6 +305,12 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
     print(f"  {what}, concurrency {concurrency:2d}: {result['images_per_s']:7.1f} images/s, "
           f"p50 {result['p50_s'] * 1000:7.1f} ms, p99 {result['p99_s'] * 1000:7.1f} ms, "
           f"server CPU {result['server_cpu_ms_per_request']:5.1f} ms/request, errors {result['errors']}")
+    if totals is not None:
+        split = result["batching"] = batching_split(totals, batching_totals(url))
+        if split["mean_batch_size"] is not None:
+            print(f"      batches of {split['mean_batch_size']:.1f} images on average; an image waited "
+                  f"{split['mean_queue_wait_s'] * 1000:.1f} ms in the queue, a model call took "
+                  f"{split['mean_model_call_s'] * 1000:.1f} ms")
     return result
 
 
@@ -307,7 +362,7 @@ def mlflow_served(uri: str, image: bytes, folder: Path, env: dict[str, str], sec
     request = Request("/invocations", json.dumps(frame).encode(), {"Content-Type": "application/json"})
     try:
         return [measured(server, f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders,
-                         "mlflow models serve") for concurrency in concurrencies]
+                         "mlflow models serve", lantern=False) for concurrency in concurrencies]
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ own the status codes, headers and auth), not through a `@bentoml.api` body."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class Job:
 
     pixels: np.ndarray  # [3, H, W] float32, normalised
     abandoned: bool = field(default=False)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 def _overloaded() -> None:
@@ -56,12 +58,17 @@ class BatchedPredictor:
         if not live:
             return results
         predictor = self.deployment.require_model().predictor
+        started = time.monotonic()
+        queued = metrics().queue_seconds.labels(self.deployment.name)
+        for i in live:
+            queued.observe(started - jobs[i].queued_at)
         try:
             logits = await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels for i in live])
         except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
             if len(live) == 1:
                 raise
             return await self._run_one_by_one(jobs, live, predictor, results)
+        metrics().model_call_seconds.labels(self.deployment.name).observe(time.monotonic() - started)
         metrics().batch_size.labels(self.deployment.name).observe(len(live))
         for row, i in enumerate(live):
             results[i] = logits[row]

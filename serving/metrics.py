@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 180)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Metrics:
     explanation_seconds: object
     abandoned: object
     batch_size: object
+    queue_seconds: object
+    model_call_seconds: object
     images: object
     explanation_runs: object
     mirrored: object
@@ -43,6 +46,12 @@ def metrics() -> Metrics:
                           ["deployment", "route", "reason"]),
         batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching",
                              ["deployment"], buckets=BATCH_BUCKETS),
+        queue_seconds=Histogram("lantern_batch_queue_seconds",
+                                "Time an image waited for its model call: from joining the batching queue to the "
+                                "start of its batch", ["deployment"], buckets=STAGE_BUCKETS),
+        model_call_seconds=Histogram("lantern_model_call_seconds",
+                                     "Time of one batched model call (stacking the batch, the backend's run, the "
+                                     "logits back)", ["deployment"], buckets=STAGE_BUCKETS),
         images=Counter("lantern_images_total", "Images predicted, by deployment", ["deployment"]),
         explanation_runs=Counter("lantern_explanation_runs_total",
                                  "Explanation computations by how they ended: completed, abandoned (stopped early "

@@ -67,9 +67,10 @@ class OwnThread:
     """One thread of a predictor's own, that runs all its work: the warm-up, every batch and the probes.
 
     ONNX Runtime's CUDA provider creates a cuBLAS and a cuDNN handle for every thread that runs a session (torch's CUDA
-    handles are per thread too), and batches ran on whichever thread of the server's pool was free: on an H100, served
-    resnet50 at concurrency 8 waited ~300 ms a request (26 images/s, where one client got 139). On the CPU it costs a
-    thread hop (~50 us) per batch."""
+    handles are per thread too): with one thread, the handles the warm-up created serve every batch, rather than each
+    thread of the server's pool making its own. This did not cure the stalls served resnet50 shows on an H100 at
+    concurrency 8 (about 300 ms a request, 22-27 images/s, where one client gets 120-130; measured before and after
+    this thread, and with a tiny model too). On the CPU it costs a thread hop (~50 us) per batch."""
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")

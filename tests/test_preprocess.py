@@ -57,3 +57,19 @@ def test_tensors_take_torchvision_path() -> None:
     assert isinstance(cropped, torch.Tensor) and cropped.shape == (3, 32, 32)
     reference = F.center_crop(F.resize(pixels, [40], antialias=True), [32, 32])
     assert torch.equal(cropped, reference)
+
+
+@pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))])
+def test_rgb_images_normalise_bit_for_bit_as_torchvision(mean: tuple, std: tuple) -> None:
+    """RGB images are normalised with numpy (no torch intra-op threads on the server's decode pool), equal bit for
+    bit to torchvision's to_dtype + normalize (which tensors and other image modes still use); every grey level is
+    covered in every channel."""
+    preprocess = Preprocess(64, 64, mean, std)
+    levels = np.arange(256, dtype=np.uint8)
+    grid = np.stack([np.tile(levels, (64, 1)), np.tile(levels[::-1], (64, 1)), np.tile(levels * 7, (64, 1))], axis=-1)
+    for image in (Image.fromarray(np.ascontiguousarray(grid[:, :64])), Image.fromarray(np.ascontiguousarray(grid)),
+                  noise(64, 64, seed=3)):
+        ours = preprocess.normalize(image)
+        reference = F.normalize(F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), list(mean), list(std))
+        assert ours.dtype == torch.float32 and ours.is_contiguous() and ours.shape == reference.shape
+        assert torch.equal(ours, reference)

@@ -373,7 +373,11 @@ def test_live_rollout_loses_no_request(server: Server, keys: dict[str, str], adm
             thread.join()
     statuses = Counter(status for _, _, status, _ in results)
     print(f"live rollout: {len(results)} requests, statuses {dict(statuses)}")
-    assert statuses == Counter({200: len(results)}), [r for r in results if r[2] != 200][:5]
+    failed = [r for r in results if r[2] != 200]
+    if failed:  # the server's log without its access lines: a worker that died says why there
+        log = server.log_path.read_text(errors="replace").splitlines()
+        pytest.fail(f"{len(failed)} requests failed, e.g. {failed[:5]}; server log:\n"
+                    + "\n".join([line for line in log if "(scheme=http" not in line][-60:]))
     for green in (0, 10, 50, 100):
         served = Counter(d for start, end, g in phases if g == green
                          for sent, answered, _, d in results if start <= sent and answered <= end)
