@@ -110,7 +110,7 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
     from registry.images import decode_image
     from registry.preprocess import Preprocess
     from registry.resolve import load_bundle
-    from serving.predictors import OnnxPredictor, TorchPredictor
+    from serving.predictors import OnnxPredictor, TorchPredictor, shape_buckets
 
     bundle = load_bundle(uri)
     preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
@@ -128,7 +128,13 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
             runs += 1
         throughput[batch_size] = runs * batch_size / (time.perf_counter() - start)
         print(f"  in-process {predictor.description}, batch {batch_size:2d}: {throughput[batch_size]:7.1f} images/s")
-    mixed = mixed_batch_sizes(predictor, x, throughput, quick)
+    mixed = {"one_session": mixed_batch_sizes(predictor, x, throughput, quick, "one session")}
+    buckets = shape_buckets(chosen, backend, max(MIXED_SIZES))
+    if buckets is not None:  # as served on a GPU: a session per batch size
+        bucketed = OnnxPredictor(bundle.onnx_path, chosen, buckets=buckets)
+        for size in buckets:
+            bucketed(np.repeat(x, size, axis=0))
+        mixed["session_per_batch_size"] = mixed_batch_sizes(bucketed, x, throughput, quick, "a session per size")
     latencies = []
     for _ in range(10 if quick else 30):
         start = time.perf_counter()
@@ -143,7 +149,7 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
 MIXED_SIZES = (1, 8, 2, 4, 1, 2, 8, 4)
 
 
-def mixed_batch_sizes(predictor, x: np.ndarray, throughput: dict[int, float], quick: bool) -> dict:
+def mixed_batch_sizes(predictor, x: np.ndarray, throughput: dict[int, float], quick: bool, label: str) -> dict:
     """Model calls whose batch size changes from one call to the next, as adaptive batching makes them, against the
     same sizes run one size at a time (from `throughput`): what a change of input shape costs this backend."""
     batches = [np.repeat(x, size, axis=0) for size in MIXED_SIZES]
@@ -153,7 +159,7 @@ def mixed_batch_sizes(predictor, x: np.ndarray, throughput: dict[int, float], qu
         calls += 1
     measured_ms = 1000 * (time.perf_counter() - start) / calls
     expected_ms = 1000 * float(np.mean([size / throughput[size] for size in MIXED_SIZES]))
-    print(f"  in-process, batch sizes changing each call ({', '.join(map(str, MIXED_SIZES))}): "
+    print(f"  in-process, {label}, batch sizes changing each call ({', '.join(map(str, MIXED_SIZES))}): "
           f"{measured_ms:.2f} ms per call, {measured_ms / expected_ms:.2f}x the same sizes run one size at a time")
     return {"sizes": list(MIXED_SIZES), "ms_per_call": measured_ms, "ms_per_call_fixed_sizes": expected_ms,
             "ratio": measured_ms / expected_ms}

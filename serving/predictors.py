@@ -33,11 +33,16 @@ class Predictor(Protocol):
 
 
 def shape_buckets(device: torch.device, backend: str, max_batch_size: int) -> tuple[int, ...] | None:
-    """The batch sizes an ONNX Runtime deployment on a GPU runs: the powers of two below `max_batch_size`, and
-    `max_batch_size`. Its CUDA provider searches cuDNN's convolution algorithms for every new input shape (seconds for
-    resnet50), so adaptive batches of every size from 1 to 32 would each pay that search in a live request; padded to
-    a few sizes, all of them are searched by the warm-up, before the deployment is ready. None elsewhere (the CPU, and
-    torch, whose cuDNN benchmark mode is off, take any size at the same speed)."""
+    """The batch sizes an ONNX Runtime deployment on a GPU runs, each in a session of its own: the powers of two below
+    `max_batch_size`, and `max_batch_size`. None elsewhere (the CPU, and torch, whose cuDNN benchmark mode is off,
+    take any size at the same speed).
+
+    The CUDA provider prepares every convolution for the input shape it last saw: when the shape changes, it builds
+    cuDNN's execution plans again (with the default exhaustive search, timing the candidates), and it keeps no plans
+    for earlier shapes. Adaptive batches change size from one call to the next, so each call could pay that. Padded
+    to a few sizes, with one session per size, each session only ever sees one shape: the warm-up builds every plan
+    before the deployment is ready, and a live call never builds one. The price is the weights once per session in
+    GPU memory (resnet50: about 100 MB each, 6 sessions for max_batch_size 32)."""
     if device.type != "cuda" or backend != "onnxruntime":
         return None
     sizes = [1]
@@ -70,7 +75,8 @@ class OwnThread:
     handles are per thread too): with one thread, the handles the warm-up created serve every batch, rather than each
     thread of the server's pool making its own. This did not cure the stalls served resnet50 shows on an H100 at
     concurrency 8 (about 300 ms a request, 22-27 images/s, where one client gets 120-130; measured before and after
-    this thread, and with a tiny model too). On the CPU it costs a thread hop (~50 us) per batch."""
+    this thread, and with a tiny model too: the cause is the shape changes, see `shape_buckets`). On the CPU it costs
+    a thread hop (~50 us) per batch."""
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
@@ -89,14 +95,18 @@ class OwnThread:
 
 
 class OnnxPredictor:
-    """ONNX Runtime with the CUDA provider first when the deployment's device is a GPU, tuned for throughput."""
+    """ONNX Runtime with the CUDA provider first when the deployment's device is a GPU, tuned for throughput; with
+    `buckets`, one session per batch size, each with its batch dimension fixed (see `shape_buckets`)."""
 
     def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None,
                  buckets: tuple[int, ...] | None = None) -> None:
-        self.buckets = buckets
+        self.buckets = tuple(sorted(buckets)) if buckets else None
         name = "cuda" if device.type == "cuda" and device.index is None else str(device)
-        self.session = make_session(onnx_path, device=name, threads=threads or _cpu_threads())
-        self.providers = self.session.get_providers()
+        threads = threads or _cpu_threads()
+        self.sessions: dict[int | None, ort.InferenceSession] = {
+            size: make_session(onnx_path, device=name, threads=threads, batch_size=size)
+            for size in self.buckets or (None,)}
+        self.providers = next(iter(self.sessions.values())).get_providers()
         if device.type == "cuda" and self.providers[0] != "CUDAExecutionProvider":  # ORT falls back without a word
             raise LanternError(f"ONNX Runtime could not run on {device}: its CUDAExecutionProvider did not load "
                                f"(it offers {', '.join(ort.get_available_providers())}); serve this deployment with "
@@ -109,7 +119,17 @@ class OnnxPredictor:
         return self.thread.run(self._run, np.ascontiguousarray(batch, dtype=np.float32))
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        if self.buckets is None:
+            return self.sessions[None].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        largest = self.buckets[-1]
+        if len(batch) > largest:  # not from the dispatcher (it never batches more than the largest bucket)
+            return np.concatenate([self._run(batch[start:start + largest]) for start in range(0, len(batch), largest)])
+        size = padded_size(self.buckets, len(batch))
+        if size != len(batch):
+            padded = np.zeros((size, *batch.shape[1:]), dtype=np.float32)
+            padded[:len(batch)] = batch
+            return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: padded})[0][:len(batch)]
+        return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
 class TorchPredictor:

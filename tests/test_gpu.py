@@ -106,13 +106,16 @@ def test_onnx_runtime_on_cuda_does_not_spin_its_cpu_threads(model: SmallCNN, tmp
 
 
 def test_a_gpu_deployment_pads_batches_to_buckets_it_warmed_up(model: SmallCNN, tmp_path: Path) -> None:
-    """ONNX Runtime's CUDA provider searches cuDNN algorithms per input shape: every bucket is run before serving."""
+    """ONNX Runtime's CUDA provider builds cuDNN plans per input shape, again whenever the shape changes: each bucket
+    has a CUDA session of its own, which only ever sees its batch size."""
     from serving.predictors import OnnxPredictor, predict_rows, shape_buckets
 
     path = export_onnx(model, 32, tmp_path / "model.onnx")
     buckets = shape_buckets(torch.device("cuda"), "onnxruntime", 8)
     predictor = OnnxPredictor(path, torch.device("cuda"), buckets=buckets)
     assert predictor.buckets == (1, 2, 4, 8) and predictor.device == "cuda"
+    assert sorted(predictor.sessions) == [1, 2, 4, 8]
+    assert all(session.get_providers()[0] == "CUDAExecutionProvider" for session in predictor.sessions.values())
     rows = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(3)]
     with torch.inference_mode():
         expected = model(torch.from_numpy(np.stack(rows))).numpy()

@@ -59,6 +59,22 @@ def test_padded_batches_answer_like_unpadded_ones(onnx_path: tuple[SmallCNN, Pat
     assert TorchPredictor(model, torch.device("cpu")).buckets is None
 
 
+def test_each_bucket_runs_in_a_session_of_its_own_with_its_batch_size_fixed(onnx_path: tuple[SmallCNN, Path]) -> None:
+    """ONNX Runtime's CUDA provider rebuilds its convolution plans whenever a session's input shape changes, so each
+    bucket gets its own session (the same code on the CPU, where it is tested), which only ever sees one shape; any
+    batch is padded up to a bucket, or split when larger than the largest."""
+    model, path = onnx_path
+    predictor = OnnxPredictor(path, torch.device("cpu"), threads=1, buckets=(4, 1, 2))
+    assert predictor.buckets == (1, 2, 4) and sorted(predictor.sessions) == [1, 2, 4]
+    for size, session in predictor.sessions.items():
+        assert session.get_inputs()[0].shape[0] == size
+    plain = OnnxPredictor(path, torch.device("cpu"), threads=1)
+    assert list(plain.sessions) == [None] and plain.sessions[None].get_inputs()[0].shape[0] == "batch"
+    batch = np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)
+    for count in (1, 3, 4, 11):  # padded to 1, 4, 4; 11 runs as 4 + 4 + 3 (padded to 4)
+        np.testing.assert_allclose(predictor(batch[:count]), plain(batch[:count]), atol=1e-5)
+
+
 def test_running_out_of_device_memory_is_a_503_to_retry_not_the_inputs_fault() -> None:
     """torch's OutOfMemoryError, and ONNX Runtime's arena or cudaMalloc failures (RuntimeExceptions in its words),
     answer 503 `out_of_memory` with Retry-After; any other failure stays the input's 424."""
