@@ -106,9 +106,14 @@ class Deployment:
         return True
 
     def unload(self) -> None:
-        """Let go of the model once its instance has stopped, and collect it (device memory included)."""
-        self.model = None
+        """Let go of the model once its instance has stopped, and collect it (device memory included). The backend's
+        thread ends first, after the call it may be running: its sessions are never torn down under a run, nor
+        before the thread that ran them (CUDA libraries keep per-thread state for them)."""
+        model, self.model = self.model, None
         self.state, self.reason = "unready", "stopped"
+        if model is not None:
+            model.predictor.thread.close()
+        del model
         freeze_long_lived_objects()
 
     def _fail(self, reason: str) -> None:

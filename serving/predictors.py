@@ -88,6 +88,10 @@ class OwnThread:
     def run(self, work: Callable[..., T], *args: object) -> T:
         return self.submit(work, *args).result()
 
+    def close(self) -> None:
+        """Finish the call under way and end the thread; it takes no more work."""
+        self._executor.shutdown(wait=True)
+
     def _answered(self, work: Callable[..., T], *args: object) -> T:
         result = work(*args)
         self.last_answer = time.monotonic()

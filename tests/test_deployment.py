@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from serving.config import DeploymentConfig, Probe
 from serving.deployment import Deployment
@@ -30,12 +31,15 @@ def test_a_stopped_deployment_frees_its_model_although_loading_froze_it(store: s
     crop = model.settings.valid_crop_size
     assert model.predictor(np.zeros((1, 3, crop, crop), dtype=np.float32)).shape == (1, len(LABELS))
     freed = weakref.ref(model.bundle.module)
+    thread = model.predictor.thread
     gc.freeze()  # the module is frozen now, as in a worker that loaded another deployment after it
     del model
 
     try:
         deployment.unload()
         assert freed() is None
+        with pytest.raises(RuntimeError):  # the backend's own thread ended with it
+            thread.submit(print)
         assert (deployment.model, deployment.state, deployment.reason) == (None, "unready", "stopped")
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
