@@ -56,13 +56,17 @@ def padded_size(buckets: tuple[int, ...] | None, count: int) -> int:
     return next((size for size in buckets or () if size >= count), count)
 
 
-def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
-    """The logits of `rows` ([3, H, W] each), stacked into one batch padded with zero images up to the predictor's
-    bucket (run it off the event loop: stacking a batch of 32 images at 224 px copies 19 MB)."""
-    size = padded_size(predictor.buckets, len(rows))
+def stacked(rows: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+    """`rows` ([3, H, W] each) as one float32 batch of `size` images, padded with zero images, in one copy."""
     batch = np.zeros((size, *rows[0].shape), dtype=np.float32)
     np.stack(rows, out=batch[:len(rows)])
-    return predictor(batch)[:len(rows)]
+    return batch
+
+
+def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The logits of `rows` ([3, H, W] each), stacked into one batch padded up to the predictor's bucket (run it off
+    the event loop: stacking a batch of 32 images at 224 px copies 19 MB)."""
+    return predictor(stacked(rows, padded_size(predictor.buckets, len(rows))))[:len(rows)]
 
 
 T = TypeVar("T")
@@ -75,7 +79,7 @@ class OwnThread:
     handles are per thread too): with one thread, the handles the warm-up created serve every batch, rather than each
     thread of the server's pool making its own. This did not cure the stalls served resnet50 shows on an H100 at
     concurrency 8 (about 300 ms a request, 22-27 images/s, where one client gets 120-130; measured before and after
-    this thread, and with a tiny model too: the cause is the shape changes, see `shape_buckets`). On the CPU it costs
+    this thread, and with a tiny model too; the likely cause is the shape changes, see `shape_buckets`). On the CPU it costs
     a thread hop (~50 us) per batch."""
 
     def __init__(self, name: str) -> None:
@@ -128,12 +132,9 @@ class OnnxPredictor:
         largest = self.buckets[-1]
         if len(batch) > largest:  # not from the dispatcher (it never batches more than the largest bucket)
             return np.concatenate([self._run(batch[start:start + largest]) for start in range(0, len(batch), largest)])
-        size = padded_size(self.buckets, len(batch))
-        if size != len(batch):
-            padded = np.zeros((size, *batch.shape[1:]), dtype=np.float32)
-            padded[:len(batch)] = batch
-            return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: padded})[0][:len(batch)]
-        return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        size = padded_size(self.buckets, len(batch))  # predict_rows has padded already: only direct calls pad here
+        padded = batch if size == len(batch) else stacked(batch, size)
+        return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: padded})[0][:len(batch)]
 
 
 class TorchPredictor:
