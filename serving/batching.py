@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 import numpy as np
 import torch
-from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, Optimizer
 
 from serving.deployment import Deployment
 from serving.errors import ApiError
@@ -40,6 +40,21 @@ def _overloaded() -> None:
     raise Overloaded()
 
 
+class SendWhenFree(Optimizer):
+    """BentoML's batching optimizer, without holding batches back: the dispatcher sends what is queued as soon as the
+    device is free, and under load a batch fills while the one before it runs.
+
+    CORK holds a batch back while `n * (time since the last arrival + o_a) <= 0.95 * wait`, where `wait` is the mean
+    time the last 50 batches waited before they were sent. That mean counts time spent queued behind a busy device,
+    so after a burst a lone request was held back for about the burst's queueing delay: simulated with a 6 ms model
+    call, 150 ms a request for over a minute (the mean is refreshed every 5 s, and at one request at a time shrinks
+    5 % per refresh). Sending when free, the same burst ran at the same throughput (832 requests/s at batch 32) and
+    the next lone request took 6 ms. BentoML's latency model (o_a, o_b) still drops requests that cannot be served
+    within max_latency_ms."""
+
+    wait = property(lambda self: 0.0, lambda self, value: None)
+
+
 class BatchedPredictor:
     """`await predictor.logits(pixels)` -> that image's logits, computed in an adaptive batch."""
 
@@ -50,6 +65,7 @@ class BatchedPredictor:
             max_latency_in_ms=config.max_latency_ms, max_batch_size=config.max_batch_size,
             shared_sema=semaphore, fallback=_overloaded, get_batch_size=lambda job: 1,
         )
+        self.dispatcher.optimizer = SendWhenFree(self.dispatcher.max_latency)
         self._call = self.dispatcher(self._run_batch)
 
     async def _run_batch(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception | None]:
