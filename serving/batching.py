@@ -79,13 +79,11 @@ class BatchedPredictor:
         for i in live:
             queued.observe(started - jobs[i].queued_at)
         try:
-            logits = await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels for i in live])
+            logits = await self._model_call(predictor, [jobs[i].pixels for i in live])
         except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
             if len(live) == 1:
                 raise
             return await self._run_one_by_one(jobs, live, predictor, results)
-        metrics().model_call_seconds.labels(self.deployment.name).observe(time.monotonic() - started)
-        metrics().batch_size.labels(self.deployment.name).observe(len(live))
         for row, i in enumerate(live):
             results[i] = logits[row]
         return results
@@ -94,11 +92,18 @@ class BatchedPredictor:
                               results: list[np.ndarray | Exception | None]) -> list[np.ndarray | Exception | None]:
         for i in live:
             try:
-                results[i] = (await anyio.to_thread.run_sync(predict_rows, predictor, [jobs[i].pixels]))[0]
-                metrics().batch_size.labels(self.deployment.name).observe(1)
+                results[i] = (await self._model_call(predictor, [jobs[i].pixels]))[0]
             except Exception as error:  # noqa: BLE001 - this input is the caller's 424
                 results[i] = error
         return results
+
+    async def _model_call(self, predictor, rows: list[np.ndarray]) -> np.ndarray:
+        """One model call off the event loop; a call that answers counts in the batch size and model call metrics."""
+        started = time.monotonic()
+        logits = await anyio.to_thread.run_sync(predict_rows, predictor, rows)
+        metrics().model_call_seconds.labels(self.deployment.name).observe(time.monotonic() - started)
+        metrics().batch_size.labels(self.deployment.name).observe(len(rows))
+        return logits
 
     async def logits(self, job: Job) -> np.ndarray:
         try:

@@ -59,7 +59,8 @@ def test_tensors_take_torchvision_path() -> None:
     assert torch.equal(cropped, reference)
 
 
-@pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))])
+@pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                       ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))])
 def test_rgb_images_normalise_bit_for_bit_as_torchvision(mean: tuple, std: tuple) -> None:
     """RGB images are normalised with numpy (no torch intra-op threads on the server's decode pool), equal bit for
     bit to torchvision's to_dtype + normalize (which tensors and other image modes still use); every grey level is
