@@ -17,6 +17,7 @@ from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, Endp
 from serving.endpoint import Endpoint
 from serving.request_ids import RequestIds
 from serving.request_timer import cancel_request_timers
+from serving.trace_spans import drop_message_spans
 from serving.unrouted import UnroutedRequests
 
 logger = logging.getLogger("lantern.serving")
@@ -31,6 +32,7 @@ class ServeArguments(BaseModel):
 
 
 cancel_request_timers()  # before BentoML builds the app around ours
+drop_message_spans()
 arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
