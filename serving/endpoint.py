@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from bentoml._internal.marshal.dispatcher import NonBlockSema
 from PIL import Image
 
 from explain.attribute import Explanation
 from explain.params import ExplainError
 from serving.abandon import Abandoned, CancelToken, running_under
 from serving.auth import KeyCheck, bearer_token
-from serving.batching import Job, Overloaded, model_error
+from serving.batching import DeviceSemaphore, Job, Overloaded, model_error
 from serving.config import EndpointConfig
 from serving.deployment import Prediction
 from serving.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
@@ -76,7 +75,7 @@ class Endpoint:
         self._stamp = self.store.stamp()
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
-        self._semaphores: dict[str, NonBlockSema] = {}
+        self._semaphores: dict[str, DeviceSemaphore] = {}
         self._changes = threading.Lock()
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
@@ -106,7 +105,7 @@ class Endpoint:
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
         device = record.config.device
-        semaphore = self._semaphores.setdefault(device, NonBlockSema(1))
+        semaphore = self._semaphores.setdefault(device, DeviceSemaphore(1))
         return DeploymentInstance(record.config, record.generation, self.tracking_uri, semaphore)
 
     def _apply(self, state: EndpointState, start: bool = True) -> None:

@@ -9,9 +9,8 @@ import logging
 import threading
 import time
 
-from bentoml._internal.marshal.dispatcher import NonBlockSema
 
-from serving.batching import BatchedPredictor
+from serving.batching import BatchedPredictor, DeviceSemaphore
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from serving.limits import Admission
@@ -25,7 +24,7 @@ class DeploymentInstance:
     """A deployment generation with everything a request needs to be served by it."""
 
     def __init__(self, config: DeploymentConfig, generation: int, tracking_uri: str | None,
-                 semaphore: NonBlockSema) -> None:
+                 semaphore: DeviceSemaphore) -> None:
         self.generation = generation
         self.deployment = Deployment(config, tracking_uri)
         settings = config.request_settings

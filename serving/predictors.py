@@ -31,6 +31,10 @@ class Predictor(Protocol):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """The logits of a float32 batch, run on the calling thread: only the predictor's own thread calls it."""
+        ...
+
 
 def shape_buckets(device: torch.device, backend: str, max_batch_size: int) -> tuple[int, ...] | None:
     """The batch sizes an ONNX Runtime deployment on a GPU runs, each in a session of its own: the powers of two below
@@ -63,10 +67,17 @@ def stacked(rows: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
     return batch
 
 
+def submit_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> Future[np.ndarray]:
+    """The logits of `rows` ([3, H, W] each), stacked into one batch padded up to the predictor's bucket, on the
+    predictor's own thread: one hop from the event loop, and the stacking off it (a batch of 32 images at 224 px
+    copies 19 MB)."""
+    size = padded_size(predictor.buckets, len(rows))
+    return predictor.thread.submit(lambda: predictor.run_batch(stacked(rows, size))[:len(rows)])
+
+
 def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
-    """The logits of `rows` ([3, H, W] each), stacked into one batch padded up to the predictor's bucket (run it off
-    the event loop: stacking a batch of 32 images at 224 px copies 19 MB)."""
-    return predictor(stacked(rows, padded_size(predictor.buckets, len(rows))))[:len(rows)]
+    """`submit_rows`, waiting for the logits."""
+    return submit_rows(predictor, rows).result()
 
 
 T = TypeVar("T")
@@ -79,8 +90,8 @@ class OwnThread:
     handles are per thread too): with one thread, the handles the warm-up created serve every batch, rather than each
     thread of the server's pool making its own. This did not cure the stalls served resnet50 shows on an H100 at
     concurrency 8 (about 300 ms a request, 22-27 images/s, where one client gets 120-130; measured before and after
-    this thread, and with a tiny model too; the likely cause is the shape changes, see `shape_buckets`). On the CPU
-    it costs a thread hop (~50 us) per batch."""
+    this thread, and with a tiny model too; the likely cause is the shape changes, see `shape_buckets`). Served batches
+    come here straight from the event loop (`submit_rows`), with no pool thread in between."""
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
@@ -124,14 +135,15 @@ class OnnxPredictor:
         self.thread = OwnThread(f"onnx-{self.device}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.thread.run(self._run, np.ascontiguousarray(batch, dtype=np.float32))
+        return self.thread.run(self.run_batch, np.ascontiguousarray(batch, dtype=np.float32))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
         if self.buckets is None:
             return self.sessions[None].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         largest = self.buckets[-1]
         if len(batch) > largest:  # not from the dispatcher (it never batches more than the largest bucket)
-            return np.concatenate([self._run(batch[start:start + largest]) for start in range(0, len(batch), largest)])
+            return np.concatenate([self.run_batch(batch[start:start + largest])
+                                   for start in range(0, len(batch), largest)])
         size = padded_size(self.buckets, len(batch))  # predict_rows has padded already: only direct calls pad here
         padded = batch if size == len(batch) else stacked(batch, size)
         return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: padded})[0][:len(batch)]
@@ -149,9 +161,9 @@ class TorchPredictor:
         self.thread = OwnThread(f"torch-{self.device}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.thread.run(self._run, np.ascontiguousarray(batch, dtype=np.float32))
+        return self.thread.run(self.run_batch, np.ascontiguousarray(batch, dtype=np.float32))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(batch).to(self.torch_device))
         return logits.float().cpu().numpy()

@@ -1,5 +1,5 @@
 """Adaptive batching (serving/batching.py) in-process: BentoML's dispatcher, sending batches as soon as the device is
-free rather than holding them back by the mean of past waits."""
+free: not held back by the mean of past waits, and not waiting for a poll once the device's batch before it ends."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import gc
 from pathlib import Path
 
 import numpy as np
-from bentoml._internal.marshal.dispatcher import NonBlockSema, Optimizer
+import pytest
+from bentoml._internal.marshal.dispatcher import Optimizer
 
-from serving.batching import BatchedPredictor, Job
+from serving import batching
+from serving.batching import BatchedPredictor, DeviceSemaphore, Job, Overloaded
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from tests.conftest import LABELS, SMALL_SETTINGS
@@ -26,7 +28,7 @@ def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waite
     register_checkpoint("batched", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     deployment = Deployment(DeploymentConfig(name="blue", model="models:/batched/1", device="cpu"))
     assert deployment.load(), deployment.reason
-    batcher = BatchedPredictor(deployment, NonBlockSema(1))
+    batcher = BatchedPredictor(deployment, DeviceSemaphore(1))
     optimizer = batcher.dispatcher.optimizer
     reference = Optimizer(batcher.dispatcher.max_latency)
     for logged in (optimizer, reference):
@@ -49,6 +51,53 @@ def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waite
     try:
         asyncio.run(pairs_apart())
         assert [n for n, _, _ in list(optimizer.o_stat)[-4:]] == [1, 1, 1, 1]
+    finally:
+        deployment.unload()
+        gc.unfreeze()
+
+
+def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_expires(
+        store: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another deployment's batch holds the device (the shared semaphore) while a request queues: it runs when that
+    batch ends, not at a poll (BentoML's polled every TICKET_INTERVAL; here that and the recheck are 30 s, so only
+    the release can start it). A request queued behind the device past max_latency_ms is still dropped (503)."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("prompt", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    deployment = Deployment(DeploymentConfig(name="blue", model="models:/prompt/1", device="cpu",
+                                             max_latency_ms=400))
+    assert deployment.load(), deployment.reason
+    semaphore = DeviceSemaphore(1)
+    batcher = BatchedPredictor(deployment, semaphore)
+    crop = deployment.require_model().settings.valid_crop_size
+    image = np.zeros((3, crop, crop), dtype=np.float32)
+
+    async def scenario() -> None:
+        for _ in range(14):  # the dispatcher's training requests (11), one at a time
+            await batcher.logits(Job(image))
+        calls = len(batcher.dispatcher.optimizer.o_stat)
+        batcher.dispatcher.TICKET_INTERVAL = 30
+        monkeypatch.setattr(batching, "RECHECK_S", 30)
+
+        assert semaphore.acquire()  # another deployment's batch is running on the device
+        queued = asyncio.ensure_future(batcher.logits(Job(image)))
+        await asyncio.sleep(0.2)
+        assert not queued.done()
+        semaphore.release()
+        logits = await asyncio.wait_for(queued, 10)  # 30 s if it waited for a poll
+        assert logits.shape == (len(LABELS),)
+        assert [n for n, _, _ in list(batcher.dispatcher.optimizer.o_stat)[calls:]] == [1]
+
+        monkeypatch.setattr(batching, "RECHECK_S", 0.05)
+        assert semaphore.acquire()
+        expired = asyncio.ensure_future(batcher.logits(Job(image)))
+        with pytest.raises(Overloaded):
+            await asyncio.wait_for(expired, 10)  # dropped once it has waited max_latency_ms (0.4 s)
+        semaphore.release()
+        batcher.shutdown()
+
+    try:
+        asyncio.run(scenario())
     finally:
         deployment.unload()
         gc.unfreeze()
