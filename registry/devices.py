@@ -24,3 +24,15 @@ def torch_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LanternError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def device_key(name: str) -> str:
+    """The device `name` runs on, spelled one way (on a GPU machine `auto`, `cuda` and `cuda:0` are all `cuda:0`), so
+    deployments on one device share its batch slot; a device this machine lacks keeps its name (it fails to load)."""
+    try:
+        device = torch_device(name)
+    except LanternError:
+        return name
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from explain.attribute import Explanation
 from explain.params import ExplainError
+from registry.devices import device_key
 from serving.abandon import Abandoned, CancelToken, running_under
 from serving.auth import KeyCheck, bearer_token
 from serving.batching import DeviceSemaphore, Job, Overloaded, model_error
@@ -104,7 +105,7 @@ class Endpoint:
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
-        device = record.config.device
+        device = device_key(record.config.device)  # `auto` and `cpu` (or `cuda:0`) share one device's batch slot
         semaphore = self._semaphores.setdefault(device, DeviceSemaphore(1))
         return DeploymentInstance(record.config, record.generation, self.tracking_uri, semaphore)
 

@@ -132,3 +132,16 @@ def test_the_serving_package_caps_openmp_spinning_before_torch_loads() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env={**env, "GOMP_SPINCOUNT": "500"}, check=True)
     assert out.stdout.split() == ["500", "False"]
+
+
+def test_device_key_spells_each_device_one_way() -> None:
+    """Deployments on one device share one batch slot (the dispatchers' semaphore), however their YAML names it."""
+    from registry.devices import device_key
+
+    if torch.cuda.is_available():
+        assert device_key("auto") == device_key("cuda") == device_key("cuda:0") == "cuda:0"
+        assert device_key("cpu") == "cpu"
+    else:
+        assert device_key("auto") == device_key("cpu") == "cpu"
+        assert device_key("cuda") == "cuda" and device_key("cuda:1") == "cuda:1"  # not here: they fail to load
+    assert device_key("gpu") == "gpu"  # not a device: the config refuses it before this
