@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 
-
 from serving.batching import BatchedPredictor, DeviceSemaphore
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment

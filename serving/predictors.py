@@ -144,7 +144,7 @@ class OnnxPredictor:
         if len(batch) > largest:  # not from the dispatcher (it never batches more than the largest bucket)
             return np.concatenate([self.run_batch(batch[start:start + largest])
                                    for start in range(0, len(batch), largest)])
-        size = padded_size(self.buckets, len(batch))  # predict_rows has padded already: only direct calls pad here
+        size = padded_size(self.buckets, len(batch))  # submit_rows has padded already: only direct calls pad here
         padded = batch if size == len(batch) else stacked(batch, size)
         return self.sessions[size].run([OUTPUT_NAME], {INPUT_NAME: padded})[0][:len(batch)]
 
