@@ -75,11 +75,6 @@ def submit_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> Future[np.n
     return predictor.thread.submit(lambda: predictor.run_batch(stacked(rows, size))[:len(rows)])
 
 
-def predict_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> np.ndarray:
-    """`submit_rows`, waiting for the logits."""
-    return submit_rows(predictor, rows).result()
-
-
 T = TypeVar("T")
 
 

@@ -108,7 +108,7 @@ def test_onnx_runtime_on_cuda_does_not_spin_its_cpu_threads(model: SmallCNN, tmp
 def test_a_gpu_deployment_pads_batches_to_buckets_it_warmed_up(model: SmallCNN, tmp_path: Path) -> None:
     """ONNX Runtime's CUDA provider builds cuDNN plans per input shape, again whenever the shape changes: each bucket
     has a CUDA session of its own, which only ever sees its batch size."""
-    from serving.predictors import OnnxPredictor, predict_rows, shape_buckets
+    from serving.predictors import OnnxPredictor, shape_buckets, submit_rows
 
     path = export_onnx(model, 32, tmp_path / "model.onnx")
     buckets = shape_buckets(torch.device("cuda"), "onnxruntime", 8)
@@ -119,4 +119,4 @@ def test_a_gpu_deployment_pads_batches_to_buckets_it_warmed_up(model: SmallCNN, 
     rows = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(3)]
     with torch.inference_mode():
         expected = model(torch.from_numpy(np.stack(rows))).numpy()
-    assert np.allclose(predict_rows(predictor, rows), expected, rtol=1e-3, atol=1e-4)
+    assert np.allclose(submit_rows(predictor, rows).result(), expected, rtol=1e-3, atol=1e-4)

@@ -14,7 +14,7 @@ import torch
 
 from registry.onnx_export import export_onnx
 from registry.small_cnn import SmallCNN
-from serving.predictors import OnnxPredictor, TorchPredictor, padded_size, predict_rows, shape_buckets
+from serving.predictors import OnnxPredictor, TorchPredictor, padded_size, shape_buckets, submit_rows
 
 
 @pytest.mark.parametrize(("device", "backend", "max_batch_size", "expected"), [
@@ -49,11 +49,11 @@ def test_padded_batches_answer_like_unpadded_ones(onnx_path: tuple[SmallCNN, Pat
     rows = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(5)]
     padded = OnnxPredictor(path, torch.device("cpu"), threads=1, buckets=(1, 2, 4, 8))
     plain = OnnxPredictor(path, torch.device("cpu"), threads=1)
-    logits = predict_rows(padded, rows)
+    logits = submit_rows(padded, rows).result()
     assert logits.shape == (5, 4)
-    np.testing.assert_allclose(logits, predict_rows(plain, rows), atol=1e-5)
+    np.testing.assert_allclose(logits, submit_rows(plain, rows).result(), atol=1e-5)
     for row, expected in zip(rows, logits):
-        np.testing.assert_allclose(predict_rows(plain, [row])[0], expected, atol=1e-5)
+        np.testing.assert_allclose(submit_rows(plain, [row]).result()[0], expected, atol=1e-5)
     with torch.inference_mode():
         np.testing.assert_allclose(logits, model(torch.from_numpy(np.stack(rows))).numpy(), atol=1e-4)
     assert TorchPredictor(model, torch.device("cpu")).buckets is None
