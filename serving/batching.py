@@ -89,9 +89,9 @@ class PromptDispatcher(CorkDispatcher):
     decoding). With a 2 ms model call (small GPU batches) that was 30 % of the device's time. The real dispatcher with
     a fake 2 ms model, 8 clients each preparing for 0-2 ms: 1440 requests/s with the device busy 69 % of the time
     before, 1800 and 96 % now; 10 ms calls at concurrency 32: busy 92 % before, 97 % now. Deployments sharing the
-    device take turns (the one waiting longest runs next). The rest is BentoML's controller: its training phases, its latency model's drops past
-    max_latency_ms (checked at least every `RECHECK_S` while the device is busy), and its optimizer's hold-back (which
-    `SendWhenFree` turns off)."""
+    device take turns (the one waiting longest runs next). The rest is BentoML's controller: its training phases, its
+    latency model's drops past max_latency_ms (checked at least every `RECHECK_S` while the device is busy), and its
+    optimizer's hold-back (which `SendWhenFree` turns off)."""
 
     _sema: DeviceSemaphore
 
