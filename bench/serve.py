@@ -13,7 +13,9 @@ concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `ml
 4. Serving overhead: both servers again at concurrency 32 on a tiny model (the small CNN at 64 px), where the model
    costs next to nothing: requests per second and the server's CPU milliseconds per request. On a CPU the resnet50
    comparison measures the same ONNX Runtime on both sides; this one shows what each server adds, which is what bounds
-   a GPU server.
+   a GPU server. Lantern at concurrency 1 too, against the tiny model's in-process latency: the latency a model as
+   fast as a GPU's sees. At each level, Lantern's own metrics split a request's time: the client's mean latency, the
+   time in Lantern's handler, the decoding in it, an image's wait in the batching queue, and the model calls.
 5. With `--images-per-request N`: Lantern on resnet50 again with 32 images in flight as at concurrency 32, but in
    32 / N requests of N images (multipart), so HTTP's cost is shared by N images; against the limit, it tells how much
    of the gap at one image per request is HTTP.
@@ -135,15 +137,35 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
         for size in buckets:
             bucketed(np.repeat(x, size, axis=0))
         mixed["session_per_batch_size"] = mixed_batch_sizes(bucketed, x, throughput, quick, "a session per size")
+    best = max(throughput, key=throughput.get)
+    return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
+            "latency_p50_s": one_image_latency(predictor, preprocess, image, 10 if quick else 30),
+            "predictor": predictor.description, "mixed_batch_sizes": mixed}
+
+
+def in_process_latency(uri: str, image: bytes, device: str, backend: str, runs: int) -> float:
+    """The median in-process latency of one image (decode + preprocess + a batch-1 run), on the served backend."""
+    from registry.devices import torch_device
+    from registry.preprocess import Preprocess
+    from registry.resolve import load_bundle
+    from serving.predictors import OnnxPredictor, TorchPredictor
+
+    bundle = load_bundle(uri)
+    chosen = torch_device(device)
+    predictor = OnnxPredictor(bundle.onnx_path, chosen) if backend == "onnxruntime" else \
+        TorchPredictor(bundle.module, chosen)
+    return one_image_latency(predictor, Preprocess.for_model(bundle.spec, bundle.settings), image, runs)
+
+
+def one_image_latency(predictor, preprocess, image: bytes, runs: int) -> float:
+    from registry.images import decode_image
+
     latencies = []
-    for _ in range(10 if quick else 30):
+    for _ in range(runs + 1):  # the first one warms up
         start = time.perf_counter()
         predictor(preprocess(decode_image(image, shorter_side=preprocess.resize_size))[None].numpy())
         latencies.append(time.perf_counter() - start)
-    best = max(throughput, key=throughput.get)
-    return {"throughput_by_batch": throughput, "best_batch": best, "limit_images_per_s": throughput[best],
-            "latency_p50_s": float(np.median(latencies)), "predictor": predictor.description,
-            "mixed_batch_sizes": mixed}
+    return float(np.median(latencies[1:]))
 
 
 MIXED_SIZES = (1, 8, 2, 4, 1, 2, 8, 4)
@@ -232,6 +254,7 @@ def load(url: str, request: Request, concurrency: int, seconds: float, loaders: 
     return {"concurrency": concurrency, "loaders": loaders, "requests": len(latencies),
             "warm_up_requests": 2 * concurrency,
             "errors": sum(e for _, e, _ in results), "requests_per_s": len(latencies) / elapsed,
+            "mean_s": float(np.mean(latencies)) if latencies else None,
             "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_s": float(np.percentile(latencies, 99)) if latencies else None}
 
@@ -272,11 +295,12 @@ def server_cpu_seconds(server: "Process") -> float:
     return total
 
 
-BATCHING_METRICS = ("lantern_batch_size", "lantern_batch_queue_seconds", "lantern_model_call_seconds")
+BATCHING_METRICS = ("lantern_batch_size", "lantern_batch_queue_seconds", "lantern_model_call_seconds",
+                    "lantern_request_duration_seconds", "lantern_preprocess_seconds")
 
 
 def batching_totals(url: str) -> dict[str, float]:
-    """The `_sum` and `_count` of Lantern's batching histograms, over every deployment and worker."""
+    """The `_sum` and `_count` of Lantern's batching and request histograms, over every deployment and worker."""
     totals = {f"{name}_{part}": 0.0 for name in BATCHING_METRICS for part in ("sum", "count")}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         match = re.match(r"^(\w+)(?:\{.*\})? (\S+)$", line)
@@ -286,15 +310,18 @@ def batching_totals(url: str) -> dict[str, float]:
 
 
 def batching_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """Per model call in a load level (its warm-up included): images, the mean wait of an image in the batching
-    queue, and the mean model call. A queue wait far above the model call means batches wait for the device, or
-    the dispatcher holds them back for larger batches."""
+    """Means over a load level (its warm-up included): images per model call, an image's wait in the batching
+    queue, a model call, and per request the time in Lantern's handler and the decoding in it. A queue wait far above
+    the model call means batches wait for the device, or the dispatcher holds them back for larger batches; a
+    client's latency far above the handler's time is HTTP's and the middlewares' (or the load generator's)."""
     def mean(name: str) -> float | None:
         count = after[f"{name}_count"] - before[f"{name}_count"]
         return (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else None
 
     return {"mean_batch_size": mean("lantern_batch_size"), "mean_queue_wait_s": mean("lantern_batch_queue_seconds"),
-            "mean_model_call_s": mean("lantern_model_call_seconds")}
+            "mean_model_call_s": mean("lantern_model_call_seconds"),
+            "mean_handler_s": mean("lantern_request_duration_seconds"),
+            "mean_preprocess_s": mean("lantern_preprocess_seconds")}
 
 
 def measured(server: "Process", url: str, request: Request, concurrency: int, seconds: float, loaders: int,
@@ -317,6 +344,10 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
             print(f"      batches of {split['mean_batch_size']:.1f} images on average; an image waited "
                   f"{split['mean_queue_wait_s'] * 1000:.1f} ms in the queue, a model call took "
                   f"{split['mean_model_call_s'] * 1000:.1f} ms")
+        if split["mean_handler_s"] is not None and result["mean_s"] is not None:
+            print(f"      a request took {result['mean_s'] * 1000:.2f} ms at the client on average, "
+                  f"{split['mean_handler_s'] * 1000:.2f} ms of it in Lantern's handler, of which "
+                  f"{split['mean_preprocess_s'] * 1000:.2f} ms decoding and preprocessing")
     return result
 
 
@@ -416,10 +447,13 @@ def main() -> None:
                            seconds, args.loaders, (max(1, 32 // args.images_per_request),), args.images_per_request)[0]
         overhead = {}
         if not args.skip_overhead:
-            print("serving overhead (a tiny model at 64 px, concurrency 32):")
+            print("serving overhead (a tiny model at 64 px, concurrency 1 and 32):")
             tiny = register_tiny(folder)
-            overhead["lantern"] = served(tiny, image, folder, env, args.device, args.backend, args.workers, 32,
-                                         seconds, args.loaders, (32,))[0]
+            overhead["in_process_latency_p50_s"] = in_process_latency(tiny, image, args.device, args.backend, 200)
+            print(f"  in-process latency of one image (decode + preprocess + run): "
+                  f"{overhead['in_process_latency_p50_s'] * 1000:.2f} ms")
+            overhead["lantern_c1"], overhead["lantern"] = served(tiny, image, folder, env, args.device, args.backend,
+                                                                 args.workers, 32, seconds, args.loaders, (1, 32))
             if not args.skip_mlflow:
                 overhead["mlflow_models_serve"] = mlflow_served(tiny, image, folder, env, seconds, args.loaders,
                                                                 (32,))[0]
@@ -436,8 +470,13 @@ def main() -> None:
         multi_ratio = multi["images_per_s"] / reference["limit_images_per_s"]
         print(f"served with 32 images in flight, {args.images_per_request} per request, vs the limit: "
               f"{multi_ratio:.0%}")
-    overhead_ratio = None
-    if len(overhead) == 2:
+    overhead_ratio = tiny_p50_ratio = None
+    if overhead:
+        tiny_p50_ratio = overhead["lantern_c1"]["p50_s"] / overhead["in_process_latency_p50_s"]
+        print(f"tiny model at concurrency 1: p50 {overhead['lantern_c1']['p50_s'] * 1000:.2f} ms vs in-process "
+              f"{overhead['in_process_latency_p50_s'] * 1000:.2f} ms ({tiny_p50_ratio:.2f}x: what a model as fast as "
+              f"a GPU's would see)")
+    if "mlflow_models_serve" in overhead:
         ours, theirs = overhead["lantern"], overhead["mlflow_models_serve"]
         overhead_ratio = ours["images_per_s"] / theirs["images_per_s"]
         print(f"tiny model at concurrency 32: lantern {ours['images_per_s']:.0f} vs mlflow models serve "
@@ -451,9 +490,10 @@ def main() -> None:
         "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
-        "overhead_tiny_model_c32": overhead, "lantern_multi_image_32_in_flight": multi,
+        "overhead_tiny_model": overhead, "lantern_multi_image_32_in_flight": multi,
         "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow,
-                   "tiny_model_served_vs_mlflow": overhead_ratio, "multi_image_vs_limit": multi_ratio},
+                   "tiny_model_served_vs_mlflow": overhead_ratio,
+                   "tiny_model_p50_c1_vs_in_process": tiny_p50_ratio, "multi_image_vs_limit": multi_ratio},
     }, indent=2))
     print(f"wrote {RESULTS}")
 

@@ -330,7 +330,10 @@ class Endpoint:
                 pixels.append(preprocess.normalize(crop).numpy())
             return Prepared(crops, pixels)
 
-        return await self.in_thread(run)
+        started = time.perf_counter()
+        prepared = await self.in_thread(run)
+        metrics().preprocess_seconds.labels(instance.deployment.name).observe(time.perf_counter() - started)
+        return prepared
 
     async def predict(self, instance: DeploymentInstance, prepared: Prepared,
                       threshold: list[float | None] | None = None) -> list[Prediction]:

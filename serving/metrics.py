@@ -19,6 +19,7 @@ class Metrics:
     latency: object
     explanation_seconds: object
     abandoned: object
+    preprocess_seconds: object
     batch_size: object
     queue_seconds: object
     model_call_seconds: object
@@ -44,6 +45,10 @@ def metrics() -> Metrics:
         abandoned=Counter("lantern_abandoned_requests_total",
                           "Requests whose work was abandoned (timeout or client disconnect)",
                           ["deployment", "route", "reason"]),
+        preprocess_seconds=Histogram("lantern_preprocess_seconds",
+                                     "Time to decode, crop and normalise one request's images for prediction, from "
+                                     "handing them to the work pool (waiting for a free thread included) to having "
+                                     "them back", ["deployment"], buckets=STAGE_BUCKETS),
         batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching",
                              ["deployment"], buckets=BATCH_BUCKETS),
         queue_seconds=Histogram("lantern_batch_queue_seconds",

@@ -697,6 +697,7 @@ def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str)
     before = server.metric("lantern_batch_size_count", deployment="blue")
     images_before = server.metric("lantern_images_total", deployment="blue")
     queued_before = server.metric("lantern_batch_queue_seconds_count", deployment="blue")
+    prepared_before = server.metric("lantern_preprocess_seconds_count", deployment="blue")
     model_calls_before = server.metric("lantern_model_call_seconds_count", deployment="blue")
     model_seconds_before = server.metric("lantern_model_call_seconds_sum", deployment="blue")
 
@@ -713,7 +714,8 @@ def test_adaptive_batching_batches_concurrent_requests(server: Server, key: str)
     images = server.metric("lantern_images_total", deployment="blue") - images_before
     print(f"96 concurrent predictions: {images:.0f} images in {calls:.0f} model calls")
     assert images == 96 and calls < images
-    # where the time went: each image's wait in the queue, and each model call
+    # where the time went: each request's decoding, each image's wait in the queue, and each model call
+    assert server.metric("lantern_preprocess_seconds_count", deployment="blue") - prepared_before == 96
     assert server.metric("lantern_batch_queue_seconds_count", deployment="blue") - queued_before == 96
     assert server.metric("lantern_model_call_seconds_count", deployment="blue") - model_calls_before == calls
     assert server.metric("lantern_model_call_seconds_sum", deployment="blue") > model_seconds_before
