@@ -13,6 +13,7 @@ The result says which activations were guided and how many times.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -26,6 +27,12 @@ RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.
 GUIDED_ACTIVATIONS = (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.ReLU6,
                       nn.Softplus)
 GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
+
+# captum warns on every call that it made the input require gradients and hooked the ReLUs: both are what these
+# methods do, so users saw two warnings per explanation. Filtered once here (warnings.catch_warnings is not
+# thread-safe, and the server explains on several threads).
+for _expected in ("Input Tensor 0 did not already require gradients", "Setting backward hooks on ReLU activations"):
+    warnings.filterwarnings("ignore", message=_expected, category=UserWarning, module=r"captum\.")
 
 
 class _GuidedReLU(torch.autograd.Function):
