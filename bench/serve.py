@@ -1,6 +1,6 @@
 """Serving benchmark, run by hand:
 `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
-[--skip-overhead] [--images-per-request N] [--image-size PX]`.
+[--skip-overhead] [--images-per-request N] [--image-size PX] [--explain METHOD]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -19,6 +19,9 @@ concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `ml
 5. With `--images-per-request N`: Lantern on resnet50 again with 32 images in flight as at concurrency 32, but in
    32 / N requests of N images (multipart), so HTTP's cost is shared by N images; against the limit, it tells how much
    of the gap at one image per request is HTTP.
+6. With `--explain METHOD`: Lantern on resnet50 at concurrency 8 again while a client asks for METHOD explanations
+   back to back, against concurrency 8 without them: explanations have their own admission and pool, so predictions
+   should keep flowing.
 `--image-size PX` sends a larger JPEG (default 256 px): decoding a phone photo costs more than the model on a GPU.
 """
 
@@ -353,7 +356,10 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
 
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, backend: str, workers: int,
            best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY,
-           images_per_request: int = 1) -> list[dict]:
+           images_per_request: int = 1, explain_method: str | None = None,
+           during_explanations: dict | None = None) -> list[dict]:
+    """Lantern serving `uri` at each concurrency. With `explain_method`, concurrency 8 once more while a client asks
+    for that explanation back to back; its figures go into `during_explanations`."""
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
         "name": "resnet", "model": uri, "device": device, "backend": backend, "max_batch_size": max(2, best_batch),
         "max_latency_ms": 60000,
@@ -371,11 +377,48 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
                          capture_output=True, text=True, check=True).stdout.strip()
     request = predict_request(image, key, images_per_request)
     what = "lantern" if images_per_request == 1 else f"lantern, {images_per_request} images per request"
+    url = f"http://127.0.0.1:{port}"
     try:
-        return [measured(server, f"http://127.0.0.1:{port}", request, concurrency, seconds, loaders, what,
-                         images_per_request) for concurrency in concurrencies]
+        levels = [measured(server, url, request, concurrency, seconds, loaders, what, images_per_request)
+                  for concurrency in concurrencies]
+        if explain_method is not None and during_explanations is not None:
+            during_explanations.update(predicting_while_explaining(server, url, request, image, key, explain_method,
+                                                                   seconds, loaders))
+        return levels
     finally:
         server.stop()
+
+
+def predicting_while_explaining(server: "Process", url: str, request: Request, image: bytes, key: str, method: str,
+                                seconds: float, loaders: int) -> dict:
+    """Predictions at concurrency 8 while one client asks for `method` explanations back to back (the endpoint
+    explains one at a time by default): explanations have their own admission and pool, so predictions should keep
+    flowing, slowed only by the device (and on a CPU, the cores) they share."""
+    stop, answers = threading.Event(), []
+
+    def explaining() -> None:
+        with httpx.Client(timeout=600) as client:
+            while not stop.is_set():
+                began = time.perf_counter()
+                answer = client.post(f"{url}/explain", params={"method": method}, content=image,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg",
+                                              "Accept": "image/png"})  # the picture, not MBs of JSON
+                answers.append((answer.status_code, time.perf_counter() - began))
+
+    client = threading.Thread(target=explaining, daemon=True)
+    client.start()
+    while not answers and client.is_alive():  # the first explanation has run: its model is warm
+        time.sleep(0.1)
+    result = measured(server, url, request, 8, seconds, loaders, f"lantern while explaining ({method})")
+    stop.set()
+    client.join()
+    statuses = sorted({status for status, _ in answers})
+    answered = [took for status, took in answers if status == 200]
+    result["explanations"] = {"method": method, "statuses": {str(s): sum(a == s for a, _ in answers) for s in statuses},
+                              "mean_s": float(np.mean(answered)) if answered else None}
+    print(f"      meanwhile {len(answers)} {method} explanations answered (statuses "
+          f"{result['explanations']['statuses']}), {result['explanations']['mean_s'] or 0:.2f} s each on average")
+    return result
 
 
 def predict_request(image: bytes, key: str, images: int) -> Request:
@@ -417,6 +460,10 @@ def main() -> None:
     parser.add_argument("--images-per-request", type=int, default=0, metavar="N",
                         help="also serve resnet50 with 32 images in flight in 32/N requests of N images (multipart): "
                              "HTTP's cost shared by N images (a GPU server is bound by it)")
+    parser.add_argument("--explain", metavar="METHOD", choices=["xrai", "integrated_gradients", "guided_gradcam",
+                                                                  "guided_backprop"],
+                        help="also serve resnet50 at concurrency 8 while a client asks for METHOD explanations back to "
+                             "back: does prediction traffic keep flowing?")
     parser.add_argument("--image-size", type=int, default=256, metavar="PX",
                         help="side of the square JPEG sent (default 256; a phone photo is about 3000): decoding it is "
                              "part of every figure, in-process included")
@@ -436,8 +483,9 @@ def main() -> None:
         print("in-process:")
         reference = in_process(uri, image, args.device, args.backend, args.quick)
         print("lantern serve:")
+        during_explanations: dict = {}
         lantern = served(uri, image, folder, env, args.device, args.backend, args.workers, reference["best_batch"],
-                         seconds, args.loaders)
+                         seconds, args.loaders, explain_method=args.explain, during_explanations=during_explanations)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
         multi = None
@@ -465,6 +513,11 @@ def main() -> None:
     print(f"p50 at concurrency 1 vs in-process latency: {p50_ratio:.2f}x (goal <= 1.3x)")
     print("served vs mlflow models serve: " + ", ".join(f"c{c} {v:.1f}x" for c, v in vs_mlflow.items())
           + " (goal >= 3x)")
+    explaining_ratio = None
+    if during_explanations:
+        c8 = next(level for level in lantern if level["concurrency"] == 8)
+        explaining_ratio = during_explanations["images_per_s"] / c8["images_per_s"]
+        print(f"predictions at concurrency 8 while explaining ({args.explain}) vs without: {explaining_ratio:.0%}")
     multi_ratio = None
     if multi is not None:
         multi_ratio = multi["images_per_s"] / reference["limit_images_per_s"]
@@ -490,10 +543,12 @@ def main() -> None:
         "workers": args.workers,
         "loaders": args.loaders,
         "seconds_per_level": seconds, "in_process": reference, "lantern": lantern, "mlflow_models_serve": mlflow,
-        "overhead_tiny_model": overhead, "lantern_multi_image_32_in_flight": multi,
+        "overhead_tiny_model": overhead,
+        "lantern_c8_while_explaining": during_explanations or None, "lantern_multi_image_32_in_flight": multi,
         "ratios": {"served_c32_vs_limit": at32, "p50_c1_vs_in_process": p50_ratio, "served_vs_mlflow": vs_mlflow,
                    "tiny_model_served_vs_mlflow": overhead_ratio,
-                   "tiny_model_p50_c1_vs_in_process": tiny_p50_ratio, "multi_image_vs_limit": multi_ratio},
+                   "tiny_model_p50_c1_vs_in_process": tiny_p50_ratio,
+                   "c8_while_explaining_vs_c8": explaining_ratio, "multi_image_vs_limit": multi_ratio},
     }, indent=2))
     print(f"wrote {RESULTS}")
 
