@@ -82,7 +82,10 @@ def _describe_rows(schema: dict[str, Any]) -> None:
 
 
 class InputData(Strict):
-    columns: list[str] = Field(default_factory=lambda: ["image"])
+    columns: list[str] = Field(default_factory=lambda: ["image"],
+                               description="'image', and optionally the other fields of a row as their own columns: "
+                                           "model_explainability, xai_parameters, "
+                                           "confidence_score_threshold_multilabel")
     index: list[Any] | None = None
     data: list[str | list[Any]] = Field(description="one item per image: a JSON string of a ScoreRow, or base64 bytes",
                                         json_schema_extra=_describe_rows)
@@ -214,31 +217,53 @@ def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> An
         raise unprocessable(describe_fields(error, f"{what} body")) from None
 
 
+ROW_COLUMNS = ("model_explainability", "xai_parameters", "confidence_score_threshold_multilabel")
+
+
 def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
-    """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults."""
+    """The rows of a scoring request; a bare base64 string (or a one-column list) is an image with defaults.
+
+    Besides `image`, a row's other fields may come as columns of their own (a pandas DataFrame sent in the split
+    orientation): `{"columns": ["image", "model_explainability"], "data": [["<base64>", true]]}`. Any other column is
+    an error, not silently dropped: a client would get no explanation and not know why."""
     columns = request.input_data.columns
     if "image" not in columns:
         raise unprocessable(f"input_data.columns must include 'image'; got {columns}", "invalid_columns")
+    unknown = [name for name in columns if name != "image" and name not in ROW_COLUMNS]
+    if unknown or len(set(columns)) != len(columns):
+        problem = f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else "a column is named twice"
+        raise unprocessable(f"input_data.columns: {problem}; the columns are 'image' and optionally "
+                            f"{', '.join(map(repr, ROW_COLUMNS))}", "invalid_columns")
     column = columns.index("image")
     rows = []
     for position, item in enumerate(request.input_data.data):
+        cells: dict[str, Any] = {}
         if isinstance(item, list):
             if len(item) != len(columns) or not isinstance(item[column], str):
-                raise unprocessable(f"input_data.data[{position}]: a row must hold one string per column {columns}",
-                                    "invalid_row")
+                raise unprocessable(f"input_data.data[{position}]: a row must hold one value per column {columns}, "
+                                    f"the image a string", "invalid_row")
+            cells = {name: value for name, value in zip(columns, item) if name != "image" and value is not None}
             item = item[column]
-        rows.append(_parse_row(item, position))
+        elif len(columns) > 1:
+            raise unprocessable(f"input_data.data[{position}]: a row must be a list of one value per column "
+                                f"{columns}", "invalid_row")
+        rows.append(_parse_row(item, position, cells))
     return rows
 
 
-def _parse_row(item: str, position: int) -> ScoreRow:
+def _parse_row(item: str, position: int, cells: dict[str, Any]) -> ScoreRow:
+    """The row from its image cell (base64, or a ScoreRow as JSON text) and its other columns' `cells`."""
+    where = f"input_data.data[{position}]"
     text = item.strip()
-    if not text.startswith("{"):
-        return ScoreRow(image_base64=text)
-    values = load_json(text, f"input_data.data[{position}]")
+    values = load_json(text, where) if text.startswith("{") else {"image_base64": text}
+    for name, value in cells.items():
+        if name in values:
+            raise unprocessable(f"{where}: {name} is given twice, in its column and in the row's JSON", "invalid_row")
+        values[name] = load_json(value, f"{where}.{name}") if name == "xai_parameters" and isinstance(value, str) \
+            else value
     try:
         row = ScoreRow.model_validate(values)
     except ValidationError as error:
-        raise unprocessable(describe_fields(error, f"input_data.data[{position}]"), "invalid_row") from None
-    row.xai_parameters.method_params(f"input_data.data[{position}].xai_parameters")
+        raise unprocessable(describe_fields(error, where), "invalid_row") from None
+    row.xai_parameters.method_params(f"{where}.xai_parameters")
     return row

@@ -192,6 +192,33 @@ def test_score_plain_base64_rows_and_row_lists(server: Server, key: str) -> None
         np.testing.assert_allclose(item["probs"], expected_probs("models:/mc/1", image), atol=1e-5)
 
 
+def test_score_takes_a_pandas_dataframe_with_a_rows_fields_as_columns(server: Server, key: str) -> None:
+    """A DataFrame in the split orientation (as MLflow clients send one): model_explainability and xai_parameters as
+    columns of their own apply to their row; an unknown column is a 422, not silently dropped."""
+    import pandas as pd
+
+    image = png_bytes(shape="circle")
+    frame = pd.DataFrame({"image": [base64.b64encode(image).decode()] * 2, "model_explainability": [True, False],
+                          "xai_parameters": [json.dumps({"xai_algorithm": "guided_backprop", "attributions": True}),
+                                             None]})
+    def body(frame: pd.DataFrame) -> bytes:  # pandas' own JSON: a missing cell (NaN) is null
+        return b'{"input_data": ' + frame.to_json(orient="split").encode() + b"}"
+
+    response = httpx.post(f"{server.url}/score", content=body(frame), timeout=60,
+                          headers=auth(key, **{"Content-Type": "application/json"}))
+    assert response.status_code == 200, response.text
+    explained, plain = response.json()
+    assert np.asarray(explained["attributions"]).shape == (3, 32, 32) and "visualizations" in explained
+    assert set(plain) == {"probs", "labels", "deployment", "model_version"}
+    np.testing.assert_allclose(plain["probs"], expected_probs("models:/mc/1", image), atol=1e-5)
+
+    frame["id"] = [1, 2]
+    refused = httpx.post(f"{server.url}/score", content=body(frame), timeout=60,
+                         headers=auth(key, **{"Content-Type": "application/json"}))
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_columns"
+    assert "unknown column(s) 'id'" in refused.json()["error"]["message"]
+
+
 def test_each_score_row_uses_its_own_xai_parameters(server: Server, key: str) -> None:
     image = png_bytes()
     body = score_body(
