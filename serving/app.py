@@ -218,9 +218,23 @@ async def explain_request(request: Request, body: bytes, limit: int) -> tuple[Ex
     return None, body
 
 
+def query_values(request: Request, repeatable: tuple[str, ...] = ()) -> dict[str, str]:
+    """The query as one value per name. A name given twice is a 422 (the last would silently win), except the
+    `repeatable` ones, whose values are joined with commas (`?targets=circle&targets=square`)."""
+    values: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in values:
+            values[name] = value
+        elif name in repeatable:
+            values[name] += "," + value
+        else:
+            raise unprocessable(f"the query parameter {name} is given more than once", "invalid_query")
+    return values
+
+
 def query_explain_options(request: Request) -> ExplainRequest:
     """`?method=xrai&n_steps=20&targets=circle&attributions_encoding=float16` for raw and multipart images."""
-    query = dict(request.query_params)
+    query = query_values(request, repeatable=("targets",))
     options: dict[str, Any] = {"image_base64": ""}
     for key in ("method", "visualizations", "attributions", "attributions_encoding"):
         if key in query:
@@ -280,7 +294,7 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
 
 async def predict_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
     try:
-        top_k = PredictQuery.model_validate(dict(request.query_params)).top_k
+        top_k = PredictQuery.model_validate(query_values(request)).top_k
     except ValidationError as error:
         message = describe_validation_error(error, "predict query")
         raise unprocessable(message.replace("unknown setting", "unknown parameter (accepted: top_k)"),

@@ -288,6 +288,19 @@ def test_predict_query_errors_are_named(server: Server, key: str, query: str, na
     assert error["code"] == "invalid_query" and error["message"].startswith(f"invalid predict query: {named}"), error
 
 
+def test_a_query_parameter_given_twice_is_refused_but_targets_add_up(server: Server, key: str) -> None:
+    """With one value per name the last would silently win; `targets` may be repeated, as a client would."""
+    headers = auth(key, **{"Content-Type": "image/png"})
+    for route, query in (("predict", "top_k=2&top_k=3"), ("explain", "method=xrai&method=guided_backprop")):
+        refused = httpx.post(f"{server.url}/{route}?{query}", content=png_bytes(), headers=headers, timeout=60)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_query", refused.text
+        assert "is given more than once" in refused.json()["error"]["message"]
+    both = httpx.post(f"{server.url}/explain?method=guided_backprop&targets=circle&targets=square",
+                      content=png_bytes(), headers=headers, timeout=60)
+    assert both.status_code == 200, both.text
+    assert [e["label"] for e in both.json()["explanations"]] == ["circle", "square"]
+
+
 def test_explain_json_and_png(server: Server, key: str) -> None:
     image = png_bytes()
     request = {"image_base64": base64.b64encode(image).decode(), "method": "integrated_gradients",
