@@ -183,7 +183,7 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
     for row, cropped, prediction in zip(rows, prepared.crops, predictions):
         item = ScoreItem(probs=[float(p) for p in prediction.probs], labels=list(model.bundle.labels),
                          deployment=deployment.name, model_version=deployment.model_version or "")
-        if row.model_explainability:
+        if row.wants_explanation:
             xai = row.xai_parameters
             explanation = await endpoint.explain(context.instance, cropped, xai.xai_algorithm, xai.method_params(),
                                                  context.token, targets=prediction.predicted,
@@ -361,7 +361,7 @@ def build_app() -> FastAPI:
             if media_type(request) not in ("application/json", ""):
                 raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
             rows = parse_score_rows(parse_json_body(request._body, ScoreRequest, "score"))
-            return any(row.model_explainability for row in rows)
+            return any(row.wants_explanation for row in rows)
 
         async def work(endpoint: Endpoint, context: Context) -> Response:
             return json_response(await score_rows(endpoint, context, rows))

@@ -72,6 +72,11 @@ class ScoreRow(Strict):
     xai_parameters: XaiParameters = Field(default_factory=XaiParameters)
     confidence_score_threshold_multilabel: float | None = Field(None, ge=0, le=1)
 
+    @property
+    def wants_explanation(self) -> bool:
+        """Explainability asked for, with something of it to return (an explanation nobody sees is not computed)."""
+        return self.model_explainability and (self.xai_parameters.visualizations or self.xai_parameters.attributions)
+
 
 def _describe_rows(schema: dict[str, Any]) -> None:
     """Say in the schema what a `data` string holds: a ScoreRow as JSON text (OpenAPI 3.1 `contentSchema`)."""

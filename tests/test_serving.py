@@ -219,6 +219,19 @@ def test_score_takes_a_pandas_dataframe_with_a_rows_fields_as_columns(server: Se
     assert "unknown column(s) 'id'" in refused.json()["error"]["message"]
 
 
+def test_an_explanation_with_nothing_to_return_is_not_computed(server: Server, key: str) -> None:
+    """model_explainability with visualizations and attributions both off: the prediction alone, and no explanation
+    run (an XRAI nobody sees would take seconds, and an explanation slot)."""
+    before = server.metric("lantern_explanation_runs_total", deployment="blue", method="xrai", outcome="completed")
+    body = score_body(row(png_bytes(), model_explainability=True,
+                          xai_parameters={"xai_algorithm": "xrai", "visualizations": False, "attributions": False}))
+    response = httpx.post(f"{server.url}/score", json=body, headers=auth(key), timeout=60)
+    assert response.status_code == 200, response.text
+    assert set(response.json()[0]) == {"probs", "labels", "deployment", "model_version"}
+    assert server.metric("lantern_explanation_runs_total", deployment="blue", method="xrai",
+                         outcome="completed") == before
+
+
 def test_each_score_row_uses_its_own_xai_parameters(server: Server, key: str) -> None:
     image = png_bytes()
     body = score_body(
