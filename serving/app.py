@@ -205,6 +205,9 @@ async def explain_request(request: Request, body: bytes, limit: int) -> tuple[Ex
     """The JSON body, or (query parameters, image bytes) for a raw or multipart image."""
     kind = media_type(request)
     if kind == "application/json":
+        if request.query_params:  # they would be ignored without a word
+            raise unprocessable(f"with a JSON body, the options go in it, not in the query (got "
+                                f"{', '.join(sorted(request.query_params))})", "invalid_query")
         parsed = parse_json_body(body, ExplainRequest, "explain")
         return parsed, decode_base64_image(parsed.image_base64, "image_base64")
     if kind == "multipart/form-data":

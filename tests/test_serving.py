@@ -302,12 +302,16 @@ def test_predict_query_errors_are_named(server: Server, key: str, query: str, na
 
 
 def test_a_query_parameter_given_twice_is_refused_but_targets_add_up(server: Server, key: str) -> None:
-    """With one value per name the last would silently win; `targets` may be repeated, as a client would."""
+    """With one value per name the last would silently win; `targets` may be repeated, as a client would. A JSON body
+    carries its own options: a query beside it would be ignored, so it is refused."""
     headers = auth(key, **{"Content-Type": "image/png"})
     for route, query in (("predict", "top_k=2&top_k=3"), ("explain", "method=xrai&method=guided_backprop")):
         refused = httpx.post(f"{server.url}/{route}?{query}", content=png_bytes(), headers=headers, timeout=60)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_query", refused.text
         assert "is given more than once" in refused.json()["error"]["message"]
+    mixed = httpx.post(f"{server.url}/explain?method=xrai", headers=auth(key), timeout=60,
+                       json={"image_base64": base64.b64encode(png_bytes()).decode(), "method": "guided_backprop"})
+    assert mixed.status_code == 422 and "not in the query (got method)" in mixed.json()["error"]["message"]
     both = httpx.post(f"{server.url}/explain?method=guided_backprop&targets=circle&targets=square",
                       content=png_bytes(), headers=headers, timeout=60)
     assert both.status_code == 200, both.text
