@@ -396,14 +396,22 @@ def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server,
     path = Path(os.environ["LANTERN_HOME"]) / "endpoints" / "ops" / "state.json"
     good = path.read_text()
     logged = len(server.log_path.read_text(errors="replace"))
-    path.write_text("{damaged by hand")
+
+    def replace_with(text: str) -> None:
+        """In one step, as an editor saves: with `write_text` a worker's poll could read the empty file between its
+        truncation and its write, and log that other error too."""
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+
+    replace_with("{damaged by hand")
     try:
         time.sleep(2)  # about 10 polls in each worker
         assert predict(server, keys["primary"]).status_code == 200
         refused = admin.http.put("/traffic", json={"blue": 100})
         assert refused.status_code == 422 and "damaged" in refused.json()["error"]["message"], refused.text
     finally:
-        path.write_text(good)
+        replace_with(good)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         log = server.log_path.read_text(errors="replace")[logged:]
