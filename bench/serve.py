@@ -109,19 +109,26 @@ def register_tiny(folder: Path) -> str:
                                {"valid_resize_size": 64, "valid_crop_size": 64}).uri
 
 
-def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -> dict:
-    """The limit and the in-process latency, on the backend the served deployment uses (the same predictor class)."""
+def served_predictor(uri: str, device: str, backend: str) -> tuple:
+    """The version's bundle, its preprocessing, the torch device, and the predictor a served deployment would run."""
     from registry.devices import torch_device
-    from registry.images import decode_image
     from registry.preprocess import Preprocess
     from registry.resolve import load_bundle
-    from serving.predictors import OnnxPredictor, TorchPredictor, shape_buckets
+    from serving.predictors import OnnxPredictor, TorchPredictor
 
     bundle = load_bundle(uri)
-    preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
     chosen = torch_device(device)
     predictor = OnnxPredictor(bundle.onnx_path, chosen) if backend == "onnxruntime" else \
         TorchPredictor(bundle.module, chosen)
+    return bundle, Preprocess.for_model(bundle.spec, bundle.settings), chosen, predictor
+
+
+def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -> dict:
+    """The limit and the in-process latency, on the backend the served deployment uses (the same predictor class)."""
+    from registry.images import decode_image
+    from serving.predictors import OnnxPredictor, shape_buckets
+
+    bundle, preprocess, chosen, predictor = served_predictor(uri, device, backend)
     x = preprocess(decode_image(image, shorter_side=preprocess.resize_size))[None].numpy()
     throughput = {}
     for batch_size in (1, 2, 4, 8, 16, 32, 64):
@@ -148,16 +155,8 @@ def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -
 
 def in_process_latency(uri: str, image: bytes, device: str, backend: str, runs: int) -> float:
     """The median in-process latency of one image (decode + preprocess + a batch-1 run), on the served backend."""
-    from registry.devices import torch_device
-    from registry.preprocess import Preprocess
-    from registry.resolve import load_bundle
-    from serving.predictors import OnnxPredictor, TorchPredictor
-
-    bundle = load_bundle(uri)
-    chosen = torch_device(device)
-    predictor = OnnxPredictor(bundle.onnx_path, chosen) if backend == "onnxruntime" else \
-        TorchPredictor(bundle.module, chosen)
-    return one_image_latency(predictor, Preprocess.for_model(bundle.spec, bundle.settings), image, runs)
+    _bundle, preprocess, _device, predictor = served_predictor(uri, device, backend)
+    return one_image_latency(predictor, preprocess, image, runs)
 
 
 def one_image_latency(predictor, preprocess, image: bytes, runs: int) -> float:
