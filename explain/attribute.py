@@ -101,9 +101,10 @@ def attribute(
 ) -> Explanation:
     """Explain `model`'s output on one normalised image `x` [3, H, W] (or [1, 3, H, W]) with `method`.
 
-    Targets default to the prediction (every predicted label for multi-label); `image` is the cropped uint8 input
-    for the visualisation (default: `x` de-normalised with `mean`/`std`, which are also what the black baseline
-    of integrated gradients is made from)."""
+    Targets default to the prediction (every predicted label for multi-label); a target given twice is
+    explained once, in the order first given. `image` is the cropped uint8 input for the visualisation
+    (default: `x` de-normalised with `mean`/`std`, which are also what the black baseline of integrated
+    gradients is made from)."""
     typed = parse_params(method, params)
     x = x.unsqueeze(0) if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
@@ -117,7 +118,7 @@ def attribute(
     if targets is None:
         chosen = predicted_targets(logits, task, threshold)
     else:
-        chosen = [int(t) for t in targets]
+        chosen = list(dict.fromkeys(int(t) for t in targets))  # a label named twice is explained once
         bad = [t for t in chosen if not 0 <= t < logits.numel()]
         if bad:
             raise ExplainError(f"target class {bad[0]} does not exist; the model has classes 0..{logits.numel() - 1}")

@@ -264,6 +264,10 @@ def test_targets_multilabel_and_errors(cnn: SmallCNN) -> None:
     assert none.targets == [] and none.attributions.shape[0] == 0 and "nothing to explain" in none.fidelity.notes[0]
     named = attribute(cnn, x, "integrated_gradients", {"n_steps": 4}, targets=[2])
     assert named.targets == [2]
+    twice = attribute(cnn, x, "guided_backprop", targets=[2, 0, 2])
+    assert twice.targets == [2, 0] and twice.attributions.shape == (2, 3, 32, 32)
+    assert torch.allclose(twice.attributions[0], attribute(cnn, x, "guided_backprop", targets=[2]).attributions[0],
+                          atol=1e-6)
     with pytest.raises(ExplainError, match="target class 3 does not exist; the model has classes 0..2"):
         attribute(cnn, x, "guided_backprop", targets=[3])
     with pytest.raises(ExplainError, match="no layer 'features.9'"):
