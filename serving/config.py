@@ -74,7 +74,8 @@ class DeploymentConfig(Strict):
                                      description="overrides of the version's settings.json (validated per task)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
-    max_batch_size: int = Field(32, ge=2, le=1024, description="adaptive batching: most images in one model call")
+    max_batch_size: int = Field(32, ge=1, le=1024,
+                                description="adaptive batching: most images in one model call (1: no batching)")
     max_latency_ms: int = Field(60_000, ge=1, le=MAX_REQUEST_TIMEOUT_MS,
                                 description="adaptive batching: most time an image may wait to be batched")
     request_settings: RequestSettings = Field(default_factory=RequestSettings)

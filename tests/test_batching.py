@@ -101,3 +101,34 @@ def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_
     finally:
         deployment.unload()
         gc.unfreeze()
+
+
+def test_max_batch_size_1_turns_batching_off(store: str, checkpoints: dict[str, Path]) -> None:
+    """`max_batch_size: 1`: 40 images queued at once (past the dispatcher's training phases, which ask for batches of
+    2 and 3) all get their logits, each from a model call of its own, equal to a batch-1 run of the predictor."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("unbatched", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    deployment = Deployment(DeploymentConfig(name="blue", model="models:/unbatched/1", device="cpu",
+                                             max_batch_size=1))
+    assert deployment.load(), deployment.reason
+    batcher = BatchedPredictor(deployment, DeviceSemaphore(1))
+    crop = deployment.require_model().settings.valid_crop_size
+    images = np.random.default_rng(0).normal(size=(40, 3, crop, crop)).astype(np.float32)
+
+    async def at_once() -> list[np.ndarray]:
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(batcher.logits(Job(image)) for image in images)), 60)
+        finally:
+            batcher.shutdown()
+
+    try:
+        logits = asyncio.run(at_once())
+        assert [n for n, _, _ in batcher.dispatcher.optimizer.o_stat] == [1] * len(batcher.dispatcher.optimizer.o_stat)
+        assert len(batcher.dispatcher.optimizer.o_stat) >= 20  # its last 50 calls are kept
+        predictor = deployment.require_model().predictor
+        for image, got in zip(images, logits):
+            np.testing.assert_allclose(got, predictor(image[None])[0], rtol=1e-5, atol=1e-5)
+    finally:
+        deployment.unload()
+        gc.unfreeze()

@@ -21,6 +21,7 @@ from serving.predictors import OnnxPredictor, TorchPredictor, padded_size, shape
     ("cuda", "onnxruntime", 32, (1, 2, 4, 8, 16, 32)),
     ("cuda:1", "onnxruntime", 24, (1, 2, 4, 8, 16, 24)),
     ("cuda", "onnxruntime", 2, (1, 2)),
+    ("cuda", "onnxruntime", 1, (1,)),
     ("cuda", "torch", 32, None),
     ("cpu", "onnxruntime", 32, None),
 ])
