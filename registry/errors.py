@@ -33,5 +33,7 @@ def describe_validation_error(error: ValidationError, what: str) -> str:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown setting"
+        elif item["type"] == "value_error" and "error" in item.get("ctx", {}):  # without pydantic's "Value error, "
+            message = str(item["ctx"]["error"])
         problems.append(f"{where}: {message}")
     return f"invalid {what}: " + "; ".join(problems)

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from explain.params import ExplainError, parse_params
 from registry.errors import describe_validation_error
@@ -100,7 +100,8 @@ class ScoreRequest(Strict):
     """`POST /score`: `{"input_data": {"columns": ["image"], "data": [...]}}`."""
 
     input_data: InputData
-    params: dict[str, Any] | None = Field(None, description="accepted for MLflow scoring compatibility; unused")
+    params: dict[str, Any] | None = Field(None, description="accepted for MLflow scoring compatibility when empty: "
+                                                            "/score takes no inference parameters")
 
 
 class ScoreItem(BaseModel):
@@ -144,7 +145,15 @@ class ExplainRequest(Strict):
     image_base64: str
     method: XaiAlgorithm = "xrai"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {\"n_steps\": 50}")
-    targets: list[str] | None = Field(None, description="labels to explain instead of the prediction")
+    targets: list[str] | None = Field(None, description="labels to explain instead of the prediction (leave out "
+                                                         "to explain the prediction)")
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, targets: list[str] | None) -> list[str] | None:
+        if targets is not None and not targets:
+            raise ValueError("no label given; name at least one, or leave targets out to explain the prediction")
+        return targets
     visualizations: bool = True
     attributions: bool = True
     attributions_encoding: AttributionEncoding = "npy_base64"
@@ -239,9 +248,17 @@ def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
         problem = f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else "a column is named twice"
         raise unprocessable(f"input_data.columns: {problem}; the columns are 'image' and optionally "
                             f"{', '.join(map(repr, ROW_COLUMNS))}", "invalid_columns")
+    data, index = request.input_data.data, request.input_data.index
+    if index is not None and len(index) != len(data):
+        raise unprocessable(f"input_data.index has {len(index)} item(s) but input_data.data has {len(data)} row(s); "
+                            f"send one index item per row, or no index", "invalid_index")
+    if request.params:
+        raise unprocessable(f"params: /score takes no inference parameters (got {', '.join(map(repr, request.params))}"
+                            f"); a row's settings go in the row (xai_parameters, "
+                            f"confidence_score_threshold_multilabel)", "invalid_params")
     column = columns.index("image")
     rows = []
-    for position, item in enumerate(request.input_data.data):
+    for position, item in enumerate(data):
         cells: dict[str, Any] = {}
         if isinstance(item, list):
             if len(item) != len(columns) or not isinstance(item[column], str):

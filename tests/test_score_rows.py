@@ -59,3 +59,18 @@ def test_columns_can_complete_a_json_row_and_missing_cells_keep_the_defaults() -
 def test_bad_columns_and_cells_are_named(columns: list[str], data: list, code: str, message: str) -> None:
     error = refusal(columns, data)
     assert error.status in (400, 422) and error.code == code and message in error.message, error.message
+
+
+def test_an_index_must_match_the_rows_and_params_must_be_empty() -> None:
+    """pandas refuses an index whose length differs from the data's; inference params would be silently unused."""
+    def parsed(**body: object) -> list:
+        return parse_score_rows(ScoreRequest.model_validate({"input_data": {"data": [IMAGE, IMAGE]}, **body}))
+
+    assert len(parsed()) == len(parsed(input_data={"data": [IMAGE, IMAGE], "index": [4, 9]}, params={})) == 2
+    for body, code, message in (
+            ({"input_data": {"data": [IMAGE, IMAGE], "index": [0]}}, "invalid_index",
+             "input_data.index has 1 item(s) but input_data.data has 2 row(s)"),
+            ({"params": {"top_k": 3}}, "invalid_params", "params: /score takes no inference parameters (got 'top_k')")):
+        with pytest.raises(ApiError) as raised:
+            parsed(**body)
+        assert raised.value.status == 422 and raised.value.code == code and message in raised.value.message

@@ -316,6 +316,11 @@ def test_a_query_parameter_given_twice_is_refused_but_targets_add_up(server: Ser
                       content=png_bytes(), headers=headers, timeout=60)
     assert both.status_code == 200, both.text
     assert [e["label"] for e in both.json()["explanations"]] == ["circle", "square"]
+    for empty in ("targets=", "targets=,"):  # a client's empty variable: not silently the prediction
+        refused = httpx.post(f"{server.url}/explain?method=guided_backprop&{empty}", content=png_bytes(),
+                             headers=headers, timeout=60)
+        assert refused.status_code == 422, refused.text
+        assert "targets: no label given; name at least one, or leave targets out" in refused.json()["error"]["message"]
 
 
 def test_explain_json_and_png(server: Server, key: str) -> None:
