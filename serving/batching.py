@@ -1,14 +1,17 @@
 """Adaptive batching of predictions with BentoML's dispatcher (the CORK algorithm behind `batchable=True` APIs).
 
-Each deployment gets a dispatcher with its own `max_batch_size` and `max_latency_ms`; dispatchers of deployments on
-the same device share one semaphore, so one batch at a time runs per device. The dispatcher is the one BentoML's
-server builds for batchable APIs; it is used directly because predictions arrive through Lantern's own routes (which
-own the status codes, headers and auth), not through a `@bentoml.api` body."""
+Each model a batch can run gets a dispatcher with its `max_batch_size` and `max_latency_ms`: deployments serving the
+same model version on the same backend and device, with the same input size and batching settings, share one, so a
+batch may mix their requests (`SharedBatchers`). Dispatchers on the same device share one semaphore, so one batch at
+a time runs per device. The dispatcher is the one BentoML's server builds for batchable APIs; it is used directly
+because predictions arrive through Lantern's own routes (which own the status codes, headers and auth), not through a
+`@bentoml.api` body."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, Optimizer
 
+from registry.devices import device_key
+from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from serving.errors import ApiError
 from serving.metrics import metrics
@@ -35,6 +40,7 @@ class Job:
     """One image for a deployment; `abandoned` is set when its request is gone, so the batch skips it."""
 
     pixels: np.ndarray  # [3, H, W] float32, normalised
+    deployment: Deployment  # the one the image was sent to (its metrics; its model runs the batch it leads)
     abandoned: bool = field(default=False)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -137,11 +143,12 @@ class PromptDispatcher(CorkDispatcher):
 
 
 class BatchedPredictor:
-    """`await predictor.logits(pixels)` -> that image's logits, computed in an adaptive batch."""
+    """`await predictor.logits(job)` -> that image's logits, computed in an adaptive batch.
 
-    def __init__(self, deployment: Deployment, semaphore: DeviceSemaphore) -> None:
-        self.deployment = deployment
-        config = deployment.config
+    The jobs of one batcher may come for several deployments, which all serve the same model: a batch runs on the
+    model of its first live job's deployment (a deployment is not unloaded while a request of its own is in flight)."""
+
+    def __init__(self, config: DeploymentConfig, semaphore: DeviceSemaphore) -> None:
         self.dispatcher = PromptDispatcher(
             max_latency_in_ms=config.max_latency_ms, max_batch_size=config.max_batch_size,
             shared_sema=semaphore, fallback=_overloaded, get_batch_size=lambda job: 1,
@@ -154,37 +161,41 @@ class BatchedPredictor:
         results: list[np.ndarray | Exception | None] = [None] * len(jobs)
         if not live:
             return results
-        predictor = self.deployment.require_model().predictor
+        predictor = jobs[live[0]].deployment.require_model().predictor
         started = time.monotonic()
-        queued = metrics().queue_seconds.labels(self.deployment.name)
         for i in live:
-            queued.observe(started - jobs[i].queued_at)
+            metrics().queue_seconds.labels(jobs[i].deployment.name).observe(started - jobs[i].queued_at)
+        names = sorted({jobs[i].deployment.name for i in live})
         try:
-            logits = await self._model_call(predictor, [jobs[i].pixels for i in live])
+            logits = await self._model_call(predictor, [jobs[i].pixels for i in live], names)
         except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
             if len(live) == 1:
                 raise
-            return await self._run_one_by_one(jobs, live, predictor, results)
+            return await self._run_one_by_one(jobs, live, results)
         for row, i in enumerate(live):
             results[i] = logits[row]
         return results
 
-    async def _run_one_by_one(self, jobs: Sequence[Job], live: list[int], predictor,
+    async def _run_one_by_one(self, jobs: Sequence[Job], live: list[int],
                               results: list[np.ndarray | Exception | None]) -> list[np.ndarray | Exception | None]:
         for i in live:
             try:
-                results[i] = (await self._model_call(predictor, [jobs[i].pixels]))[0]
+                job = jobs[i]
+                results[i] = (await self._model_call(job.deployment.require_model().predictor, [job.pixels],
+                                                     [job.deployment.name]))[0]
             except Exception as error:  # noqa: BLE001 - this input is the caller's 424
                 results[i] = error
         return results
 
-    async def _model_call(self, predictor, rows: list[np.ndarray]) -> np.ndarray:
+    async def _model_call(self, predictor, rows: list[np.ndarray], names: list[str]) -> np.ndarray:
         """One model call on the predictor's own thread; a call that answers counts in the batch size and model call
-        metrics."""
+        metrics of each deployment with an image in it."""
         started = time.monotonic()
         logits = await asyncio.wrap_future(submit_rows(predictor, rows))
-        metrics().model_call_seconds.labels(self.deployment.name).observe(time.monotonic() - started)
-        metrics().batch_size.labels(self.deployment.name).observe(len(rows))
+        took = time.monotonic() - started
+        for name in names:
+            metrics().model_call_seconds.labels(name).observe(took)
+            metrics().batch_size.labels(name).observe(len(rows))
         return logits
 
     async def logits(self, job: Job) -> np.ndarray:
@@ -213,6 +224,56 @@ class BatchedPredictor:
             loop.call_soon_threadsafe(self.dispatcher.shutdown)
         except RuntimeError:  # the loop is closing with the server
             pass
+
+
+class SharedBatchers:
+    """One worker's batchers, one per model a batch can run, and one semaphore per device.
+
+    Deployments share a batcher when their batches could be one model call: the same registered model version (an
+    alias resolved), run by the same backend and provider on the same device, with the same input size and the same
+    `max_batch_size` and `max_latency_ms`. Blue and green serving one version with different request settings, or a
+    mirror of the live version, then fill batches together. A batcher stops when its last user releases it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # instances stop on other threads (retirement)
+        self._semaphores: dict[str, DeviceSemaphore] = {}
+        self._batchers: dict[tuple, BatchedPredictor] = {}
+        self._users: dict[tuple, set[int]] = {}
+
+    def semaphore(self, device: str) -> DeviceSemaphore:
+        """`device`'s batch slot (`auto`, `cpu` or `cuda:0` spelled one way: they share one)."""
+        with self._lock:
+            return self._semaphores.setdefault(device_key(device), DeviceSemaphore(1))
+
+    @staticmethod
+    def key(deployment: Deployment) -> tuple:
+        """What a batch's model call depends on, for a loaded deployment."""
+        model, config = deployment.require_model(), deployment.config
+        return (model.bundle.uri, model.predictor.description, device_key(config.device), model.preprocess.crop_size,
+                config.max_batch_size, config.max_latency_ms)
+
+    def acquire(self, user: object, deployment: Deployment) -> tuple[tuple, BatchedPredictor]:
+        """The batcher for `deployment`'s model, registering `user` (a deployment instance) as one of its users."""
+        key = self.key(deployment)
+        semaphore = self.semaphore(deployment.config.device)
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = self._batchers[key] = BatchedPredictor(deployment.config, semaphore)
+            self._users.setdefault(key, set()).add(id(user))
+        return key, batcher
+
+    def release(self, user: object, key: tuple) -> None:
+        """`user` is done with the batcher of `key`; the last user's release stops it."""
+        with self._lock:
+            users = self._users.get(key, set())
+            users.discard(id(user))
+            if users:
+                return
+            self._users.pop(key, None)
+            batcher = self._batchers.pop(key, None)
+        if batcher is not None:
+            batcher.shutdown()
 
 
 # ONNX Runtime has no exception type for it (its CUDA arena and cudaMalloc failures are RuntimeExceptions saying so),

@@ -20,10 +20,9 @@ from PIL import Image
 
 from explain.attribute import Explanation
 from explain.params import ExplainError
-from registry.devices import device_key
 from serving.abandon import Abandoned, CancelToken, running_under
 from serving.auth import KeyCheck, bearer_token
-from serving.batching import DeviceSemaphore, Job, Overloaded, model_error
+from serving.batching import Job, Overloaded, SharedBatchers, model_error
 from serving.config import EndpointConfig
 from serving.deployment import Prediction
 from serving.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
@@ -76,7 +75,7 @@ class Endpoint:
         self._stamp = self.store.stamp()
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
-        self._semaphores: dict[str, DeviceSemaphore] = {}
+        self.batchers = SharedBatchers()
         self._changes = threading.Lock()
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
@@ -105,9 +104,7 @@ class Endpoint:
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
-        device = device_key(record.config.device)  # `auto` and `cpu` (or `cuda:0`) share one device's batch slot
-        semaphore = self._semaphores.setdefault(device, DeviceSemaphore(1))
-        return DeploymentInstance(record.config, record.generation, self.tracking_uri, semaphore)
+        return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers)
 
     def _apply(self, state: EndpointState, start: bool = True) -> None:
         """Bring this worker's instances to `state`: new deployments load, updated ones ready a new generation beside
@@ -341,7 +338,7 @@ class Endpoint:
         deployment = instance.deployment
         pixels = prepared.pixels
         try:
-            logits = await asyncio.gather(*(instance.batcher.logits(Job(p)) for p in pixels))
+            logits = await asyncio.gather(*(instance.batcher.logits(Job(p, deployment)) for p in pixels))
         except Overloaded:
             raise ApiError(503, "overloaded", f"deployment {deployment.name} could not batch this request within its "
                                               f"max_latency_ms ({deployment.config.max_latency_ms} ms)") from None

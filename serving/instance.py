@@ -9,9 +9,10 @@ import logging
 import threading
 import time
 
-from serving.batching import BatchedPredictor, DeviceSemaphore
+from serving.batching import BatchedPredictor, SharedBatchers
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
+from serving.errors import not_ready
 from serving.limits import Admission
 from serving.probes import Prober
 
@@ -23,14 +24,28 @@ class DeploymentInstance:
     """A deployment generation with everything a request needs to be served by it."""
 
     def __init__(self, config: DeploymentConfig, generation: int, tracking_uri: str | None,
-                 semaphore: DeviceSemaphore) -> None:
+                 batchers: SharedBatchers) -> None:
         self.generation = generation
         self.deployment = Deployment(config, tracking_uri)
         settings = config.request_settings
         self.admission = Admission(f"deployment {config.name}", settings.max_concurrent_requests_per_instance,
                                    settings.max_queue_wait_ms / 1000)
-        self.batcher = BatchedPredictor(self.deployment, semaphore)
         self.prober = Prober(self.deployment)
+        self._batchers = batchers
+        self._batching: tuple[tuple, BatchedPredictor] | None = None  # (its key, the batcher), from the first request
+        self._batching_lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def batcher(self) -> BatchedPredictor:
+        """The batcher of this instance's model, shared with the deployments serving the same one (its key needs the
+        loaded model: requests reach an instance once it is ready)."""
+        with self._batching_lock:
+            if self._batching is None:
+                if self._stopped:
+                    raise not_ready(f"deployment {self.name} generation {self.generation} has stopped; retry")
+                self._batching = self._batchers.acquire(self, self.deployment)
+            return self._batching[1]
 
     @property
     def name(self) -> str:
@@ -48,7 +63,10 @@ class DeploymentInstance:
     def stop(self, unload: bool = True) -> None:
         """Stop probing and batching, and let go of the model (not worth a full collection when the process ends)."""
         self.prober.stop()
-        self.batcher.shutdown()
+        with self._batching_lock:
+            self._stopped, batching, self._batching = True, self._batching, None
+        if batching is not None:
+            self._batchers.release(self, batching[0])
         if unload:
             self.deployment.unload()
 

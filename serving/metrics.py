@@ -49,14 +49,16 @@ def metrics() -> Metrics:
                                      "Time to decode, crop and normalise one request's images for prediction, from "
                                      "handing them to the work pool (waiting for a free thread included) to having "
                                      "them back", ["deployment"], buckets=STAGE_BUCKETS),
-        batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching",
+        batch_size=Histogram("lantern_batch_size", "Images per model call made by adaptive batching (a call mixing "
+                             "deployments of one model counts for each of them)",
                              ["deployment"], buckets=BATCH_BUCKETS),
         queue_seconds=Histogram("lantern_batch_queue_seconds",
                                 "Time an image waited for its model call: from joining the batching queue to the "
                                 "start of its batch", ["deployment"], buckets=STAGE_BUCKETS),
         model_call_seconds=Histogram("lantern_model_call_seconds",
                                      "Time of one batched model call (stacking the batch, the backend's run, the "
-                                     "logits back)", ["deployment"], buckets=STAGE_BUCKETS),
+                                     "logits back; a call mixing deployments counts for each)", ["deployment"],
+                                     buckets=STAGE_BUCKETS),
         images=Counter("lantern_images_total", "Images predicted, by deployment", ["deployment"]),
         explanation_runs=Counter("lantern_explanation_runs_total",
                                  "Explanation computations by how they ended: completed, abandoned (stopped early "

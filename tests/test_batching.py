@@ -12,7 +12,7 @@ import pytest
 from bentoml._internal.marshal.dispatcher import Optimizer
 
 from serving import batching
-from serving.batching import BatchedPredictor, DeviceSemaphore, Job, Overloaded
+from serving.batching import BatchedPredictor, DeviceSemaphore, Job, Overloaded, SharedBatchers
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from tests.conftest import LABELS, SMALL_SETTINGS
@@ -28,7 +28,7 @@ def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waite
     register_checkpoint("batched", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     deployment = Deployment(DeploymentConfig(name="blue", model="models:/batched/1", device="cpu"))
     assert deployment.load(), deployment.reason
-    batcher = BatchedPredictor(deployment, DeviceSemaphore(1))
+    batcher = BatchedPredictor(deployment.config, DeviceSemaphore(1))
     optimizer = batcher.dispatcher.optimizer
     reference = Optimizer(batcher.dispatcher.max_latency)
     for logged in (optimizer, reference):
@@ -43,9 +43,9 @@ def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waite
 
     async def pairs_apart() -> None:
         for _ in range(8):  # the last pairs come after the dispatcher's training requests (11)
-            first = asyncio.ensure_future(batcher.logits(Job(image)))
+            first = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
             await asyncio.sleep(0.05)
-            await asyncio.gather(first, batcher.logits(Job(image)))
+            await asyncio.gather(first, batcher.logits(Job(image, deployment)))
         batcher.shutdown()
 
     try:
@@ -68,19 +68,19 @@ def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_
                                              max_latency_ms=400))
     assert deployment.load(), deployment.reason
     semaphore = DeviceSemaphore(1)
-    batcher = BatchedPredictor(deployment, semaphore)
+    batcher = BatchedPredictor(deployment.config, semaphore)
     crop = deployment.require_model().settings.valid_crop_size
     image = np.zeros((3, crop, crop), dtype=np.float32)
 
     async def scenario() -> None:
         for _ in range(14):  # the dispatcher's training requests (11), one at a time
-            await batcher.logits(Job(image))
+            await batcher.logits(Job(image, deployment))
         calls = len(batcher.dispatcher.optimizer.o_stat)
         batcher.dispatcher.TICKET_INTERVAL = 30
         monkeypatch.setattr(batching, "RECHECK_S", 30)
 
         assert semaphore.acquire()  # another deployment's batch is running on the device
-        queued = asyncio.ensure_future(batcher.logits(Job(image)))
+        queued = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
         await asyncio.sleep(0.2)
         assert not queued.done()
         semaphore.release()
@@ -90,7 +90,7 @@ def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_
 
         monkeypatch.setattr(batching, "RECHECK_S", 0.05)
         assert semaphore.acquire()
-        expired = asyncio.ensure_future(batcher.logits(Job(image)))
+        expired = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
         with pytest.raises(Overloaded):
             await asyncio.wait_for(expired, 10)  # dropped once it has waited max_latency_ms (0.4 s)
         semaphore.release()
@@ -112,13 +112,14 @@ def test_max_batch_size_1_turns_batching_off(store: str, checkpoints: dict[str, 
     deployment = Deployment(DeploymentConfig(name="blue", model="models:/unbatched/1", device="cpu",
                                              max_batch_size=1))
     assert deployment.load(), deployment.reason
-    batcher = BatchedPredictor(deployment, DeviceSemaphore(1))
+    batcher = BatchedPredictor(deployment.config, DeviceSemaphore(1))
     crop = deployment.require_model().settings.valid_crop_size
     images = np.random.default_rng(0).normal(size=(40, 3, crop, crop)).astype(np.float32)
 
     async def at_once() -> list[np.ndarray]:
         try:
-            return await asyncio.wait_for(asyncio.gather(*(batcher.logits(Job(image)) for image in images)), 60)
+            jobs = (batcher.logits(Job(image, deployment)) for image in images)
+            return await asyncio.wait_for(asyncio.gather(*jobs), 60)
         finally:
             batcher.shutdown()
 
@@ -131,4 +132,62 @@ def test_max_batch_size_1_turns_batching_off(store: str, checkpoints: dict[str, 
             np.testing.assert_allclose(got, predictor(image[None])[0], rtol=1e-5, atol=1e-5)
     finally:
         deployment.unload()
+        gc.unfreeze()
+
+
+def test_deployments_of_one_model_share_a_batcher_and_a_batch_mixes_their_requests(
+        store: str, checkpoints: dict[str, Path]) -> None:
+    """Blue (version 1) and green (the alias naming version 1, other request settings) share one batcher: their images
+    queued behind a busy device go out as one model call of 2. Another version, another input size or another
+    max_batch_size is another batcher. The batcher stops with its last user; the next user gets a new one."""
+    from registry.register import register_checkpoint
+
+    for alias in ("champion", None):
+        register_checkpoint("mixed", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                            alias=alias)
+    configs = {"blue": {"model": "models:/mixed/1"},
+               "green": {"model": "models:/mixed@champion", "request_settings": {"request_timeout_ms": 90000}},
+               "version2": {"model": "models:/mixed/2"},
+               "crop24": {"model": "models:/mixed/1", "settings": {"valid_resize_size": 30, "valid_crop_size": 24}},
+               "batch8": {"model": "models:/mixed/1", "max_batch_size": 8}}
+    deployments = {name: Deployment(DeploymentConfig(name=name, device="cpu", **config))
+                   for name, config in configs.items()}
+    for deployment in deployments.values():
+        assert deployment.load(), deployment.reason
+    blue, green = deployments["blue"], deployments["green"]
+    batchers = SharedBatchers()
+    acquired = {name: batchers.acquire(deployment, deployment) for name, deployment in deployments.items()}
+    shared = acquired["blue"][1]
+    assert acquired["green"][1] is shared
+    assert len({id(batcher) for _key, batcher in acquired.values()}) == 4
+    semaphore = batchers.semaphore("auto")  # the CPU's batch slot, however it is spelled
+    assert semaphore is batchers.semaphore("cpu")
+    crop = blue.require_model().settings.valid_crop_size
+    images = np.random.default_rng(1).normal(size=(2, 3, crop, crop)).astype(np.float32)
+
+    async def mixed() -> list[np.ndarray]:
+        for i in range(14):  # the dispatcher's training requests (11), one at a time, from both deployments
+            await shared.logits(Job(images[0], blue if i % 2 else green))
+        calls = len(shared.dispatcher.optimizer.o_stat)
+        assert semaphore.acquire()  # another batch holds the device while both images queue
+        queued = [asyncio.ensure_future(shared.logits(Job(image, deployment)))
+                  for image, deployment in zip(images, (blue, green))]
+        await asyncio.sleep(0.2)
+        semaphore.release()
+        logits = await asyncio.wait_for(asyncio.gather(*queued), 10)
+        assert [n for n, _, _ in list(shared.dispatcher.optimizer.o_stat)[calls:]] == [2]
+        return logits
+
+    try:
+        logits = asyncio.run(mixed())
+        for image, got, deployment in zip(images, logits, (blue, green)):
+            expected = deployment.require_model().predictor(image[None])[0]
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        batchers.release(blue, acquired["blue"][0])
+        assert batchers.acquire(green, green)[1] is shared  # green still uses it
+        batchers.release(green, acquired["green"][0])
+        assert batchers.acquire(blue, blue)[1] is not shared  # stopped with its last user
+    finally:
+        for deployment in deployments.values():
+            deployment.unload()
         gc.unfreeze()

@@ -239,6 +239,37 @@ def test_mirror_copies_without_touching_the_answer(server: Server, keys: dict[st
     assert view["mirror_traffic"] == 50 and sum(view["counters"]["mirrored"].values()) >= copies
 
 
+def test_deployments_of_one_version_fill_batches_together(server: Server, keys: dict[str, str], admin: Admin) -> None:
+    """Twin serves blue's version with other request settings: requests pinned to each are answered by their own
+    deployment, and model calls mix them (a mixed call counts its whole size for each deployment in it, so the batch
+    sizes add up to more than the images). Twin's removal leaves blue's batches running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin.add(deployment("twin", request_settings={**FAST, "request_timeout_ms": 20000}))
+
+    def totals() -> tuple[float, float]:
+        return (sum(server.metric("lantern_batch_size_sum", deployment=d) for d in ("blue", "twin")),
+                sum(server.metric("lantern_images_total", deployment=d) for d in ("blue", "twin")))
+
+    with ThreadPoolExecutor(16) as clients:
+        for burst in range(5):  # 16 clients at once, half pinned to each: the first burst mixes in practice
+            (sizes_before, images_before) = totals()
+            pins = ["blue", "twin"] * 24
+            answers = list(clients.map(lambda pin: predict(server, keys["primary"], **{"x-lantern-deployment": pin}),
+                                       pins))
+            assert [(a.status_code, a.headers["x-lantern-deployment"]) for a in answers] == \
+                [(200, pin) for pin in pins]
+            sizes, images = totals()
+            assert images - images_before == len(pins)
+            print(f"burst {burst}: batch sizes {sizes - sizes_before:.0f} for {len(pins)} images")
+            if sizes - sizes_before > images - images_before:
+                break
+        else:
+            raise AssertionError("no model call mixed blue's and twin's images in 5 bursts of 48 requests")
+    admin.remove("twin")
+    assert all(predict(server, keys["primary"]).status_code == 200 for _ in range(10))
+
+
 def test_update_readies_a_new_generation_while_the_old_one_serves(server: Server, keys: dict[str, str],
                                                                   admin: Admin) -> None:
     assert predict(server, keys["primary"]).headers["x-lantern-model-version"] == "models:/mc/1"
