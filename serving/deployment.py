@@ -15,7 +15,7 @@ from PIL import Image
 
 from explain.attribute import Explanation, attribute
 from explain.layout import fastest_layout
-from registry.devices import torch_device
+from registry.devices import device_key, torch_device
 from registry.errors import LanternError
 from registry.postprocess import predicted_indices, probabilities
 from registry.preprocess import Preprocess
@@ -24,6 +24,7 @@ from registry.settings import ClassificationSettings, with_overrides
 from serving.abandon import make_abandonable
 from serving.config import DeploymentConfig
 from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
+from serving.shared_models import ModelCore, SharedModels
 
 logger = logging.getLogger("lantern.serving")
 State = Literal["loading", "ready", "unready", "failed"]
@@ -67,9 +68,12 @@ def freeze_long_lived_objects() -> None:
 class Deployment:
     """Loads its model version in the background, warms it up, and only then reports ready."""
 
-    def __init__(self, config: DeploymentConfig, tracking_uri: str | None = None) -> None:
+    def __init__(self, config: DeploymentConfig, tracking_uri: str | None = None,
+                 models: SharedModels | None = None) -> None:
         self.config = config
         self.tracking_uri = tracking_uri
+        self.models = models  # the worker's loaded models, shared with other deployments of the same; None: its own
+        self._core: ModelCore | None = None
         self.state: State = "loading"
         self.reason: str | None = None
         self.model: LoadedModel | None = None
@@ -87,12 +91,12 @@ class Deployment:
     def model_version(self) -> str | None:
         return self.model.bundle.uri if self.model else None
 
-    def load(self) -> bool:
-        """Resolve, load, warm up. The state stays `loading` (the readiness probe makes it `ready`), or becomes
-        `failed` with the reason."""
+    def load(self, fresh: bool = False) -> bool:
+        """Resolve, load (or share a model already loaded, unless `fresh`), warm up. The state stays `loading` (the
+        readiness probe makes it `ready`), or becomes `failed` with the reason."""
         self.state = "loading"
         try:
-            self.model = self._load()
+            self.model = self._load(fresh)
         except LanternError as error:
             self._fail(str(error))
             return False
@@ -101,19 +105,22 @@ class Deployment:
             self._fail(f"{type(error).__name__}: {error}")
             return False
         self.loaded_at = time.monotonic()
-        logger.info("deployment %s loaded: %s on %s", self.name, self.model.bundle.uri, self.model.predictor.description)
+        shared = self._core is not None and len(self._core.users) > 1
+        logger.info("deployment %s loaded: %s on %s%s", self.name, self.model.bundle.uri,
+                    self.model.predictor.description, " (shared with another deployment)" if shared else "")
         freeze_long_lived_objects()
         return True
 
     def unload(self) -> None:
-        """Let go of the model once its instance has stopped, and collect it (device memory included). The backend's
-        thread ends first, after the call it may be running: its sessions are never torn down under a run, nor
+        """Let go of the model once its instance has stopped, and collect it (device memory included) when no other
+        deployment shares it. The backend's thread ends first, after the call it may be running: its sessions are never torn down under a run, nor
         before the thread that ran them (CUDA libraries keep per-thread state for them)."""
         model, self.model = self.model, None
+        core, self._core = self._core, None
         self.state, self.reason = "unready", "stopped"
-        if model is not None:
-            model.predictor.thread.close()
-        del model
+        if core is not None and (self.models is None or self.models.release(core, self)):
+            core.predictor.thread.close()  # its last user
+        del model, core
         freeze_long_lived_objects()
 
     def _fail(self, reason: str) -> None:
@@ -121,18 +128,36 @@ class Deployment:
         self.reason = reason
         logger.error("deployment %s failed: %s", self.name, reason)
 
-    def _load(self) -> LoadedModel:
-        device = torch_device(self.config.device)
-        bundle = load_bundle(self.config.model, tracking_uri=self.tracking_uri, device=str(device))
-        settings = with_overrides(bundle.settings, bundle.spec.task, self.config.settings)
-        fastest_layout(bundle.module)  # channels-last on the CPU: explanations' gradient passes 20-40 % faster
-        make_abandonable(bundle.module)
-        buckets = shape_buckets(device, self.config.backend, self.config.max_batch_size)
-        predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)
-                                if self.config.backend == "onnxruntime" else TorchPredictor(bundle.module, device))
-        model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), predictor, device)
+    def _load(self, fresh: bool) -> LoadedModel:
+        config = self.config
+        device = torch_device(config.device)
+        buckets = shape_buckets(device, config.backend, config.max_batch_size)
+        previous = self._core
+        if self.models is None:
+            core = self._load_core(config.model, device, buckets)
+        else:
+            uri = self.models.version_uri(config.model)
+            # the crop as overridden (None: the version's own): the warm-up and a GPU's sessions see that input size
+            key = (uri, config.backend, device_key(config.device), buckets, config.settings.get("valid_crop_size"))
+            core = self.models.acquire(key, self, lambda: self._load_core(uri, device, buckets), fresh)
+        self._core = core
+        if previous is not None and previous is not core and self.models is not None:
+            self.models.release(previous, self)  # a reload: the old one is dropped, not closed (it may be stuck)
+        bundle = core.bundle
+        settings = with_overrides(bundle.settings, bundle.spec.task, config.settings)
+        model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), core.predictor, device,
+                            core.guided_lock)
         self._warm_up(model)
         return model
+
+    def _load_core(self, ref: str, device: torch.device, buckets: tuple[int, ...] | None) -> ModelCore:
+        """The version's module (for explanations) and its predictor, on `device`."""
+        bundle = load_bundle(ref, tracking_uri=self.tracking_uri, device=str(device))
+        fastest_layout(bundle.module)  # channels-last on the CPU: explanations' gradient passes 20-40 % faster
+        make_abandonable(bundle.module)
+        predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)
+                                if self.config.backend == "onnxruntime" else TorchPredictor(bundle.module, device))
+        return ModelCore(bundle, predictor)
 
     def _warm_up(self, model: LoadedModel) -> None:
         """Run the backend on a batch of 1 and a larger one (on a GPU, every batch size it runs), and the module once,

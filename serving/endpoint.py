@@ -29,6 +29,7 @@ from serving.errors import ApiError, bad_request, forbidden, not_found, not_read
 from serving.instance import DeploymentInstance
 from serving.limits import Admission
 from serving.metrics import metrics
+from serving.shared_models import SharedModels
 from serving.state import DeploymentRecord, EndpointState, StateStore
 from serving.workers import HEARTBEAT_S, InstanceStatus, StatusBoard, WorkerStatus
 
@@ -76,6 +77,7 @@ class Endpoint:
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
         self.batchers = SharedBatchers()
+        self.models = SharedModels(tracking_uri)
         self._changes = threading.Lock()
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
@@ -104,7 +106,7 @@ class Endpoint:
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
-        return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers)
+        return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers, self.models)
 
     def _apply(self, state: EndpointState, start: bool = True) -> None:
         """Bring this worker's instances to `state`: new deployments load, updated ones ready a new generation beside

@@ -15,6 +15,7 @@ from serving.deployment import Deployment
 from serving.errors import not_ready
 from serving.limits import Admission
 from serving.probes import Prober
+from serving.shared_models import SharedModels
 
 logger = logging.getLogger("lantern.serving")
 RETIRE_GRACE_S = 2.0  # a request routed just before the change may not be admitted yet
@@ -24,9 +25,9 @@ class DeploymentInstance:
     """A deployment generation with everything a request needs to be served by it."""
 
     def __init__(self, config: DeploymentConfig, generation: int, tracking_uri: str | None,
-                 batchers: SharedBatchers) -> None:
+                 batchers: SharedBatchers, models: SharedModels | None = None) -> None:
         self.generation = generation
-        self.deployment = Deployment(config, tracking_uri)
+        self.deployment = Deployment(config, tracking_uri, models)
         settings = config.request_settings
         self.admission = Admission(f"deployment {config.name}", settings.max_concurrent_requests_per_instance,
                                    settings.max_queue_wait_ms / 1000)

@@ -79,7 +79,7 @@ class Prober:
                     metrics().reloads.labels(deployment.name).inc()
                     deployment.state = "loading"
                     deployment.reason = f"reloaded after {live_fails} failed liveness probes in a row"
-                    if not deployment.load():
+                    if not deployment.load(fresh=True):  # not the same (stuck) model another deployment shares
                         return
                     passes = fails = live_fails = 0
             self._stop.wait(readiness.period if deployment.state == "ready" else min(readiness.period, 1.0))

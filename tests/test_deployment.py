@@ -74,3 +74,53 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
         prober.stop()
         deployment.unload()
         gc.unfreeze()
+
+
+def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, checkpoints: dict[str, Path]) -> None:
+    """Blue and green (an alias of the same version, other request settings and resize) share one module and one
+    session; another version, crop size or backend loads its own. A reload after failed liveness probes (`fresh`)
+    loads anew rather than take back the shared model; a shared model's backend thread ends with its last user."""
+    from registry.register import register_checkpoint
+    from serving.shared_models import SharedModels
+
+    for alias in ("champion", None):
+        register_checkpoint("twins", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                            alias=alias)
+    models = SharedModels()
+    configs = {"blue": {"model": "models:/twins/1"},
+               "green": {"model": "models:/twins@champion", "settings": {"valid_resize_size": 36},
+                         "request_settings": {"request_timeout_ms": 90000}},
+               "version2": {"model": "models:/twins/2"},
+               "crop24": {"model": "models:/twins/1", "settings": {"valid_resize_size": 30, "valid_crop_size": 24}},
+               "torch": {"model": "models:/twins/1", "backend": "torch"}}
+    deployments = {name: Deployment(DeploymentConfig(name=name, device="cpu", **config), models=models)
+                   for name, config in configs.items()}
+    try:
+        for deployment in deployments.values():
+            assert deployment.load(), deployment.reason
+        loaded = {name: deployment.require_model() for name, deployment in deployments.items()}
+        blue, green = loaded["blue"], loaded["green"]
+        assert green.predictor is blue.predictor and green.bundle.module is blue.bundle.module
+        assert green.guided_lock is blue.guided_lock  # guided methods hook the shared module: one at a time
+        assert len({id(model.predictor) for model in loaded.values()}) == 4
+        assert (green.preprocess.resize_size, blue.preprocess.resize_size) == (36, 40)  # settings stay their own
+
+        old = blue.predictor
+        assert deployments["green"].load(fresh=True), deployments["green"].reason
+        assert deployments["green"].require_model().predictor is not old
+        assert deployments["blue"].require_model().predictor is old
+        crop = blue.settings.valid_crop_size
+        deployments["blue"].unload()  # the old model's last user
+        with pytest.raises(RuntimeError):
+            old.thread.submit(print)
+        fresh = deployments["green"].require_model().predictor
+        assert fresh(np.zeros((1, 3, crop, crop), dtype=np.float32)).shape == (1, len(LABELS))
+
+        assert deployments["blue"].load(), deployments["blue"].reason  # shares green's model now
+        assert deployments["blue"].require_model().predictor is fresh
+        deployments["green"].unload()
+        assert fresh(np.zeros((1, 3, crop, crop), dtype=np.float32)).shape == (1, len(LABELS))  # blue still uses it
+    finally:
+        for deployment in deployments.values():
+            deployment.unload()
+        gc.unfreeze()

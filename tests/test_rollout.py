@@ -242,10 +242,14 @@ def test_mirror_copies_without_touching_the_answer(server: Server, keys: dict[st
 def test_deployments_of_one_version_fill_batches_together(server: Server, keys: dict[str, str], admin: Admin) -> None:
     """Twin serves blue's version with other request settings: requests pinned to each are answered by their own
     deployment, and model calls mix them (a mixed call counts its whole size for each deployment in it, so the batch
-    sizes add up to more than the images). Twin's removal leaves blue's batches running."""
+    sizes add up to more than the images). Twin shares blue's loaded model in each worker. Twin's removal leaves
+    blue's model and batches running."""
     from concurrent.futures import ThreadPoolExecutor
 
     admin.add(deployment("twin", request_settings={**FAST, "request_timeout_ms": 20000}))
+    loaded = [line for line in server.log_path.read_text(errors="replace").splitlines()
+              if "deployment twin loaded: models:/mc/1" in line]
+    assert len(loaded) == 2 and all("(shared with another deployment)" in line for line in loaded), loaded
 
     def totals() -> tuple[float, float]:
         return (sum(server.metric("lantern_batch_size_sum", deployment=d) for d in ("blue", "twin")),
