@@ -1,4 +1,5 @@
-"""One generation of a deployment in a worker: the loaded model, its adaptive batcher, admission and probes.
+"""One generation of a deployment in a worker: the loaded model and its adaptive batcher (both shared with the worker's
+other deployments of the same model), admission and probes.
 
 An update readies a new instance beside the serving one; the swap is one assignment, and the old instance retires
 once the requests it admitted are answered."""
