@@ -171,6 +171,11 @@ class Deployment:
         with torch.inference_mode():
             model.bundle.module(torch.zeros(1, 3, crop, crop, device=model.explain_device))
 
+    @property
+    def core(self) -> ModelCore | None:
+        """The loaded model as shared with other deployments of it (None until loaded)."""
+        return self._core
+
     def require_model(self) -> LoadedModel:
         if self.model is None:
             raise LanternError(f"deployment {self.name} is {self.state}")

@@ -203,6 +203,10 @@ class Endpoint:
 
     def status(self) -> WorkerStatus:
         deployments = {}
+        users: dict[int, list[str]] = {}  # a loaded model -> the serving deployments that share it
+        for name, instance in self.instances.items():
+            if instance.deployment.core is not None:
+                users.setdefault(id(instance.deployment.core), []).append(name)
         for name, instance in self.instances.items():
             upcoming = self.next_instances.get(name)
             deployment = instance.deployment
@@ -212,6 +216,7 @@ class Endpoint:
                 model_version=deployment.model_version,
                 backend=model.predictor.description if model else None,
                 explain_device=str(model.explain_device) if model else None,
+                shares_model_with=[other for other in users.get(id(deployment.core), []) if other != name],
                 next_generation=upcoming.generation if upcoming else None,
                 next_state=upcoming.deployment.state if upcoming else None,
                 next_reason=upcoming.deployment.reason if upcoming else None)

@@ -87,6 +87,9 @@ def show_endpoint(view: dict[str, Any]) -> None:
         counters = d["counters"]
         state = d["state"] + (f" ({d['reason']})" if d["reason"] else "")
         runs_on = ", ".join(sorted({w["backend"] for w in d["workers"].values() if w.get("backend")})) or "-"
+        sharing = sorted({other for w in d["workers"].values() for other in w.get("shares_model_with", [])})
+        if sharing:
+            runs_on += f" (model shared with {', '.join(sharing)})"
         table.add_row(d["name"], state, f"{d['traffic']} %", f"{d['mirror_traffic']} %", d["model_version"] or "-",
                       str(d["generation"]), runs_on, str(counters["requests"]), str(counters["failed"]),
                       "-" if counters["p99_ms"] is None else f"{counters['p99_ms']:.0f}")

@@ -26,6 +26,8 @@ class InstanceStatus(BaseModel):
     backend: str | None = Field(None, description="what runs predictions once loaded, e.g. 'onnxruntime "
                                                   "(CUDAExecutionProvider)': the provider ONNX Runtime really chose")
     explain_device: str | None = Field(None, description="the torch device explanations run on")
+    shares_model_with: list[str] = Field(default_factory=list, description="the other deployments this worker "
+                                         "serves with the same loaded model (one module and session in memory)")
     next_generation: int | None = None
     next_state: str | None = None
     next_reason: str | None = None

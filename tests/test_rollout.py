@@ -250,6 +250,10 @@ def test_deployments_of_one_version_fill_batches_together(server: Server, keys: 
     loaded = [line for line in server.log_path.read_text(errors="replace").splitlines()
               if "deployment twin loaded: models:/mc/1" in line]
     assert len(loaded) == 2 and all("(shared with another deployment)" in line for line in loaded), loaded
+    workers = {name: admin.http.get(f"/deployments/{name}").json()["workers"] for name in ("blue", "twin")}
+    assert [w["shares_model_with"] for w in workers["twin"].values()] == [["blue"], ["blue"]], workers
+    assert [w["shares_model_with"] for w in workers["blue"].values()] == [["twin"], ["twin"]], workers
+    assert "model shared with twin" in cli(server, keys["admin"], "endpoint", "show").stdout
 
     def totals() -> tuple[float, float]:
         return (sum(server.metric("lantern_batch_size_sum", deployment=d) for d in ("blue", "twin")),
@@ -272,6 +276,10 @@ def test_deployments_of_one_version_fill_batches_together(server: Server, keys: 
             raise AssertionError("no model call mixed blue's and twin's images in 5 bursts of 48 requests")
     admin.remove("twin")
     assert all(predict(server, keys["primary"]).status_code == 200 for _ in range(10))
+    deadline = time.monotonic() + 30  # each worker publishes its status once it has let twin go
+    while any(w["shares_model_with"] for w in admin.http.get("/deployments/blue").json()["workers"].values()):
+        assert time.monotonic() < deadline, "blue still shows its model shared after twin's removal"
+        time.sleep(0.2)
 
 
 def test_update_readies_a_new_generation_while_the_old_one_serves(server: Server, keys: dict[str, str],
