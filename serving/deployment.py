@@ -74,6 +74,8 @@ class Deployment:
         self.tracking_uri = tracking_uri
         self.models = models  # the worker's loaded models, shared with other deployments of the same; None: its own
         self._core: ModelCore | None = None
+        self._lifecycle = threading.Lock()
+        self._unloads = 0  # a load under way when this grows (the deployment was stopped) lets its model go
         self.state: State = "loading"
         self.reason: str | None = None
         self.model: LoadedModel | None = None
@@ -92,55 +94,77 @@ class Deployment:
         return self.model.bundle.uri if self.model else None
 
     def load(self, fresh: bool = False) -> bool:
-        """Resolve, load (or share a model already loaded, unless `fresh`), warm up. The state stays `loading` (the
-        readiness probe makes it `ready`), or becomes `failed` with the reason."""
+        """Resolve, load (or share a model already loaded; `fresh`: not the one this deployment has), warm up. The
+        state stays `loading` (the readiness probe makes it `ready`), or becomes `failed` with the reason. False also
+        when the deployment is unloaded meanwhile (removed or replaced while it loads): what this load brought is let
+        go, not kept."""
         self.state = "loading"
+        unloads = self._unloads
         try:
-            self.model = self._load(fresh)
-        except LanternError as error:
-            self._fail(str(error))
-            return False
+            model = self._load(fresh, unloads)
         except Exception as error:  # noqa: BLE001 - any load failure is shown as the deployment's state
-            logger.exception("deployment %s failed to load", self.name)
-            self._fail(f"{type(error).__name__}: {error}")
+            if self._unloads != unloads:  # stopped meanwhile (its warm-up may have met the closed backend)
+                return False
+            if isinstance(error, LanternError):
+                self._fail(str(error))
+            else:
+                logger.exception("deployment %s failed to load", self.name)
+                self._fail(f"{type(error).__name__}: {error}")
             return False
+        with self._lifecycle:
+            if self._unloads != unloads:  # stopped during the warm-up: unload has let the model go
+                return False
+            self.model = model
+            shared = self._core is not None and len(self._core.users) > 1
         self.loaded_at = time.monotonic()
-        shared = self._core is not None and len(self._core.users) > 1
-        logger.info("deployment %s loaded: %s on %s%s", self.name, self.model.bundle.uri,
-                    self.model.predictor.description, " (shared with another deployment)" if shared else "")
+        logger.info("deployment %s loaded: %s on %s%s", self.name, model.bundle.uri, model.predictor.description,
+                    " (shared with another deployment)" if shared else "")
         freeze_long_lived_objects()
         return True
 
     def unload(self) -> None:
         """Let go of the model once its instance has stopped, and collect it (device memory included) when no other
-        deployment shares it. The backend's thread ends first, after the call it may be running: its sessions are never torn down under a run, nor
-        before the thread that ran them (CUDA libraries keep per-thread state for them)."""
-        model, self.model = self.model, None
-        core, self._core = self._core, None
-        self.state, self.reason = "unready", "stopped"
-        if core is not None and (self.models is None or self.models.release(core, self)):
-            core.predictor.thread.close()  # its last user
+        deployment shares it. The backend's thread ends first, after the call it may be running: its sessions are
+        never torn down under a run, nor before the thread that ran them (CUDA libraries keep per-thread state for
+        them). A load under way lets go of what it brings."""
+        with self._lifecycle:
+            self._unloads += 1
+            model, self.model = self.model, None
+            core, self._core = self._core, None
+            self.state, self.reason = "unready", "stopped"
+        self._let_go(core)
         del model, core
         freeze_long_lived_objects()
+
+    def _let_go(self, core: ModelCore | None) -> None:
+        """Done with `core`: its last user ends its backend's thread."""
+        if core is not None and (self.models is None or self.models.release(core, self)):
+            core.predictor.thread.close()
 
     def _fail(self, reason: str) -> None:
         self.state = "failed"
         self.reason = reason
         logger.error("deployment %s failed: %s", self.name, reason)
 
-    def _load(self, fresh: bool) -> LoadedModel:
+    def _load(self, fresh: bool, unloads: int) -> LoadedModel:
         config = self.config
         device = torch_device(config.device)
         buckets = shape_buckets(device, config.backend, config.max_batch_size)
-        previous = self._core
         if self.models is None:
             core = self._load_core(config.model, device, buckets)
         else:
             uri = self.models.version_uri(config.model)
             # the crop as overridden (None: the version's own): the warm-up and a GPU's sessions see that input size
             key = (uri, config.backend, device_key(config.device), buckets, config.settings.get("valid_crop_size"))
-            core = self.models.acquire(key, self, lambda: self._load_core(uri, device, buckets), fresh)
-        self._core = core
+            core = self.models.acquire(key, self, lambda: self._load_core(uri, device, buckets),
+                                       avoid=self._core if fresh else None)
+        with self._lifecycle:
+            unloaded = self._unloads != unloads
+            if not unloaded:
+                previous, self._core = self._core, core
+        if unloaded:
+            self._let_go(core)
+            raise LanternError(f"deployment {self.name} was stopped while it loaded")
         if previous is not None and previous is not core and self.models is not None:
             self.models.release(previous, self)  # a reload: the old one is dropped, not closed (it may be stuck)
         bundle = core.bundle

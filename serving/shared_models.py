@@ -41,15 +41,17 @@ class SharedModels:
         version = resolve_version(open_client(self.tracking_uri), ref)
         return f"models:/{version.name}/{version.version}"
 
-    def acquire(self, key: tuple, user: object, load: Callable[[], ModelCore], fresh: bool = False) -> ModelCore:
-        """The core of `key` for `user`, loaded with `load` when no one has it (or, `fresh`, whatever others have: a
-        reload after failed liveness probes must not get the same stuck session back)."""
+    def acquire(self, key: tuple, user: object, load: Callable[[], ModelCore],
+                avoid: ModelCore | None = None) -> ModelCore:
+        """The core of `key` for `user`, loaded with `load` when no one has it, or when it is `avoid`: a reload after
+        failed liveness probes must not get the same stuck session back, but may share one another deployment of the
+        model has already reloaded."""
         with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
-                core = None if fresh else self._cores.get(key)
-                if core is not None:
+                core = self._cores.get(key)
+                if core is not None and core is not avoid:
                     core.users.add(id(user))
                     return core
             core = load()

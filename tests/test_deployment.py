@@ -79,7 +79,8 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
 def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, checkpoints: dict[str, Path]) -> None:
     """Blue and green (an alias of the same version, other request settings and resize) share one module and one
     session; another version, crop size or backend loads its own. A reload after failed liveness probes (`fresh`)
-    loads anew rather than take back the shared model; a shared model's backend thread ends with its last user."""
+    does not take back the model it had (it may be stuck) but shares one another deployment already reloaded; a
+    shared model's backend thread ends with its last user."""
     from registry.register import register_checkpoint
     from serving.shared_models import SharedModels
 
@@ -107,20 +108,74 @@ def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, ch
 
         old = blue.predictor
         assert deployments["green"].load(fresh=True), deployments["green"].reason
-        assert deployments["green"].require_model().predictor is not old
-        assert deployments["blue"].require_model().predictor is old
-        crop = blue.settings.valid_crop_size
-        deployments["blue"].unload()  # the old model's last user
-        with pytest.raises(RuntimeError):
-            old.thread.submit(print)
         fresh = deployments["green"].require_model().predictor
+        assert fresh is not old and deployments["blue"].require_model().predictor is old
+        crop = blue.settings.valid_crop_size
+        assert deployments["blue"].load(fresh=True), deployments["blue"].reason  # shares green's new one, no third
+        assert deployments["blue"].require_model().predictor is fresh
         assert fresh(np.zeros((1, 3, crop, crop), dtype=np.float32)).shape == (1, len(LABELS))
 
-        assert deployments["blue"].load(), deployments["blue"].reason  # shares green's model now
-        assert deployments["blue"].require_model().predictor is fresh
         deployments["green"].unload()
         assert fresh(np.zeros((1, 3, crop, crop), dtype=np.float32)).shape == (1, len(LABELS))  # blue still uses it
+        deployments["blue"].unload()  # its last user
+        with pytest.raises(RuntimeError):
+            fresh.thread.submit(print)
+        assert deployments["blue"].load(), deployments["blue"].reason  # loads anew: none is left to share
+        assert deployments["blue"].require_model().predictor not in (old, fresh)
     finally:
         for deployment in deployments.values():
             deployment.unload()
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("stage", ["_load_core", "_warm_up"])
+def test_a_deployment_stopped_while_it_loads_lets_its_model_go(stage: str, store: str,
+                                                                checkpoints: dict[str, Path]) -> None:
+    """A deployment removed or replaced while it loads (or warms up) is unloaded before its model arrives: the load
+    then lets that model go (its backend thread ends) and reports False. Before, the model stayed in the worker's
+    shared models with a user that was gone: never closed, and shared with the next deployment of that model."""
+    from registry.register import register_checkpoint
+    from serving.shared_models import SharedModels
+
+    register_checkpoint("ghosts", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    models = SharedModels()
+    reached, go_on = threading.Event(), threading.Event()
+    cores = []
+
+    class HeldAtStage(Deployment):
+        """A deployment whose load waits at `stage` until the test lets it go on (the stop comes in between)."""
+
+        def _load_core(self, *args):
+            if stage == "_load_core":
+                reached.set()
+                assert go_on.wait(60)
+            cores.append(super()._load_core(*args))
+            return cores[-1]
+
+        def _warm_up(self, model):
+            if stage == "_warm_up":
+                reached.set()
+                assert go_on.wait(60)
+            return super()._warm_up(model)
+
+    config = DeploymentConfig(name="ghost", model="models:/ghosts/1", device="cpu")
+    ghost = HeldAtStage(config, models=models)
+    loaded = []
+    loader = threading.Thread(target=lambda: loaded.append(ghost.load()))
+    loader.start()
+    blue = Deployment(config.model_copy(update={"name": "blue"}), models=models)
+    try:
+        assert reached.wait(60)
+        ghost.unload()
+        go_on.set()
+        loader.join(60)
+        assert loaded == [False] and ghost.model is None and (ghost.state, ghost.reason) == ("unready", "stopped")
+        with pytest.raises(RuntimeError):  # its backend's thread has ended
+            cores[0].predictor.thread.submit(print)
+        assert blue.load(), blue.reason
+        assert blue.core is not cores[0] and blue.core.users == {id(blue)}  # nothing left over to share
+    finally:
+        go_on.set()
+        loader.join(60)
+        blue.unload()
         gc.unfreeze()
