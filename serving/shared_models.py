@@ -1,7 +1,7 @@
 """The loaded models of one worker, shared by the deployments that serve the same one.
 
 Deployments serving the same registered version (an alias resolved) on the same backend and device, with the same
-batch sizes and crop size, share one loaded module and one inference session: blue and a green of the same version
+batch sizes and crop size (the version's own or an override), share one loaded module and one inference session: blue and a green of the same version
 with other request settings, a mirror of the live version, or the next generation of a deployment whose update
 changed only its request settings (ready in the time of its warm-up, not of a load). Settings that only preprocess or
 post-process (resize, threshold) stay each deployment's own."""
@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from registry.resolve import ModelBundle, open_client, resolve_version
+from registry.resolve import DownloadedVersion, ModelBundle, download_version, open_client
 from serving.predictors import Predictor
 
 
@@ -36,10 +36,10 @@ class SharedModels:
         self._cores: dict[tuple, ModelCore] = {}
         self._loading: dict[tuple, threading.Lock] = {}  # one load per model at a time; others wait and share it
 
-    def version_uri(self, ref: str) -> str:
-        """`models:/NAME/VERSION` for `ref` (an alias resolved now: the key and the load name the same version)."""
-        version = resolve_version(open_client(self.tracking_uri), ref)
-        return f"models:/{version.name}/{version.version}"
+    def version(self, ref: str) -> DownloadedVersion:
+        """The version `ref` names now (an alias resolved once: the key and the load name the same version), its files
+        downloaded (the load reads them from the cache)."""
+        return download_version(open_client(self.tracking_uri), ref)
 
     def acquire(self, key: tuple, user: object, load: Callable[[], ModelCore],
                 avoid: ModelCore | None = None) -> ModelCore:

@@ -78,9 +78,9 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
 
 def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, checkpoints: dict[str, Path]) -> None:
     """Blue and green (an alias of the same version, other request settings and resize) share one module and one
-    session; another version, crop size or backend loads its own. A reload after failed liveness probes (`fresh`)
-    does not take back the model it had (it may be stuck) but shares one another deployment already reloaded; a
-    shared model's backend thread ends with its last user."""
+    session, as does a crop override equal to the version's crop; another version, crop size or backend loads its
+    own. A reload after failed liveness probes (`fresh`) does not take back the model it had (it may be stuck) but
+    shares one another deployment already reloaded; a shared model's backend thread ends with its last user."""
     from registry.register import register_checkpoint
     from serving.shared_models import SharedModels
 
@@ -93,6 +93,7 @@ def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, ch
                          "request_settings": {"request_timeout_ms": 90000}},
                "version2": {"model": "models:/twins/2"},
                "crop24": {"model": "models:/twins/1", "settings": {"valid_resize_size": 30, "valid_crop_size": 24}},
+               "crop32": {"model": "models:/twins/1", "settings": {"valid_crop_size": 32}},  # the version's own
                "torch": {"model": "models:/twins/1", "backend": "torch"}}
     deployments = {name: Deployment(DeploymentConfig(name=name, device="cpu", **config), models=models)
                    for name, config in configs.items()}
@@ -102,6 +103,7 @@ def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, ch
         loaded = {name: deployment.require_model() for name, deployment in deployments.items()}
         blue, green = loaded["blue"], loaded["green"]
         assert green.predictor is blue.predictor and green.bundle.module is blue.bundle.module
+        assert loaded["crop32"].predictor is blue.predictor  # a crop override equal to the version's own
         assert green.guided_lock is blue.guided_lock  # guided methods hook the shared module: one at a time
         assert len({id(model.predictor) for model in loaded.values()}) == 4
         assert (green.preprocess.resize_size, blue.preprocess.resize_size) == (36, 40)  # settings stay their own
