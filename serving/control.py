@@ -48,6 +48,7 @@ class WorkerView(BaseModel):
     worker: str
     revision: int
     seconds_since_heartbeat: float
+    memory_bytes: int | None = Field(None, description="the worker process's resident memory")
 
 
 class EndpointView(BaseModel):
@@ -150,7 +151,8 @@ class Control:
             applied=all(w.revision >= state.revision for w in workers), traffic=state.traffic,
             mirror_traffic=state.mirror_traffic, deployments=self.deployments(state),
             workers=[WorkerView(worker=w.worker, revision=w.revision,
-                                seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3)) for w in workers],
+                                seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3),
+                                memory_bytes=w.memory_bytes) for w in workers],
             key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")})
 
     def _record(self, state: EndpointState, name: str) -> DeploymentRecord:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from explain.attribute import Explanation
@@ -79,6 +80,7 @@ class Endpoint:
         self.batchers = SharedBatchers()
         self.models = SharedModels(tracking_uri)
         self._changes = threading.Lock()
+        self._process = psutil.Process()
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()
@@ -221,7 +223,8 @@ class Endpoint:
                 next_state=upcoming.deployment.state if upcoming else None,
                 next_reason=upcoming.deployment.reason if upcoming else None)
         return WorkerStatus(worker=self.worker, pid=os.getpid(), revision=self.state.revision,
-                            heartbeat=time.time(), deployments=deployments)
+                            heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
+                            deployments=deployments)
 
     def publish(self) -> None:
         with self._publishing:  # one writer at a time (they share the temporary file), the freshest status last

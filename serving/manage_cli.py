@@ -94,7 +94,8 @@ def show_endpoint(view: dict[str, Any]) -> None:
                       str(d["generation"]), runs_on, str(counters["requests"]), str(counters["failed"]),
                       "-" if counters["p99_ms"] is None else f"{counters['p99_ms']:.0f}")
     stdout.print(table)
-    workers = ", ".join(f"{w['worker']} (rev {w['revision']})" for w in view["workers"])
+    workers = ", ".join(f"{w['worker']} (rev {w['revision']}" + (
+        f", {w['memory_bytes'] / 2**20:.0f} MiB)" if w.get("memory_bytes") else ")") for w in view["workers"])
     stdout.print(f"workers: {workers}; every worker applied the latest revision: {view['applied']}")
 
 

@@ -38,6 +38,8 @@ class WorkerStatus(BaseModel):
     pid: int
     revision: int
     heartbeat: float
+    memory_bytes: int | None = Field(None, description="the worker process's resident memory (every deployment it "
+                                                       "serves, Python and the backends' CPU memory)")
     deployments: dict[str, InstanceStatus]
 
 

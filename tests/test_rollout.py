@@ -321,9 +321,11 @@ def test_cli_changes_wait_until_they_take_effect(server: Server, keys: dict[str,
     assert view["traffic"] == {"blue": 90, "green": 10} and view["applied"]
     shown = cli(server, keys["admin"], "endpoint", "show")
     assert "green" in shown.stdout and "10 %" in shown.stdout and "ready" in shown.stdout
-    assert "onnxruntime" in shown.stdout, shown.stdout
+    words = " ".join(shown.stdout.split())  # rich wraps long lines
+    assert "onnxruntime" in words and words.count(" MiB)") == 2, shown.stdout  # each worker's memory
     as_json = json.loads(cli(server, keys["admin"], "endpoint", "show", "--json").stdout)
     assert as_json["traffic"] == {"blue": 90, "green": 10}
+    assert all(100 * 2**20 < worker["memory_bytes"] < 20 * 2**30 for worker in as_json["workers"]), as_json["workers"]
     refused = cli(server, keys["admin"], "deploy", "remove", "green", check=False)
     assert refused.returncode == 2 and "live traffic" in refused.stderr
     updated = cli(server, keys["admin"], "deploy", "update", "green", "--model", "models:/mc/1")
