@@ -1,10 +1,10 @@
 """The loaded models of one worker, shared by the deployments that serve the same one.
 
 Deployments serving the same registered version (an alias resolved) on the same backend and device, with the same
-batch sizes and crop size (the version's own or an override), share one loaded module and one inference session: blue and a green of the same version
-with other request settings, a mirror of the live version, or the next generation of a deployment whose update
-changed only its request settings (ready in the time of its warm-up, not of a load). Settings that only preprocess or
-post-process (resize, threshold) stay each deployment's own."""
+batch sizes and crop size (the version's own or an override), share one loaded module and one inference session:
+blue and a green of the same version with other request settings, a mirror of the live version, or the next
+generation of a deployment whose update changed only its request settings (ready in the time of its warm-up, not of a
+load). Settings that only preprocess or post-process (resize, threshold) stay each deployment's own."""
 
 from __future__ import annotations
 
