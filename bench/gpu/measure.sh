@@ -2,8 +2,9 @@
 # A GPU session's measurements (bench/gpu/README.md), run through bench/gpu/device.sh:
 #   bash bench/gpu/device.sh bash bench/gpu/measure.sh BUDGET [STEP ...]
 # Runs the STEPs (default: serve tests serve-1worker serve-multi, most wanted first) in order, each for at most its
-# own limit and what is left of BUDGET seconds (default 420). Logs and JSON results land in $OUT (./gpu-results
-# where OUT is unset); each step's last lines are printed.
+# own limit and what is left of BUDGET seconds (default 420). Results land in $OUT (./gpu-results where OUT is
+# unset): every step's log in measure.log and each benchmark's JSON (a call brings back 8 files at most). Each step's
+# last lines are printed (a call's reply shows the last 12,000 characters).
 set -uo pipefail
 budget=${1:-420}
 shift || true
@@ -13,22 +14,24 @@ out=${OUT:-gpu-results}
 mkdir -p "$out"
 start=$SECONDS
 
-run() {  # run NAME LIMIT COMMAND...: COMMAND for at most LIMIT seconds and what is left; output to $out/NAME.log
+run() {  # run NAME LIMIT COMMAND...: COMMAND for at most LIMIT seconds and what is left, logged to measure.log
     local name=$1 limit=$2
     shift 2
     local left=$((budget - (SECONDS - start)))
     local allowed=$((left < limit ? left : limit))
     if [ "$allowed" -lt 30 ]; then
-        echo "== $name: skipped, ${left}s left"
+        echo "== $name: skipped, ${left}s left" | tee -a "$out/measure.log"
         return
     fi
-    echo "== $name (at most ${allowed}s): $*"
-    PYTHONUNBUFFERED=1 timeout -k 10 "$allowed" "$@" > "$out/$name.log" 2>&1
+    echo "== $name (at most ${allowed}s): $*" | tee -a "$out/measure.log"
+    PYTHONUNBUFFERED=1 timeout -k 10 "$allowed" "$@" > "$out/step.log" 2>&1
     local status=$?
-    grep -v -E '^\s*$' "$out/$name.log" | tail -40
-    echo "== $name: exit $status, $((SECONDS - start))s since the start"
+    cat "$out/step.log" >> "$out/measure.log"
+    grep -v -E '^\s*$' "$out/step.log" | tail -15
+    rm "$out/step.log"
+    echo "== $name: exit $status, $((SECONDS - start))s since the start" | tee -a "$out/measure.log"
     for result in bench/results/*.json; do  # the benchmark's JSON result
-        [ -e "$result" ] && mv "$result" "$out/$name-$(basename "$result")"
+        [ -e "$result" ] && mv "$result" "$out/$name.json"
     done
     return 0
 }
