@@ -22,8 +22,13 @@ missing=$(python3 - "$keep/parts" <<'PY'
 import hashlib, json, sys
 from pathlib import Path
 parts = Path(sys.argv[1])
+manifest = json.loads((parts / "manifest.json").read_text())
+here = "%d.%d" % sys.version_info[:2]
+if manifest["python"] != here:
+    sys.exit(f"the parts were packed for Python {manifest['python']}, this machine's python3 is {here}: "
+             f"change DEVICE_PYTHON in bench/gpu/pack.py and pack again")
 missing = []
-for part in json.loads((parts / "manifest.json").read_text())["parts"]:
+for part in manifest["parts"]:
     path = parts / part["name"]
     if not path.exists() or path.stat().st_size != part["bytes"]:
         missing.append(part["name"])
