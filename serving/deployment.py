@@ -105,6 +105,9 @@ class Deployment:
         except Exception as error:  # noqa: BLE001 - any load failure is shown as the deployment's state
             if self._unloads != unloads:  # stopped meanwhile (its warm-up may have met the closed backend)
                 return False
+            with self._lifecycle:  # a model that failed its warm-up is not kept (nor shared) while nothing uses it
+                core, self._core = self._core, None
+            self._let_go(core)
             if isinstance(error, LanternError):
                 self._fail(str(error))
             else:

@@ -181,3 +181,31 @@ def test_a_deployment_stopped_while_it_loads_lets_its_model_go(stage: str, store
         loader.join(60)
         blue.unload()
         gc.unfreeze()
+
+
+def test_a_model_that_fails_its_warm_up_is_let_go(store: str, checkpoints: dict[str, Path]) -> None:
+    """A crop too small for the network (8 px: its pooling ends below one pixel) fails the warm-up: the deployment is
+    failed with the reason, and the model it loaded is released (its backend thread ends) rather than held, shared,
+    until the deployment is removed."""
+    from registry.register import register_checkpoint
+    from serving.shared_models import SharedModels
+
+    register_checkpoint("tiny", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    cores = []
+
+    class Recorded(Deployment):
+        def _load_core(self, *args):
+            cores.append(super()._load_core(*args))
+            return cores[-1]
+
+    config = DeploymentConfig(name="cramped", model="models:/tiny/1", device="cpu", settings={"valid_crop_size": 8})
+    deployment = Recorded(config, models=SharedModels())
+    try:
+        assert not deployment.load()
+        assert deployment.state == "failed" and deployment.reason, deployment.reason
+        assert deployment.core is None and len(cores) == 1
+        with pytest.raises(RuntimeError):
+            cores[0].predictor.thread.submit(print)
+    finally:
+        deployment.unload()
+        gc.unfreeze()
