@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's measurements (bench/gpu/README.md), run through bench/gpu/device.sh:
 #   bash bench/gpu/device.sh bash bench/gpu/measure.sh BUDGET [STEP ...]
-# Runs the STEPs (default: serve tests serve-1worker serve-multi, most wanted first) in order, each for at most its
+# Runs the STEPs (default: serve serve-multi tests serve-8workers, most wanted first) in order, each for at most its
 # own limit and what is left of BUDGET seconds (default 420). Results land in $OUT (./gpu-results where OUT is
 # unset): every step's log in measure.log and each benchmark's JSON (a call brings back 8 files at most). Each step's
 # last lines are printed (a call's reply shows the last 12,000 characters).
@@ -9,7 +9,7 @@ set -uo pipefail
 budget=${1:-420}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(serve tests serve-1worker serve-multi)
+[ ${#steps[@]} -eq 0 ] && steps=(serve serve-multi tests serve-8workers)
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 start=$SECONDS
@@ -47,10 +47,14 @@ for step in "${steps[@]}"; do
         # the CUDA paths of the tests, and the serving suites on a GPU machine
         tests) run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_predictors.py \
                    tests/test_serving.py tests/test_rollout.py ;;
-        serve-1worker) run serve-1worker 200 python3 bench/serve.py --device cuda --quick --skip-mlflow ;;
+        # HTTP's per-request cost shared by 8 images (32 in flight in 4 requests)
         serve-multi) run serve-multi 200 python3 bench/serve.py --device cuda --quick --skip-mlflow --skip-overhead \
                          --workers 4 --images-per-request 8 ;;
+        # with one image per request, each worker's event loop caps its rate: more of them (16 cores)
+        serve-8workers) run serve-8workers 200 python3 bench/serve.py --device cuda --quick --skip-mlflow \
+                            --skip-overhead --workers 8 ;;
+        serve-1worker) run serve-1worker 200 python3 bench/serve.py --device cuda --quick --skip-mlflow ;;
         explain) run explain 200 python3 bench/explain.py --device cuda --quick ;;
-        *) echo "unknown step $step (serve, tests, serve-1worker, serve-multi, explain)" ;;
+        *) echo "unknown step $step (serve, serve-multi, tests, serve-8workers, serve-1worker, explain)" ;;
     esac
 done
