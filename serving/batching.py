@@ -35,6 +35,11 @@ class Overloaded(Exception):
     """BentoML's dispatcher dropped the job: it could not be served within max_latency_ms."""
 
 
+class NotAnswering(Exception):
+    """A model call did not answer within max_latency_ms: its images get a 503, and the device goes to the next batch
+    (the call itself goes on, or stays stuck, on the backend's thread until liveness probes reload the model)."""
+
+
 @dataclass
 class Job:
     """One image for a deployment; `abandoned` is set when its request is gone, so the batch skips it."""
@@ -155,6 +160,7 @@ class BatchedPredictor:
         )
         self.dispatcher.optimizer = SendWhenFree(self.dispatcher.max_latency)
         self._call = self.dispatcher(self._run_batch)
+        self._call_limit_s = config.max_latency_ms / 1000
 
     async def _run_batch(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception | None]:
         live = [i for i, job in enumerate(jobs) if not job.abandoned]
@@ -168,6 +174,10 @@ class BatchedPredictor:
         names = sorted({jobs[i].deployment.name for i in live})
         try:
             logits = await self._model_call(predictor, [jobs[i].pixels for i in live], names)
+        except NotAnswering as error:  # not an input's fault: no retry one by one
+            for i in live:
+                results[i] = error
+            return results
         except Exception:  # noqa: BLE001 - find the input(s) the model fails on: the others still get answers
             if len(live) == 1:
                 raise
@@ -189,9 +199,18 @@ class BatchedPredictor:
 
     async def _model_call(self, predictor, rows: list[np.ndarray], names: list[str]) -> np.ndarray:
         """One model call on the predictor's own thread; a call that answers counts in the batch size and model call
-        metrics of each deployment with an image in it."""
+        metrics of each deployment with an image in it. A call that takes longer than max_latency_ms is no longer
+        waited for: a stuck backend must not hold the device's batches (every deployment's on that device) forever,
+        also after liveness probes have reloaded the model."""
         started = time.monotonic()
-        logits = await asyncio.wrap_future(submit_rows(predictor, rows))
+        try:
+            logits = await asyncio.wait_for(asyncio.wrap_future(submit_rows(predictor, rows)), self._call_limit_s)
+        except TimeoutError:
+            logger.warning("deployment %s: a model call of %d image(s) did not answer within max_latency_ms (%.0f ms);"
+                           " its images get a 503 and the device goes on to the next batch", ", ".join(names),
+                           len(rows), 1000 * self._call_limit_s)
+            raise NotAnswering(f"the model did not answer within max_latency_ms ({1000 * self._call_limit_s:.0f} "
+                               f"ms)") from None
         took = time.monotonic() - started
         for name in names:
             metrics().model_call_seconds.labels(name).observe(took)
@@ -290,10 +309,12 @@ def out_of_memory(error: Exception) -> bool:
 
 
 def model_error(deployment: Deployment, error: Exception) -> ApiError:
-    """The 424 answer when the model fails on an input, or a 503 when its device ran out of memory: that is not the
-    input's fault, and a retry may fit once other work has left the device."""
+    """The 424 answer when the model fails on an input, or a 503 when its device ran out of memory or the model did
+    not answer in time: that is not the input's fault, and a retry may succeed."""
     if out_of_memory(error):
         return ApiError(503, "out_of_memory", f"deployment {deployment.name} ran out of device memory for this "
                                               f"request; retry it later", {"Retry-After": "1"})
+    if isinstance(error, NotAnswering):
+        return ApiError(503, "not_answering", f"deployment {deployment.name}: {error}; retry it later")
     return ApiError(424, "model_error", f"deployment {deployment.name} failed on this input: "
                                         f"{type(error).__name__}: {error}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from bentoml._internal.marshal.dispatcher import Optimizer
 
 from serving import batching
-from serving.batching import BatchedPredictor, DeviceSemaphore, Job, Overloaded, SharedBatchers
+from serving.batching import BatchedPredictor, DeviceSemaphore, Job, NotAnswering, Overloaded, SharedBatchers
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from tests.conftest import LABELS, SMALL_SETTINGS
@@ -190,4 +191,38 @@ def test_deployments_of_one_model_share_a_batcher_and_a_batch_mixes_their_reques
     finally:
         for deployment in deployments.values():
             deployment.unload()
+        gc.unfreeze()
+
+
+def test_a_stuck_model_call_frees_the_device_and_the_reloaded_model_serves(store: str,
+                                                                          checkpoints: dict[str, Path]) -> None:
+    """A model call that does not answer within max_latency_ms fails its images (503) and frees the device. Before,
+    the stuck call kept the device's batch slot, so no batch of any deployment on that device ran again, also after
+    liveness probes had reloaded the model. The stuck call here is the backend's thread kept busy, as a hung kernel
+    keeps it."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("stuck", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    deployment = Deployment(DeploymentConfig(name="blue", model="models:/stuck/1", device="cpu", max_latency_ms=1000))
+    assert deployment.load(), deployment.reason
+    batcher = BatchedPredictor(deployment.config, DeviceSemaphore(1))
+    crop = deployment.require_model().settings.valid_crop_size
+    image = np.zeros((3, crop, crop), dtype=np.float32)
+    hung = threading.Event()
+    deployment.require_model().predictor.thread.submit(hung.wait)
+
+    async def stuck_then_reloaded() -> np.ndarray:
+        with pytest.raises(NotAnswering):
+            await asyncio.wait_for(batcher.logits(Job(image, deployment)), 30)
+        assert await asyncio.to_thread(deployment.load, True), deployment.reason  # what failed liveness probes do
+        logits = await asyncio.wait_for(batcher.logits(Job(image, deployment)), 30)
+        batcher.shutdown()
+        return logits
+
+    try:
+        logits = asyncio.run(stuck_then_reloaded())
+        np.testing.assert_allclose(logits, deployment.require_model().predictor(image[None])[0], rtol=1e-5, atol=1e-5)
+    finally:
+        hung.set()
+        deployment.unload()
         gc.unfreeze()
