@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
@@ -29,11 +28,9 @@ class Prober:
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lantern-probe-{deployment.name}")
 
     def stop(self) -> None:
         self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def probe_once(self, probe: Probe) -> bool:
         model = self.deployment.model
@@ -41,10 +38,13 @@ class Prober:
             return False
         crop = model.settings.valid_crop_size
         started = time.monotonic()
-        future = self._pool.submit(model.predictor, np.zeros((1, 3, crop, crop), dtype=np.float32))
+        # straight to the backend's thread: a probe of a stuck model must not hold a thread that the probes of the
+        # model reloaded after it need
+        future = model.predictor.thread.submit(model.predictor.run_batch, np.zeros((1, 3, crop, crop), np.float32))
         try:
             return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
         except FutureTimeout:
+            future.cancel()  # still queued behind a long or stuck call: not run for nothing later
             return model.predictor.thread.last_answer > started
         except Exception:  # noqa: BLE001 - a failing probe is the information itself
             logger.exception("probe of deployment %s failed", self.deployment.name)

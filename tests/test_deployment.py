@@ -48,7 +48,8 @@ def test_a_stopped_deployment_frees_its_model_although_loading_froze_it(store: s
 def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(store: str,
                                                                                checkpoints: dict[str, Path]) -> None:
     """The backend runs one call at a time: a probe queued behind batches of live traffic may wait past its timeout.
-    It passes if the backend answered another call while it waited (busy), and fails if nothing came back (stuck)."""
+    It passes if the backend answered another call while it waited (busy), and fails if nothing came back (stuck).
+    Once the model is reloaded, probes pass again although the old model's call is still stuck."""
     from registry.register import register_checkpoint
 
     register_checkpoint("probed", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
@@ -68,6 +69,9 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
         assert prober.probe_once(probe)
         thread.submit(stuck.wait)  # nothing comes back within the timeout: stuck
         assert not prober.probe_once(probe)
+        assert not prober.probe_once(probe)
+        assert deployment.load(fresh=True), deployment.reason  # what failed liveness probes do
+        assert prober.probe_once(probe)  # the reloaded model answers while the old one is still stuck
     finally:
         for event in (first_batch, second_batch, stuck):
             event.set()
