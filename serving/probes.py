@@ -38,12 +38,12 @@ class Prober:
             return False
         crop = model.settings.valid_crop_size
         started = time.monotonic()
-        # straight to the backend's thread: a probe of a stuck model must not hold a thread that the probes of the
-        # model reloaded after it need
-        future = model.predictor.thread.submit(model.predictor.run_batch, np.zeros((1, 3, crop, crop), np.float32))
         try:
+            # straight to the backend's thread: a probe of a stuck model must not hold a thread that the probes of the
+            # model reloaded after it need
+            future = model.predictor.thread.submit(model.predictor.run_batch, np.zeros((1, 3, crop, crop), np.float32))
             return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
-        except FutureTimeout:
+        except FutureTimeout:  # (raised by `result`: the future exists)
             future.cancel()  # still queued behind a long or stuck call: not run for nothing later
             return model.predictor.thread.last_answer > started
         except Exception:  # noqa: BLE001 - a failing probe is the information itself
