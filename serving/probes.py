@@ -18,6 +18,7 @@ import numpy as np
 from serving.config import Probe
 from serving.deployment import Deployment
 from serving.metrics import metrics
+from serving.predictors import submit_rows
 
 logger = logging.getLogger("lantern.serving")
 
@@ -41,7 +42,7 @@ class Prober:
         try:
             # straight to the backend's thread: a probe of a stuck model must not hold a thread that the probes of the
             # model reloaded after it need
-            future = model.predictor.thread.submit(model.predictor.run_batch, np.zeros((1, 3, crop, crop), np.float32))
+            future = submit_rows(model.predictor, [np.zeros((3, crop, crop), np.float32)])
             return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
         except FutureTimeout:  # (raised by `result`: the future exists)
             future.cancel()  # still queued behind a long or stuck call: not run for nothing later
