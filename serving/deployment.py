@@ -156,11 +156,11 @@ class Deployment:
         if self.models is None:
             core = self._load_core(config.model, device, buckets)
         else:
-            version = self.models.version(config.model)
-            uri = f"models:/{version.version.name}/{version.version.version}"
-            spec = version.files.read_spec()
+            downloaded = self.models.version(config.model)
+            uri = f"models:/{downloaded.version.name}/{downloaded.version.version}"
+            spec = downloaded.files.read_spec()
             # the crop in force: the warm-up and a GPU's sessions see that input size
-            crop = with_overrides(version.files.read_settings(spec.task), spec.task, config.settings).valid_crop_size
+            crop = with_overrides(downloaded.files.read_settings(spec.task), spec.task, config.settings).valid_crop_size
             key = (uri, config.backend, device_key(config.device), buckets, crop)
             core = self.models.acquire(key, self, lambda: self._load_core(uri, device, buckets),
                                        avoid=self._core if fresh else None)

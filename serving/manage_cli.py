@@ -94,9 +94,14 @@ def show_endpoint(view: dict[str, Any]) -> None:
                       str(d["generation"]), runs_on, str(counters["requests"]), str(counters["failed"]),
                       "-" if counters["p99_ms"] is None else f"{counters['p99_ms']:.0f}")
     stdout.print(table)
-    workers = ", ".join(f"{w['worker']} (rev {w['revision']}" + (
-        f", {w['memory_bytes'] / 2**20:.0f} MiB)" if w.get("memory_bytes") else ")") for w in view["workers"])
+    workers = ", ".join(worker_label(w) for w in view["workers"])
     stdout.print(f"workers: {workers}; every worker applied the latest revision: {view['applied']}")
+
+
+def worker_label(worker: dict[str, Any]) -> str:
+    """'1234 (rev 5, 983 MiB)': a worker, the state revision it applied and its memory (when it published it)."""
+    memory = f", {worker['memory_bytes'] / 2**20:.0f} MiB" if worker.get("memory_bytes") else ""
+    return f"{worker['worker']} (rev {worker['revision']}{memory})"
 
 
 # lantern endpoint show ------------------------------------------------------------------------------------------------

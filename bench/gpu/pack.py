@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import re
 import shutil
 import subprocess
@@ -24,8 +25,6 @@ import tarfile
 import tempfile
 import tomllib
 from pathlib import Path
-
-import lzma
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_PYTHON = "3.12"
