@@ -122,14 +122,14 @@ class Endpoint:
                 current = instances.get(name)
                 if current is not None and current.generation == record.generation:
                     if name in upcoming:  # an update was undone before its instance was ready
-                        upcoming.pop(name).stop()
+                        upcoming.pop(name).discard()
                     continue
                 pending = upcoming.get(name)
                 if pending is not None and pending.generation == record.generation:
                     continue
                 instance = self._new_instance(record)
                 if pending is not None:
-                    pending.stop()
+                    pending.discard()
                 if current is None or not current.deployment.ready:
                     instances[name] = instance  # nothing served by the old one: replace it at once
                     upcoming.pop(name, None)
@@ -152,7 +152,7 @@ class Endpoint:
                     logger.info("deployment %s removed", name)
             for name, instance in upcoming.items():
                 if name not in kept:
-                    instance.stop()
+                    instance.discard()
 
     def _promote(self) -> bool:
         """Swap in each new generation that became ready; True when something changed."""

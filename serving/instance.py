@@ -72,6 +72,13 @@ class DeploymentInstance:
         if unload:
             self.deployment.unload()
 
+    def discard(self) -> None:
+        """Stop on a thread of its own (an instance never routed to: an update undone, replaced or removed before it
+        was ready). Letting go of its model waits for the call its backend is running, such as a warm-up (seconds on
+        a GPU with cuDNN's search; forever when hung), which the state thread and its heartbeat must not wait for."""
+        self.prober.stop()
+        threading.Thread(target=self.stop, name=f"lantern-stop-{self.name}-{self.generation}", daemon=True).start()
+
     def retire(self) -> None:
         """Stop after a grace period, once no admitted request is left (waiting at most its request timeout)."""
         def wait_then_stop() -> None:

@@ -1,0 +1,84 @@
+"""A worker's endpoint in-process (serving/endpoint.py): following the state while deployments load and stop."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.config import DeploymentConfig, EndpointConfig, Probe
+from serving.deployment import Deployment
+from serving.endpoint import Endpoint
+from serving.state import DeploymentRecord, EndpointState
+from serving.workers import WorkerStatus
+from tests.conftest import LABELS, SMALL_SETTINGS
+
+QUICK_PROBE = Probe(initial_delay=0, period=0.05)
+
+
+def wait_for(condition, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def published(endpoint: Endpoint) -> WorkerStatus:
+    """This worker's status as the management API reads it."""
+    return next(status for status in endpoint.board.live() if status.worker == endpoint.worker)
+
+
+def test_a_pending_instance_stuck_in_its_warm_up_does_not_hold_up_the_worker(store: str, checkpoints: dict[str, Path],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update replaced before its instance was ready stops that instance, and letting go of its model waits for the
+    call its backend is running. Here that call is a warm-up stuck behind a hung one (a GPU's first call can take
+    seconds; a hung kernel, forever). Before, the stop ran where the state is applied, so the next generation did not
+    even start, and the worker's state thread (its heartbeat, its promotions) stood still as long as the call did."""
+    from registry.register import register_checkpoint
+
+    for _ in range(2):
+        register_checkpoint("rolled", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    hung, reached, backends = threading.Event(), threading.Event(), []
+    warm_up = Deployment._warm_up
+
+    def stuck_for_version_2(deployment: Deployment, model) -> None:
+        if deployment.config.model == "models:/rolled/2":
+            backends.append(model.predictor.thread.run(threading.current_thread))
+            model.predictor.thread.submit(hung.wait)  # the backend's thread busy, as a hung kernel keeps it
+            reached.set()
+        warm_up(deployment, model)
+
+    monkeypatch.setattr(Deployment, "_warm_up", stuck_for_version_2)
+    blue = DeploymentConfig(name="blue", model="models:/rolled/1", device="cpu", readiness_probe=QUICK_PROBE)
+    endpoint = Endpoint(EndpointConfig(name="rolling", auth_mode="none", deployments=[blue], traffic={"blue": 100}),
+                        tracking_uri=store)
+
+    def updated(model: str, generation: int):
+        def mutate(state: EndpointState) -> EndpointState:
+            config = blue.model_copy(update={"model": model})
+            return state.model_copy(update={"deployments": [DeploymentRecord(config=config, generation=generation)]})
+        return mutate
+
+    try:
+        endpoint.start()
+        assert wait_for(lambda: endpoint.instances["blue"].deployment.ready), endpoint.status()
+        endpoint.store.change(updated("models:/rolled/2", 2), "update blue to version 2")
+        assert reached.wait(60)
+        endpoint.store.change(updated("models:/rolled/1", 3), "update blue back to version 1")
+        assert wait_for(lambda: endpoint.instances["blue"].generation == 3), endpoint.status()
+        assert "blue" not in endpoint.next_instances
+        assert wait_for(lambda: published(endpoint).deployments["blue"].generation == 3)
+        heartbeat = published(endpoint).heartbeat
+        assert wait_for(lambda: published(endpoint).heartbeat > heartbeat)  # the heartbeat goes on
+        assert backends[0].is_alive()  # still in the hung call
+        hung.set()  # the call ends: the stopped instance's model is let go, its backend's thread ends
+        assert wait_for(lambda: not backends[0].is_alive())
+    finally:
+        hung.set()
+        endpoint.stop()
+        gc.unfreeze()
