@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import ValidationError
 
 
@@ -25,14 +27,17 @@ class ModelNotFoundError(LanternError):
     """A `models:/` URI names no registered model version."""
 
 
-def describe_validation_error(error: ValidationError, what: str) -> str:
-    """Turn a pydantic error into one readable line per problem, prefixed by `what`."""
+def describe_validation_error(error: ValidationError, what: str, unknown: str = "unknown setting",
+                              hints: Mapping[str, str] | None = None) -> str:
+    """Turn a pydantic error into one readable line per problem, prefixed by `what`. An extra key is called `unknown`,
+    followed by its hint (what to use instead) where `hints` has one for its name."""
     problems = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(value)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown setting"
+            hint = (hints or {}).get(str(item["loc"][-1])) if item["loc"] else None
+            message = f"{unknown} ({hint})" if hint else unknown
         elif item["type"] == "value_error" and "error" in item.get("ctx", {}):  # without pydantic's "Value error, "
             message = str(item["ctx"]["error"])
         problems.append(f"{where}: {message}")

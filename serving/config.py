@@ -33,6 +33,22 @@ ResourceName = Annotated[str, AfterValidator(_resource_name)]
 """An endpoint or deployment name: it appears in URLs, headers and file names."""
 MAX_REQUEST_TIMEOUT_MS = 180_000
 MAX_MIRROR_PERCENT = 50
+# Keys of the cloud's endpoint and deployment YAML that Lantern has no field for (users paste those files), and what
+# to use instead; said with the "unknown key" error
+CLOUD_KEY_HINTS = {
+    "$schema": "Lantern checks every key itself: remove this line",
+    "instance_count": "every worker of `lantern serve` runs each deployment, so the workers are its instances: size "
+                      "the endpoint with `lantern serve --workers N`",
+    "scale_settings": "the number of instances is the number of workers: `lantern serve --workers N`",
+    "instance_type": "choose the hardware with `device`: auto, cpu, cuda or cuda:N",
+    "endpoint_name": "a deployment belongs to the endpoint that lists it",
+    "environment": "Lantern serves registered versions with its own scoring code; `settings` overrides the version's "
+                   "settings.json",
+    "code_configuration": "Lantern serves registered versions with its own scoring code; `settings` overrides the "
+                          "version's settings.json",
+    "environment_variables": "set them in the environment of `lantern serve`",
+    "app_insights_enabled": "the metrics are always at /metrics (Prometheus)",
+}
 
 
 class ConfigError(LanternError):
@@ -168,7 +184,7 @@ def parse_endpoint_config(values: Any, source: str = "endpoint configuration") -
     try:
         return EndpointConfig.model_validate(values)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source).replace("unknown setting", "unknown key")) from None
+        raise ConfigError(describe_validation_error(error, source, "unknown key", CLOUD_KEY_HINTS)) from None
 
 
 def load_endpoint_config(path: str | Path) -> EndpointConfig:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from explain.params import ExplainError, parse_params
 from registry.errors import describe_validation_error
+from serving.config import CLOUD_KEY_HINTS
 from serving.errors import bad_request, unprocessable
 
 AttributionEncoding = Literal["float32", "float16", "npy_base64"]
@@ -174,8 +175,9 @@ class ExplainResponse(BaseModel):
 
 
 def describe_fields(error: ValidationError, what: str) -> str:
-    """One readable line per problem of a request body; extra keys are called unknown fields."""
-    return describe_validation_error(error, what).replace("unknown setting", "unknown field")
+    """One readable line per problem of a request body; extra keys are called unknown fields (with what to use
+    instead of a key of the cloud's deployment YAML)."""
+    return describe_validation_error(error, what, "unknown field", CLOUD_KEY_HINTS)
 
 
 # Lantern's bodies nest a few levels; Python's parser gives up somewhere past a thousand (its limit differs between

@@ -185,6 +185,8 @@ def test_every_rule_refuses_the_whole_change(server: Server, admin: Admin) -> No
     refused(http.post("/deployments", json=deployment("red", settings={"valid_crop_size": -3})), 422, "valid_crop_size")
     refused(http.post("/deployments", json=deployment("Red_1")), 422, "not a valid name")
     refused(http.post("/deployments", json={**deployment("red"), "replicas": 3}), 422, "replicas")
+    refused(http.post("/deployments", json={**deployment("red"), "instance_count": 2}), 422,
+            "instance_count: unknown field (every worker of `lantern serve` runs each deployment")
     refused(http.post("/deployments", content=b"{oops", headers={"content-type": "application/json"}), 400, "JSON")
     refused(http.patch("/deployments/green", json={"name": "teal"}), 422, "renamed")
     refused(http.patch("/deployments/red", json={"model": "models:/mc/2"}), 404, "no deployment 'red'")

@@ -42,6 +42,12 @@ def test_the_shipped_example_is_valid() -> None:
 @pytest.mark.parametrize("changes, message", [
     ({"colour": "red"}, "colour: unknown key"),
     ({"deployments": [{"name": "blue", "model": "models:/m/1", "gpu": True}]}, "gpu: unknown key"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1", "instance_count": 3}]},
+     "instance_count: unknown key (every worker of `lantern serve` runs each deployment, so the workers are its "
+     "instances: size the endpoint with `lantern serve --workers N`)"),
+    ({"deployments": [{"name": "blue", "model": "models:/m/1", "instance_type": "Standard_NC6s_v3"}]},
+     "instance_type: unknown key (choose the hardware with `device`"),
+    ({"$schema": "https://example.com/managedOnlineEndpoint.schema.json"}, "$schema: unknown key (Lantern checks"),
     ({"traffic": {"blue": 60, "green": 30}}, "sum to 100 (or all be 0); they sum to 90"),
     ({"traffic": {"blue": 100, "red": 0}}, "unknown deployment(s) red"),
     ({"traffic": {"blue": 100.0}}, "valid integer"),
