@@ -163,8 +163,11 @@ class ModelBundle:
 def load_bundle(ref: ModelRef | str, tracking_uri: str | None = None, device: str = "cpu",
                 client: MlflowClient | None = None) -> ModelBundle:
     """Resolve `ref`, download its files and rebuild its nn.Module with the registered weights on `device`."""
-    client = client or open_client(tracking_uri)
-    downloaded = download_version(client, ref)
+    return bundle_of(download_version(client or open_client(tracking_uri), ref), device)
+
+
+def bundle_of(downloaded: DownloadedVersion, device: str = "cpu") -> ModelBundle:
+    """A downloaded version's nn.Module rebuilt with its registered weights on `device`, with its files."""
     files, version = downloaded.files, downloaded.version
     from registry.checkpoint import fit_state_dict, load_state_dict  # torch: only commands that build a module
 

@@ -19,8 +19,9 @@ from registry.devices import device_key, torch_device
 from registry.errors import LanternError
 from registry.postprocess import predicted_indices, probabilities
 from registry.preprocess import Preprocess
-from registry.resolve import ModelBundle, load_bundle
+from registry.resolve import DownloadedVersion, ModelBundle, bundle_of, download_version
 from registry.settings import ClassificationSettings, with_overrides
+from registry.store import open_client
 from serving.abandon import make_abandonable
 from serving.config import DeploymentConfig
 from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
@@ -153,16 +154,18 @@ class Deployment:
         config = self.config
         device = torch_device(config.device)
         buckets = shape_buckets(device, config.backend, config.max_batch_size)
+        # the version `model` names now: an alias is resolved once, so the key and the load name the same version
+        downloaded = download_version(open_client(self.tracking_uri), config.model)
         if self.models is None:
-            core = self._load_core(config.model, device, buckets)
+            core = self._load_core(downloaded, device, buckets)
         else:
-            downloaded = self.models.version(config.model)
-            uri = f"models:/{downloaded.version.name}/{downloaded.version.version}"
+            version = downloaded.version
             spec = downloaded.files.read_spec()
             # the crop in force: the warm-up and a GPU's sessions see that input size
             crop = with_overrides(downloaded.files.read_settings(spec.task), spec.task, config.settings).valid_crop_size
-            key = (uri, config.backend, device_key(config.device), buckets, crop)
-            core = self.models.acquire(key, self, lambda: self._load_core(uri, device, buckets),
+            key = (f"models:/{version.name}/{version.version}", config.backend, device_key(config.device), buckets,
+                   crop)
+            core = self.models.acquire(key, self, lambda: self._load_core(downloaded, device, buckets),
                                        avoid=self._core if fresh else None)
         with self._lifecycle:
             unloaded = self._unloads != unloads
@@ -180,9 +183,10 @@ class Deployment:
         self._warm_up(model)
         return model
 
-    def _load_core(self, ref: str, device: torch.device, buckets: tuple[int, ...] | None) -> ModelCore:
+    def _load_core(self, downloaded: DownloadedVersion, device: torch.device,
+                   buckets: tuple[int, ...] | None) -> ModelCore:
         """The version's module (for explanations) and its predictor, on `device`."""
-        bundle = load_bundle(ref, tracking_uri=self.tracking_uri, device=str(device))
+        bundle = bundle_of(downloaded, device=str(device))
         fastest_layout(bundle.module)  # channels-last on the CPU: explanations' gradient passes 20-40 % faster
         make_abandonable(bundle.module)
         predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)

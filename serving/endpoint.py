@@ -78,7 +78,7 @@ class Endpoint:
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
         self.batchers = SharedBatchers()
-        self.models = SharedModels(tracking_uri)
+        self.models = SharedModels()
         self._changes = threading.Lock()
         self._process = psutil.Process()
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish

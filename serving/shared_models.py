@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from registry.resolve import DownloadedVersion, ModelBundle, download_version, open_client
+from registry.resolve import ModelBundle
 from serving.predictors import Predictor
 
 
@@ -30,16 +30,10 @@ class ModelCore:
 class SharedModels:
     """Loads each model once per worker and lets it go with its last user."""
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
-        self.tracking_uri = tracking_uri
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cores: dict[tuple, ModelCore] = {}
         self._loading: dict[tuple, threading.Lock] = {}  # one load per model at a time; others wait and share it
-
-    def version(self, ref: str) -> DownloadedVersion:
-        """The version `ref` names now (an alias resolved once: the key and the load name the same version), its files
-        downloaded (the load reads them from the cache)."""
-        return download_version(open_client(self.tracking_uri), ref)
 
     def acquire(self, key: tuple, user: object, load: Callable[[], ModelCore],
                 avoid: ModelCore | None = None) -> ModelCore:
