@@ -471,13 +471,30 @@ def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server,
 
 
 def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, str]) -> None:
-    """Last in this module: it stops the module's server."""
+    """Last in this module: it stops the module's server, with a request in flight, which is answered in full before
+    the server ends (SIGTERM drains, as an orchestrator's rolling restart expects; new connections are refused)."""
     admin = Admin(server, keys["admin"])
     admin.reset()
     admin.add(deployment("green"))
     admin.traffic(blue=70, green=30)
     before = admin.endpoint()
+    row = json.dumps({"image_base64": base64.b64encode(png_bytes()).decode(), "model_explainability": True,
+                      "xai_parameters": {"xai_algorithm": "xrai", "n_steps": 256}})
+    answers: list[httpx.Response] = []
+    in_flight = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{server.url}/score", json={"input_data": {"columns": ["image"], "data": [row] * 8}}, timeout=120,
+        headers={"Authorization": f"Bearer {keys['primary']}"})))
+    explained = server.metric("lantern_explanation_duration_seconds_count")
+    in_flight.start()
+    deadline = time.monotonic() + 60  # its first row explained: the request is under way, 7 rows to go
+    while server.metric("lantern_explanation_duration_seconds_count") == explained and time.monotonic() < deadline:
+        time.sleep(0.01)
     server.stop()
+    in_flight.join(60)
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert [bool(answer["visualizations"]) for answer in answers[0].json()] == [True] * 8
+    with pytest.raises(httpx.ConnectError):
+        predict(server, keys["primary"])
     restarted = Server(yaml_config(server), server.folder, server.env, workers=2)
     restarted.config_path = server.config_path
     restarted.start()
