@@ -1,7 +1,10 @@
-"""Checks of deployments against the registry: run before the server starts, and before the management API adds or
-updates a deployment."""
+"""Checks run before the server starts (its address, its deployments against the registry), and before the
+management API adds or updates a deployment."""
 
 from __future__ import annotations
+
+import errno
+import socket
 
 from registry.errors import LanternError
 from registry.resolve import download_version
@@ -32,3 +35,22 @@ def check_against_registry(config: EndpointConfig, tracking_uri: str | None = No
     if problems:
         raise ConfigError("; ".join(problems))
     return lines
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """A LanternError naming the problem when the server could not listen on `host`:`port` (a port in use, an address
+    this machine does not have), said before BentoML starts (it would end with a traceback)."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise LanternError(f"cannot listen on {host}: {error.strerror} (--host takes an address of this machine, "
+                           "such as 127.0.0.1, or 0.0.0.0 for every one)") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as error:
+            hint = ("another server listens there; stop it or choose another --port" if error.errno == errno.EADDRINUSE
+                    else "choose another --host or --port")
+            raise LanternError(f"cannot listen on {host}:{port}: {error.strerror} ({hint})") from None

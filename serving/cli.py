@@ -14,7 +14,7 @@ from lantern.console import console, stdout, user_errors
 
 @click.command("serve")
 @click.argument("config_path", type=click.Path(dir_okay=False, exists=True), metavar="ENDPOINT_YAML")
-@click.option("--port", default=3000, show_default=True, envvar="BENTOML_PORT")
+@click.option("--port", default=3000, show_default=True, envvar="BENTOML_PORT", type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes; each loads every deployment.")
@@ -31,7 +31,7 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
     from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
-    from serving.checks import check_against_registry
+    from serving.checks import check_against_registry, check_listen_address
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.state import StateStore
 
@@ -41,6 +41,7 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     if reset_state or store.read() is None:
         for line in check_against_registry(config, uri):
             console.print(f"[green]✓[/green] {line}")
+    check_listen_address(host, port)  # before a first start's state is written
     state, restored = store.prepare(config, reset=reset_state)
     if restored:
         console.print(f"Endpoint state restored from {store.path} (revision {state.revision}: {state.last_change}); "

@@ -118,3 +118,29 @@ def test_serve_checks_the_registry_before_starting(store: str, tmp_path: Path, c
     assert "deployment blue" in message and "confidence_score_threshold_multilabel: unknown setting" in message
     assert "deployment green: models:/m/7 does not exist" in message
     assert "deployment red: no registered model named 'nobody'" in message
+
+
+def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    """A port in use, or an address this machine does not have, is one line naming it (BentoML's own start ends with
+    a traceback), and nothing is written: the endpoint's state is created by the first start that serves."""
+    import socket
+
+    from registry.register import register_checkpoint
+    from serving.state import state_path
+
+    register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    path = tmp_path / "endpoint.yaml"
+    path.write_text(yaml.safe_dump(config(deployments=[{"name": "blue", "model": "models:/m/1"}])))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for options, message in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use "
+                                                          "(another server listens there; stop it or choose another "
+                                                          "--port)"),
+                                 (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid")):
+            out = subprocess.run([lantern_executable(), "serve", str(path), *options], capture_output=True,
+                                 text=True, env=dict(os.environ), timeout=120)
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert message in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
+    assert not state_path("shop").exists()
