@@ -155,12 +155,14 @@ class Endpoint:
                     instance.discard()
 
     def _promote(self) -> bool:
-        """Swap in each new generation that became ready; True when something changed."""
-        ready = [name for name, instance in self.next_instances.items() if instance.deployment.ready]
-        if not ready:
+        """Swap in each new generation that became ready; True when something changed. Which are ready is read under
+        the lock that changes them: a change applied meanwhile (by a management request) may have replaced one with a
+        newer generation still loading, which must not be swapped in."""
+        if not any(instance.deployment.ready for instance in self.next_instances.values()):
             return False
         with self._changes:
             instances, upcoming = dict(self.instances), dict(self.next_instances)
+            ready = [name for name, instance in upcoming.items() if instance.deployment.ready]
             for name in ready:
                 previous = instances.get(name)
                 instances[name] = upcoming.pop(name)
@@ -168,7 +170,7 @@ class Endpoint:
                     previous.retire()
                 logger.info("deployment %s now serves generation %d", name, instances[name].generation)
             self.instances, self.next_instances = instances, upcoming
-        return True
+        return bool(ready)
 
     def _follow(self) -> None:
         last_published = time.monotonic()

@@ -82,3 +82,52 @@ def test_a_pending_instance_stuck_in_its_warm_up_does_not_hold_up_the_worker(sto
         hung.set()
         endpoint.stop()
         gc.unfreeze()
+
+
+def test_a_generation_replaced_while_promotions_are_checked_is_not_swapped_in(store: str,
+                                                                              checkpoints: dict[str, Path]) -> None:
+    """The state thread swaps in each next generation that is ready. A change applied meanwhile by a management
+    request can replace a ready generation with a newer one, still loading; before, which names were ready was read
+    before taking the lock that changes them, so the newer, unready generation was swapped in (and the one serving
+    retired). Here the change is applied right after the ready generation's state is read."""
+    from registry.register import register_checkpoint
+
+    for _ in range(2):
+        register_checkpoint("swapped", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    blue = DeploymentConfig(name="blue", model="models:/swapped/1", device="cpu", readiness_probe=QUICK_PROBE)
+    endpoint = Endpoint(EndpointConfig(name="swapping", auth_mode="none", deployments=[blue], traffic={"blue": 100}),
+                        tracking_uri=store)
+
+    def update(model: str, generation: int) -> EndpointState:
+        config = blue.model_copy(update={"model": model})
+        return endpoint.store.change(lambda state: state.model_copy(update={"deployments": [
+            DeploymentRecord(config=config, generation=generation)]}), f"blue to {model}")
+
+    try:
+        for instance in endpoint.instances.values():  # as `start` does, without the state thread: promotions are ours
+            instance.start()
+        assert wait_for(lambda: endpoint.instances["blue"].deployment.ready), endpoint.status()
+        endpoint._apply(update("models:/swapped/2", 2))
+        ready_next = endpoint.next_instances["blue"]
+        assert wait_for(lambda: ready_next.deployment.ready), endpoint.status()
+        newer = update("models:/swapped/1", 3)
+        applied = []
+
+        class ReplacedOnRead(Deployment):
+            @property
+            def ready(self) -> bool:
+                ready = Deployment.ready.fget(self)
+                if not applied:  # a management request's change, arriving right after the state thread read this
+                    applied.append(True)
+                    endpoint._apply(newer)
+                return ready
+
+        ready_next.deployment.__class__ = ReplacedOnRead
+        print('promote', endpoint._promote(), applied, {n: (i.generation, i.deployment.state) for n, i in endpoint.instances.items()}, {n: (i.generation, i.deployment.state) for n, i in endpoint.next_instances.items()})
+        assert applied and endpoint.instances["blue"].generation == 1 and endpoint.instances["blue"].deployment.ready
+        assert endpoint.next_instances["blue"].generation == 3
+        assert wait_for(lambda: endpoint._promote() or endpoint.instances["blue"].generation == 3)
+        assert endpoint.instances["blue"].deployment.ready and not endpoint.next_instances
+    finally:
+        endpoint.stop()
+        gc.unfreeze()
