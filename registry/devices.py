@@ -36,3 +36,10 @@ def device_key(name: str) -> str:
     if device.type == "cuda" and device.index is None:
         return f"cuda:{torch.cuda.current_device()}"
     return str(device)
+
+
+def cuda_memory(device: torch.device) -> tuple[int, int, int]:
+    """On the GPU `device`: the bytes in use by every process on it, its total bytes, and the bytes this process's torch
+    allocator holds (ONNX Runtime's arenas are outside it, and outside any per-process figure torch has)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, total, torch.cuda.memory_reserved(device)

@@ -18,7 +18,7 @@ from serving.endpoint import Endpoint
 from serving.errors import ApiError, conflict, not_found, unprocessable
 from serving.schemas import describe_fields
 from serving.state import DeploymentRecord, EndpointState
-from serving.workers import InstanceStatus, WorkerStatus
+from serving.workers import GpuMemory, InstanceStatus, WorkerStatus
 
 AggregateState = Literal["loading", "ready", "unready", "failed", "updating"]
 
@@ -49,6 +49,7 @@ class WorkerView(BaseModel):
     revision: int
     seconds_since_heartbeat: float
     memory_bytes: int | None = Field(None, description="the worker process's resident memory")
+    gpu_memory: list[GpuMemory] = Field(default_factory=list, description="each GPU its deployments run on")
 
 
 class EndpointView(BaseModel):
@@ -152,7 +153,7 @@ class Control:
             mirror_traffic=state.mirror_traffic, deployments=self.deployments(state),
             workers=[WorkerView(worker=w.worker, revision=w.revision,
                                 seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3),
-                                memory_bytes=w.memory_bytes) for w in workers],
+                                memory_bytes=w.memory_bytes, gpu_memory=w.gpu_memory) for w in workers],
             key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")})
 
     def _record(self, state: EndpointState, name: str) -> DeploymentRecord:

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psutil
+import torch
 from PIL import Image
 
 from explain.attribute import Explanation
 from explain.params import ExplainError
+from registry.devices import cuda_memory
 from serving.abandon import Abandoned, CancelToken, running_under
 from serving.auth import KeyCheck, bearer_token
 from serving.batching import Job, Overloaded, SharedBatchers, model_error
@@ -32,7 +34,7 @@ from serving.limits import Admission
 from serving.metrics import metrics
 from serving.shared_models import SharedModels
 from serving.state import DeploymentRecord, EndpointState, StateStore
-from serving.workers import HEARTBEAT_S, InstanceStatus, StatusBoard, WorkerStatus
+from serving.workers import HEARTBEAT_S, GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
 
 logger = logging.getLogger("lantern.serving")
 PIN_HEADERS = ("x-lantern-deployment", "azureml-model-deployment")
@@ -81,6 +83,7 @@ class Endpoint:
         self.models = SharedModels()
         self._changes = threading.Lock()
         self._process = psutil.Process()
+        self._gpu_memory_failed = False  # logged once
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()
@@ -226,7 +229,27 @@ class Endpoint:
                 next_reason=upcoming.deployment.reason if upcoming else None)
         return WorkerStatus(worker=self.worker, pid=os.getpid(), revision=self.state.revision,
                             heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
-                            deployments=deployments)
+                            gpu_memory=self._gpu_memory(), deployments=deployments)
+
+    def _gpu_memory(self) -> list[GpuMemory]:
+        """Each GPU a loaded deployment (serving, or its next generation) runs on, and how full it is."""
+        devices = set()
+        for instance in [*self.instances.values(), *self.next_instances.values()]:
+            device = instance.deployment.model.explain_device if instance.deployment.model else None
+            if device is not None and device.type == "cuda":
+                devices.add(device.index if device.index is not None else torch.cuda.current_device())
+        gpus = []
+        try:
+            for index in sorted(devices):
+                used, total, torch_reserved = cuda_memory(torch.device("cuda", index))
+                gpus.append(GpuMemory(device=f"cuda:{index}", used_bytes=used, total_bytes=total,
+                                      torch_reserved_bytes=torch_reserved))
+            return gpus
+        except Exception:  # noqa: BLE001 - the status (the heartbeat) is published without it
+            if not self._gpu_memory_failed:
+                logger.exception("reading the GPU's memory failed; the worker's status goes on without it")
+                self._gpu_memory_failed = True
+            return []
 
     def publish(self) -> None:
         with self._publishing:  # one writer at a time (they share the temporary file), the freshest status last

@@ -96,6 +96,12 @@ def show_endpoint(view: dict[str, Any]) -> None:
     stdout.print(table)
     workers = ", ".join(worker_label(w) for w in view["workers"])
     stdout.print(f"workers: {workers}; every worker applied the latest revision: {view['applied']}")
+    gpus = {gpu["device"]: gpu for worker in view["workers"] for gpu in worker.get("gpu_memory", [])}
+    for device, gpu in sorted(gpus.items()):
+        torch_held = sum(g["torch_reserved_bytes"] for w in view["workers"] for g in w.get("gpu_memory", [])
+                         if g["device"] == device)
+        stdout.print(f"GPU {device}: {gpu['used_bytes'] / 2**30:.1f} of {gpu['total_bytes'] / 2**30:.1f} GiB in use "
+                     f"by every process on it ({torch_held / 2**30:.1f} GiB in the workers' torch)")
 
 
 def worker_label(worker: dict[str, Any]) -> str:

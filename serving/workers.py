@@ -33,6 +33,17 @@ class InstanceStatus(BaseModel):
     next_reason: str | None = None
 
 
+class GpuMemory(BaseModel):
+    """A GPU that a worker's deployments run on."""
+
+    device: str
+    used_bytes: int = Field(description="in use on the whole GPU, by every process on it (each worker's ONNX Runtime "
+                                        "sessions and torch, and whatever else runs there)")
+    total_bytes: int
+    torch_reserved_bytes: int = Field(description="held by this worker's torch allocator (explanations, the torch "
+                                                  "backend)")
+
+
 class WorkerStatus(BaseModel):
     worker: str
     pid: int
@@ -40,6 +51,7 @@ class WorkerStatus(BaseModel):
     heartbeat: float
     memory_bytes: int | None = Field(None, description="the worker process's resident memory (every deployment it "
                                                        "serves, Python and the backends' CPU memory)")
+    gpu_memory: list[GpuMemory] = Field(default_factory=list, description="each GPU its deployments run on")
     deployments: dict[str, InstanceStatus]
 
 

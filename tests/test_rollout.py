@@ -154,6 +154,13 @@ def test_every_worker_says_where_a_deployment_runs(admin: Admin) -> None:
         workers = admin.http.get(f"/deployments/{name}").json()["workers"]
         assert len(workers) == 2
         assert {(w["backend"], w["explain_device"]) for w in workers.values()} == {(backend, explain_device)}, workers
+    for worker in admin.endpoint()["workers"]:  # how full the GPU its deployments run on is: none here on a CPU
+        if torch.cuda.is_available():
+            [gpu] = worker["gpu_memory"]
+            assert gpu["device"] == f"cuda:{torch.cuda.current_device()}", worker
+            assert 0 < gpu["used_bytes"] <= gpu["total_bytes"] and gpu["torch_reserved_bytes"] >= 0, worker
+        else:
+            assert worker["gpu_memory"] == [], worker
 
 
 def test_every_rule_refuses_the_whole_change(server: Server, admin: Admin) -> None:
@@ -325,6 +332,7 @@ def test_cli_changes_wait_until_they_take_effect(server: Server, keys: dict[str,
     assert "green" in shown.stdout and "10 %" in shown.stdout and "ready" in shown.stdout
     words = " ".join(shown.stdout.split())  # rich wraps long lines
     assert "onnxruntime" in words and words.count(" MiB)") == 2, shown.stdout  # each worker's memory
+    assert ("GiB in use by every process on it" in words) == torch.cuda.is_available(), shown.stdout  # the GPU's
     as_json = json.loads(cli(server, keys["admin"], "endpoint", "show", "--json").stdout)
     assert as_json["traffic"] == {"blue": 90, "green": 10}
     assert all(100 * 2**20 < worker["memory_bytes"] < 20 * 2**30 for worker in as_json["workers"]), as_json["workers"]
