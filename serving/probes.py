@@ -48,7 +48,8 @@ class Prober:
             future.cancel()  # still queued behind a long or stuck call: not run for nothing later
             return model.predictor.thread.last_answer > started
         except Exception:  # noqa: BLE001 - a failing probe is the information itself
-            logger.exception("probe of deployment %s failed", self.deployment.name)
+            if not self._stop.is_set():  # else the instance stopped under the probe: its backend's thread is closed
+                logger.exception("probe of deployment %s failed", self.deployment.name)
             return False
 
     def run(self) -> None:
@@ -62,7 +63,10 @@ class Prober:
         passes = fails = live_fails = 0
         next_liveness = started + liveness.initial_delay
         while not self._stop.is_set():
-            if self.probe_once(readiness):
+            passed = self.probe_once(readiness)
+            if self._stop.is_set():  # stopped during the probe: its result says nothing about the model
+                return
+            if passed:
                 passes, fails = passes + 1, 0
                 if deployment.state != "ready" and passes >= readiness.success_threshold:
                     deployment.state, deployment.reason = "ready", None
@@ -74,6 +78,8 @@ class Prober:
             if time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + liveness.period
                 live_fails = 0 if self.probe_once(liveness) else live_fails + 1
+                if self._stop.is_set():  # a stopped deployment is never reloaded
+                    return
                 if live_fails >= liveness.failure_threshold:
                     logger.error("deployment %s failed its liveness probe %d times; reloading", deployment.name,
                                  live_fails)

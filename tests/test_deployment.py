@@ -80,6 +80,38 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
         gc.unfreeze()
 
 
+def test_a_probe_of_a_stopping_instance_is_quiet_and_never_reloads_it(store: str, checkpoints: dict[str, Path],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An instance stopped (replaced, removed) while its prober is mid-probe: the backend's thread closes under the
+    probe. That failed probe said nothing about the model, yet it was logged as an error with a traceback (seen in a
+    soak: adding and removing a deployment under load), and counted: with liveness probes, enough of them reloaded the
+    model of a deployment that no longer existed."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("stopping", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    quick = Probe(initial_delay=0, period=0.01, failure_threshold=1)
+    deployment = Deployment(DeploymentConfig(name="blue", model="models:/stopping/1", device="cpu",
+                                             readiness_probe=quick, liveness_probe=quick))
+    loads = []
+
+    class StoppedUnderItsProbe(Prober):
+        def probe_once(self, probe: Probe) -> bool:
+            loads.append(deployment.core)
+            self.stop()  # the instance stops during the probe: its backend's thread closes
+            deployment.require_model().predictor.thread.close()
+            return super().probe_once(probe)
+
+    prober = StoppedUnderItsProbe(deployment)
+    try:
+        with caplog.at_level("INFO", logger="lantern.serving"):
+            prober.run()  # loads, probes once, and returns: stopped
+        assert len(loads) == 1 and deployment.core is loads[0]  # not reloaded
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    finally:
+        deployment.unload()
+        gc.unfreeze()
+
+
 def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, checkpoints: dict[str, Path]) -> None:
     """Blue and green (an alias of the same version, other request settings and resize) share one module and one
     session, as does a crop override equal to the version's crop; another version, crop size or backend loads its
