@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +25,7 @@ from registry.store import open_client
 from serving.abandon import make_abandonable
 from serving.config import DeploymentConfig
 from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
-from serving.shared_models import ModelCore, SharedModels
+from serving.shared_models import GuidedCopy, ModelCore, SharedModels
 
 logger = logging.getLogger("lantern.serving")
 State = Literal["loading", "ready", "unready", "failed"]
@@ -49,7 +49,7 @@ class LoadedModel:
     preprocess: Preprocess
     predictor: Predictor
     explain_device: torch.device
-    guided_lock: threading.Lock = field(default_factory=threading.Lock)
+    guided: GuidedCopy  # the module's copy that guided methods hook
 
     @property
     def threshold(self) -> float:
@@ -179,7 +179,7 @@ class Deployment:
         bundle = core.bundle
         settings = with_overrides(bundle.settings, bundle.spec.task, config.settings)
         model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), core.predictor, device,
-                            core.guided_lock)
+                            core.guided)
         self._warm_up(model)
         return model
 
@@ -224,17 +224,19 @@ class Deployment:
 
     def explain(self, cropped: Image.Image, method: str, params: dict[str, Any],
                 targets: list[int] | None = None, threshold: float | None = None) -> Explanation:
-        """Explain one cropped image with the version's module; guided methods (which hook the module) run one at a
-        time per deployment."""
+        """Explain one cropped image with the version's module; guided methods, which hook the module they run on,
+        run on its private copy, one at a time (see GuidedCopy)."""
         model = self.require_model()
         x = model.preprocess.normalize(cropped).to(model.explain_device)
         spec = model.bundle.spec
-        run = lambda: attribute(  # noqa: E731
-            model.bundle.module, x, method, params, targets=targets, task=spec.task,
-            threshold=model.threshold if threshold is None else threshold, gradcam_layer=spec.gradcam_layer,
-            mean=spec.normalize_mean, std=spec.normalize_std, image=np.asarray(cropped),
-        )
+
+        def run(module: torch.nn.Module) -> Explanation:
+            return attribute(module, x, method, params, targets=targets, task=spec.task,
+                             threshold=model.threshold if threshold is None else threshold,
+                             gradcam_layer=spec.gradcam_layer, mean=spec.normalize_mean, std=spec.normalize_std,
+                             image=np.asarray(cropped))
+
         if method in GUIDED_METHODS:
-            with model.guided_lock:
-                return run()
-        return run()
+            with model.guided.hold() as module:
+                return run(module)
+        return run(model.bundle.module)

@@ -8,23 +8,52 @@ load). Settings that only preprocess or post-process (resize, threshold) stay ea
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from torch import nn
 
 from registry.resolve import ModelBundle
 from serving.predictors import Predictor
 
 
+class GuidedCopy:
+    """A private copy of a module for the guided methods, made on first use, one guided explanation at a time.
+
+    They hook the module they run on: captum's hooks on every ReLU register gradient hooks on each forward pass, and
+    Grad-CAM's keep the layer's activations. On the shared module they fired in every other forward pass through it
+    meanwhile: another deployment's warm-up failed ("cannot register a hook on a tensor that doesn't require
+    gradient"), and a concurrent explanation's gradients went through the guided ReLUs. The copy costs the weights
+    once more (on the explanation device), only once a guided method is asked for."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+        self._copy: nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[nn.Module]:
+        with self._lock:
+            if self._copy is None:
+                self._copy = copy.deepcopy(self._module)  # its hooks too (abandoning work checks at each forward)
+            yield self._copy
+
+
 @dataclass
 class ModelCore:
-    """What deployments of one model share: the bundle (its module explains), the predictor, the guided methods' lock
-    (they hook the module), and who uses it."""
+    """What deployments of one model share: the bundle (its module explains), the predictor, the guided methods' copy
+    of the module, and who uses it."""
 
     bundle: ModelBundle
     predictor: Predictor
-    guided_lock: threading.Lock = field(default_factory=threading.Lock)
     users: set[int] = field(default_factory=set)
+    guided: GuidedCopy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.guided = GuidedCopy(self.bundle.module)
 
 
 class SharedModels:

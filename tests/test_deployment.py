@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from serving.config import DeploymentConfig, Probe
 from serving.deployment import Deployment
@@ -80,6 +82,49 @@ def test_a_probe_behind_live_batches_passes_when_the_backend_answers_meanwhile(s
         gc.unfreeze()
 
 
+def test_a_guided_explanation_leaves_the_shared_module_to_others(store: str, checkpoints: dict[str, Path]) -> None:
+    """Guided backprop hooks every ReLU of the module it runs on (captum registers gradient hooks at each forward
+    pass). On the shared module, those hooks were in every other forward pass meanwhile: seen in a soak, a deployment
+    of the same model failed its warm-up ("cannot register a hook on a tensor that doesn't require gradient"), and
+    an integrated-gradients explanation at the same time (max_concurrent_explanations > 1) went through the guided
+    ReLUs. Here the guided explanation is held mid-forward while green loads and blue explains with integrated
+    gradients."""
+    from registry.register import register_checkpoint
+    from serving.shared_models import SharedModels
+
+    register_checkpoint("hooked", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    models = SharedModels()
+    config = DeploymentConfig(name="blue", model="models:/hooked/1", device="cpu")
+    blue, green = Deployment(config, models=models), Deployment(config.model_copy(update={"name": "green"}),
+                                                                 models=models)
+    assert blue.load(), blue.reason
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    alone = blue.explain(picture, "integrated_gradients", {"n_steps": 8}).attributions
+    reached, go_on, explained = threading.Event(), threading.Event(), []
+
+    def hold_the_guided_one(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if threading.current_thread() is explainer and torch.is_grad_enabled() and not reached.is_set():
+            reached.set()  # its gradient pass: its hooks are on whatever module it runs
+            assert go_on.wait(60)
+
+    blue.require_model().bundle.module.classifier.register_forward_hook(hold_the_guided_one)
+    explainer = threading.Thread(target=lambda: explained.append(blue.explain(picture, "guided_backprop", {})))
+    explainer.start()
+    try:
+        assert reached.wait(60)
+        assert green.load(), green.reason  # its warm-up runs the shared module
+        assert green.core is blue.core
+        during = blue.explain(picture, "integrated_gradients", {"n_steps": 8}).attributions
+        torch.testing.assert_close(during, alone)
+    finally:
+        go_on.set()
+        explainer.join(60)
+        blue.unload()
+        green.unload()
+        gc.unfreeze()
+    assert explained and explained[0].attributions.abs().sum() > 0
+
+
 def test_a_probe_of_a_stopping_instance_is_quiet_and_never_reloads_it(store: str, checkpoints: dict[str, Path],
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """An instance stopped (replaced, removed) while its prober is mid-probe: the backend's thread closes under the
@@ -140,7 +185,7 @@ def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, ch
         blue, green = loaded["blue"], loaded["green"]
         assert green.predictor is blue.predictor and green.bundle.module is blue.bundle.module
         assert loaded["crop32"].predictor is blue.predictor  # a crop override equal to the version's own
-        assert green.guided_lock is blue.guided_lock  # guided methods hook the shared module: one at a time
+        assert green.guided is blue.guided  # the copy that guided methods hook, one at a time
         assert len({id(model.predictor) for model in loaded.values()}) == 4
         assert (green.preprocess.resize_size, blue.preprocess.resize_size) == (36, 40)  # settings stay their own
 
