@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,10 +60,11 @@ def activation_bytes(model: nn.Module, sample: Tensor) -> int:
 
 def _measure_activation_bytes(model: nn.Module, sample: Tensor) -> int:
     total = 0
+    measuring = threading.get_ident()
 
     def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
         nonlocal total
-        if isinstance(output, Tensor):
+        if isinstance(output, Tensor) and threading.get_ident() == measuring:  # not another thread's pass meanwhile
             total += output.numel() * output.element_size()
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]

@@ -235,7 +235,8 @@ class Endpoint:
         """Each GPU a loaded deployment (serving, or its next generation) runs on, and how full it is."""
         devices = set()
         for instance in [*self.instances.values(), *self.next_instances.values()]:
-            device = instance.deployment.model.explain_device if instance.deployment.model else None
+            model = instance.deployment.model  # read once: an unload may clear it meanwhile
+            device = model.explain_device if model is not None else None
             if device is not None and device.type == "cuda":
                 devices.add(device.index if device.index is not None else torch.cuda.current_device())
         gpus = []

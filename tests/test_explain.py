@@ -144,6 +144,28 @@ def test_path_batches_fit_the_memory_budget_in_passes_of_equal_size(
     assert batch % rows == 0
 
 
+def test_activation_bytes_count_only_the_measuring_pass() -> None:
+    """Measured with hooks on the module's layers, which see every forward pass through it while they are there: on a
+    served model that may be another thread's (an explanation at the same time, another deployment's warm-up), whose
+    activations counted too and shrank the path batches for good."""
+    import threading
+
+    sample = image_tensor()[None]
+    alone = activation_bytes(SmallCNN(3).eval(), sample)
+    model = SmallCNN(3).eval()
+    other_pass = []
+
+    def another_thread_passes_meanwhile(_module: nn.Module, _inputs: tuple) -> None:
+        if not other_pass:
+            other_pass.append(True)
+            thread = threading.Thread(target=lambda: model(sample))  # while the measuring pass is under way
+            thread.start()
+            thread.join()
+
+    model.features.register_forward_pre_hook(another_thread_passes_meanwhile)
+    assert activation_bytes(model, sample) == alone and other_pass
+
+
 def test_completeness_is_measured_and_shrinks_with_more_steps(cnn: SmallCNN) -> None:
     x = image_tensor(1)
     black = ((torch.zeros(3) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
