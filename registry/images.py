@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from registry.errors import LanternError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+SIXTEEN_BIT_GREY = 65535  # Pillow opens 16-bit greyscale as I;16 (PNG, TIFF) or as 32-bit integer I (PGM)
 REDUCING_GAP = 3.0  # Pillow's term: a JPEG is decoded no smaller than 3x the size it will be resized to
 
 
@@ -55,4 +57,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, shorter_side
         ImageOps.exif_transpose(image, in_place=True)  # in place: each of these would otherwise copy the whole image
     except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error... on a damaged EXIF block; the
         pass  # pixels are whole, so the image is served as it is (at worst without its orientation applied)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return as_rgb(image)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit greyscale keeps its top byte, as Pillow reads 16-bit colour: Pillow's own
+    `convert` clips it at 255, which turns all but the darkest 1/256 of its range white. Floating-point pixels have no
+    agreed range (0-1? 0-255?) and are refused rather than guessed."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "F":
+        raise ImageDecodeError("the image's pixels are 32-bit floating point, which have no agreed range (0 to 1? "
+                               "0 to 255?): send 8- or 16-bit integer pixels")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > SIXTEEN_BIT_GREY:
+            raise ImageDecodeError(f"the image's pixels are 32-bit integers from {low} to {high}; integer greyscale "
+                                   f"is read as 16-bit, 0 to {SIXTEEN_BIT_GREY}")
+        image = Image.fromarray((values.astype(np.uint16) >> 8).astype(np.uint8))
+    return image.convert("RGB")

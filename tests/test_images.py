@@ -40,6 +40,38 @@ def test_every_colour_mode_comes_out_rgb(mode: str) -> None:
     assert decoded.mode == "RGB" and decoded.size == (16, 12)
 
 
+def grey_ramp() -> np.ndarray:
+    """A 16-bit greyscale ramp over the whole 0-65535 range, as a 16-bit camera or scanner writes one."""
+    return np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "PPM"])
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(fmt: str) -> None:
+    """Pillow opens it as I;16 (PNG, TIFF) or I (PGM), and its `convert("RGB")` clips at 255: all but the darkest
+    1/256 of the ramp came out white, and the model was shown a blank image."""
+    ramp = grey_ramp()
+    decoded = np.asarray(decode_image(encoded(Image.fromarray(ramp), fmt)))
+    assert decoded.shape == (48, 64, 3) and (decoded == decoded[..., :1]).all()
+    assert np.abs(decoded[..., 0].astype(int) - ramp / 257).max() <= 1  # the ramp's own grey levels, 0 to 255
+
+
+def test_training_reads_sixteen_bit_images_as_serving_does(tmp_path) -> None:
+    from training.datasets import load_uint8
+
+    path = tmp_path / "ramp.png"
+    path.write_bytes(encoded(Image.fromarray(grey_ramp()), "PNG"))
+    assert np.array_equal(load_uint8(path).permute(1, 2, 0).numpy(), np.asarray(decode_image(path.read_bytes())))
+
+
+def test_pixels_without_an_agreed_range_are_refused_not_guessed() -> None:
+    floats = np.linspace(0, 1, 12 * 16, dtype=np.float32).reshape(12, 16)
+    with pytest.raises(ImageDecodeError, match="32-bit floating point.*send 8- or 16-bit integer pixels"):
+        decode_image(encoded(Image.fromarray(floats), "TIFF"))
+    wide = np.full((12, 16), 70_000, np.int32)
+    with pytest.raises(ImageDecodeError, match="32-bit integers from 70000 to 70000; .* read as 16-bit"):
+        decode_image(encoded(Image.fromarray(wide), "TIFF"))
+
+
 def test_refusals_name_the_problem() -> None:
     with pytest.raises(ImageDecodeError, match="empty"):
         decode_image(b"")

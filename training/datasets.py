@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from registry.errors import LanternError
+from registry.images import ImageDecodeError, as_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -95,9 +96,12 @@ def label_set(examples: list[Example]) -> list[str]:
 
 
 def load_uint8(path: Path) -> torch.Tensor:
-    """An image file as a [3, H, W] uint8 tensor."""
+    """An image file as a [3, H, W] uint8 tensor, its pixels read as serving reads them (registry/images.py)."""
     with Image.open(path) as image:
-        return pil_to_tensor(image.convert("RGB"))
+        try:
+            return pil_to_tensor(as_rgb(image))
+        except ImageDecodeError as error:
+            raise LanternError(f"{path}: {error}") from None
 
 
 class ImageDataset(Dataset):
