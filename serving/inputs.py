@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import re
 
@@ -9,6 +10,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
+from serving.content_coding import content_coding, inflate
 from serving.errors import ApiError, bad_request, too_large, unsupported_media
 
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -57,7 +59,9 @@ def decode(data: bytes, where: str, max_pixels: int, shorter_side: int | None = 
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes; inflated (off the event loop,
+    within the same limit) when it came gzip- or deflate-compressed."""
+    coding = content_coding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -72,6 +76,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large(f"the request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
+    if coding:
+        body = await asyncio.to_thread(inflate, body, coding, limit)
     request._body = body  # later request.json() / request.form() read it from here
     return body
 

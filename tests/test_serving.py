@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -664,6 +666,26 @@ def test_size_limits(server: Server, key: str) -> None:
     assert not_image.status_code == 415
     json_to_predict = httpx.post(f"{server.url}/predict", json={"image": "x"}, headers=auth(key))
     assert json_to_predict.status_code == 415 and "/score" in json_to_predict.json()["error"]["message"]
+
+
+def test_compressed_bodies_are_inflated_within_the_body_limit(server: Server, key: str) -> None:
+    """Content-Encoding gzip or deflate was ignored: a gzip'd /score body was read as UTF-8 JSON and refused with
+    'utf-8 codec can't decode byte 0x8b', and a gzip'd image as an unrecognised format."""
+    body = json.dumps(score_body(base64.b64encode(png_bytes()).decode())).encode()
+    plain = httpx.post(f"{server.url}/score", content=body, headers=auth(key, **{"Content-Type": "application/json"}))
+    zipped = httpx.post(f"{server.url}/score", content=gzip.compress(body),
+                        headers=auth(key, **{"Content-Type": "application/json", "Content-Encoding": "gzip"}))
+    assert plain.status_code == zipped.status_code == 200 and zipped.json() == plain.json()
+    predicted = httpx.post(f"{server.url}/predict", content=zlib.compress(png_bytes()),
+                           headers=auth(key, **{"Content-Type": "image/png", "Content-Encoding": "deflate"}))
+    assert predicted.status_code == 200 and predicted.json()["predictions"]
+    brotli = httpx.post(f"{server.url}/predict", content=png_bytes(),
+                        headers=auth(key, **{"Content-Type": "image/png", "Content-Encoding": "br"}))
+    assert brotli.status_code == 415 and brotli.json()["error"]["code"] == "unsupported_content_encoding"
+    bomb = gzip.compress(b"\0" * 5_000_000)  # under the 1 MB body limit sent, 5 MB inflated
+    refused = httpx.post(f"{server.url}/predict", content=bomb,
+                         headers=auth(key, **{"Content-Type": "image/png", "Content-Encoding": "gzip"}))
+    assert refused.status_code == 413 and "inflates to over the limit" in refused.json()["error"]["message"]
 
 
 # deadlines, abandonment, admission ----------------------------------------------------------------------------------

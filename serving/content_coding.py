@@ -1,0 +1,47 @@
+"""Request bodies sent compressed (`Content-Encoding: gzip` or `deflate`), inflated within the body-size limit."""
+
+from __future__ import annotations
+
+import zlib
+
+from serving.errors import ApiError, bad_request, too_large
+
+IDENTITY = {"", "identity"}
+WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_coding(header: str | None) -> str:
+    """The body's one content coding ("" for none), or 415 for one Lantern does not inflate (or several stacked)."""
+    coding = (header or "").strip().lower()
+    if coding in IDENTITY or coding in WINDOW_BITS:
+        return coding if coding not in IDENTITY else ""
+    raise ApiError(415, "unsupported_content_encoding",
+                   f"Content-Encoding {header!r} is not supported: send the body as it is, or compressed with gzip or "
+                   "deflate (one of them)")
+
+
+def inflate(body: bytes, coding: str, limit: int) -> bytes:
+    """`body` decompressed; 413 once it inflates past `limit` bytes (a zip bomb costs no more than the limit), 400 if
+    it is not valid `coding` data or stops short. Concatenated gzip members are read in turn, as `gzip` does."""
+    chunks: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(WINDOW_BITS[coding])
+        try:
+            chunk = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as error:
+            raise bad_request(f"the body is not valid {coding} data (Content-Encoding {coding}): {error}",
+                              "invalid_content_encoding") from None
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the request body inflates to over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not inflater.eof:
+            raise bad_request(f"the {coding} body stops short: its compressed data is cut off",
+                              "invalid_content_encoding")
+        rest = inflater.unused_data
+        if not rest or coding == "deflate":
+            break
+    if rest:
+        raise bad_request("the deflate body has data after its end", "invalid_content_encoding")
+    return b"".join(chunks)

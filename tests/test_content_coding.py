@@ -1,0 +1,63 @@
+"""Compressed request bodies (serving/content_coding.py): what is inflated, within which limit, and each refusal."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import pytest
+
+from serving.content_coding import content_coding, inflate
+from serving.errors import ApiError
+
+BODY = b'{"input_data": {"columns": ["image"], "data": ["' + b"QUJD" * 5000 + b'"]}}'
+
+
+@pytest.mark.parametrize("header, coding", [(None, ""), ("", ""), ("identity", ""), ("gzip", "gzip"),
+                                            (" GZIP ", "gzip"), ("x-gzip", "x-gzip"), ("deflate", "deflate")])
+def test_the_codings_lantern_inflates(header: str | None, coding: str) -> None:
+    assert content_coding(header) == coding
+
+
+@pytest.mark.parametrize("header", ["br", "zstd", "compress", "gzip, gzip", "gzip;q=1"])
+def test_other_codings_are_415_naming_the_coding(header: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        content_coding(header)
+    assert refused.value.status == 415 and refused.value.code == "unsupported_content_encoding"
+    assert repr(header) in refused.value.message and "gzip or deflate" in refused.value.message
+
+
+@pytest.mark.parametrize("coding, compressed", [("gzip", gzip.compress(BODY)), ("x-gzip", gzip.compress(BODY)),
+                                                ("deflate", zlib.compress(BODY))])
+def test_a_compressed_body_inflates_to_the_original(coding: str, compressed: bytes) -> None:
+    assert len(compressed) < len(BODY) // 10 and inflate(compressed, coding, len(BODY)) == BODY
+
+
+def test_concatenated_gzip_members_are_read_in_turn() -> None:
+    halves = gzip.compress(BODY[:1000]) + gzip.compress(BODY[1000:])
+    assert inflate(halves, "gzip", len(BODY)) == BODY
+
+
+def test_a_body_inflating_past_the_limit_is_413_without_inflating_it_all() -> None:
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB in about 50 KB
+    with pytest.raises(ApiError) as refused:
+        inflate(bomb, "gzip", 1_000_000)
+    assert refused.value.status == 413 and "inflates to over the limit of 1000000 bytes" in refused.value.message
+    two_members = gzip.compress(b"\0" * 600_000) * 2  # each member under the limit, together over it
+    with pytest.raises(ApiError, match="over the limit"):
+        inflate(two_members, "gzip", 1_000_000)
+    assert inflate(gzip.compress(BODY), "gzip", len(BODY)) == BODY  # exactly at the limit is fine
+
+
+@pytest.mark.parametrize("coding, body, named", [
+    ("gzip", BODY, "not valid gzip data"),
+    ("gzip", gzip.compress(BODY)[:-20], "stops short"),
+    ("deflate", gzip.compress(BODY), "not valid deflate data"),
+    ("deflate", zlib.compress(BODY) + b"more", "data after its end"),
+    ("gzip", gzip.compress(BODY) + b"\0\0\0\0", "not valid gzip data"),
+])
+def test_damaged_compressed_bodies_are_400_saying_how(coding: str, body: bytes, named: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        inflate(body, coding, 10 * len(BODY))
+    assert refused.value.status == 400 and refused.value.code == "invalid_content_encoding"
+    assert named in refused.value.message
