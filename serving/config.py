@@ -126,6 +126,31 @@ class Limits(Strict):
                                                          "be in flight, more get 429")
 
 
+ORIGIN_PATTERN = re.compile(r"^https?://[^/\s?#]+$")
+
+
+class Cors(Strict):
+    """Which web pages served from elsewhere may call the scoring routes from a browser (CORS). Browsers send the
+    key in `Authorization`; no cookies are involved, so no credentials mode."""
+
+    allow_origins: list[str] = Field(min_length=1, description='origins such as "https://app.example.com" (scheme, '
+                                                               'host and port, no path), or ["*"] for any')
+    max_age: int = Field(600, ge=0, le=86400, description="seconds a browser may keep a preflight answer")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        if "*" in origins and len(origins) > 1:
+            raise ValueError('"*" allows every origin: list it alone, or list origins without it')
+        for origin in origins:
+            if origin != "*" and not ORIGIN_PATTERN.match(origin):
+                scheme, _, rest = origin.partition("://")
+                hint = f" (without the path: {scheme}://{rest.split('/')[0]})" if rest else ""
+                raise ValueError(f"{origin!r} is not an origin: an origin is a scheme, host and optional port as a "
+                                 f"browser sends it, such as https://app.example.com:8443{hint}")
+        return origins
+
+
 class EndpointConfig(Strict):
     """A whole endpoint: its deployments, the live traffic split and the mirrored share."""
 
@@ -136,6 +161,7 @@ class EndpointConfig(Strict):
     mirror_traffic: dict[str, Percent] = Field(default_factory=dict,
                                            description="at most one deployment -> percent of live traffic copied to it")
     limits: Limits = Field(default_factory=Limits)
+    cors: Cors | None = Field(None, description="off unless set: browsers then refuse cross-origin calls")
 
     @model_validator(mode="after")
     def _consistent(self) -> "EndpointConfig":

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from serving.app import build_app
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
+from serving.cors import LanternCors
 from serving.endpoint import Endpoint
 from serving.request_ids import RequestIds
 from serving.request_timer import cancel_request_timers
@@ -61,5 +62,7 @@ class Lantern:
         self.endpoint.stop()
 
 
+if endpoint_config.cors is not None:  # outermost of ours: UnroutedRequests would answer a preflight's OPTIONS with 405
+    Lantern.add_asgi_middleware(LanternCors, cors=endpoint_config.cors)
 Lantern.add_asgi_middleware(RequestIds)  # x-request-id: the trace id of the access log's line
 Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

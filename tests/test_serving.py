@@ -42,6 +42,9 @@ def probe(**values: float) -> dict:
     return {"initial_delay": 0, "period": 1, **values}
 
 
+WEB_APP = "https://app.example.com"  # the one origin allowed to call the endpoint from a browser
+
+
 def endpoint_config() -> dict:
     fast = {"request_timeout_ms": 60000, "max_concurrent_requests_per_instance": 8, "max_queue_wait_ms": 5000}
     return {
@@ -63,6 +66,7 @@ def endpoint_config() -> dict:
              "liveness_probe": probe(period=0.2, failure_threshold=2)},
         ],
         "traffic": {"blue": 100},
+        "cors": {"allow_origins": [WEB_APP], "max_age": 120},
     }
 
 
@@ -427,6 +431,35 @@ def test_auth_missing_wrong_and_secondary_key(server: Server, key: str) -> None:
     assert key not in server.log()  # keys are never logged
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(f"{server.url}{path}").status_code == 200
+
+
+def test_a_web_app_on_an_allowed_origin_may_call_the_scoring_routes(server: Server, key: str) -> None:
+    """A browser asks first (preflight) for a POST with Authorization; the answer lets the page read which deployment
+    answered, errors included. Other origins, and the management API, are refused in Lantern's JSON format."""
+    asks = {"Origin": WEB_APP, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-lantern-deployment"}
+    preflight = httpx.options(f"{server.url}/predict", headers=asks)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == WEB_APP
+    assert preflight.headers["access-control-max-age"] == "120"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    answered = httpx.post(f"{server.url}/predict", content=png_bytes(),
+                          headers=auth(key, **{"Content-Type": "image/png", "Origin": WEB_APP}))
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == WEB_APP
+    exposed = answered.headers["access-control-expose-headers"].lower()
+    assert "x-lantern-deployment" in exposed and "x-lantern-model-version" in exposed and "x-request-id" in exposed
+    refused_key = httpx.post(f"{server.url}/predict", content=png_bytes(),
+                             headers={"Content-Type": "image/png", "Origin": WEB_APP, "Authorization": "Bearer nope"})
+    assert refused_key.status_code == 401 and refused_key.headers["access-control-allow-origin"] == WEB_APP
+    elsewhere = httpx.options(f"{server.url}/predict", headers={**asks, "Origin": "https://evil.example.org"})
+    assert elsewhere.status_code == 400 and elsewhere.json()["error"]["code"] == "cors_refused"
+    assert "origin" in elsewhere.json()["error"]["message"] and WEB_APP in elsewhere.json()["error"]["message"]
+    assert "access-control-allow-origin" not in httpx.post(
+        f"{server.url}/predict", content=png_bytes(),
+        headers=auth(key, **{"Content-Type": "image/png", "Origin": "https://evil.example.org"})).headers
+    manage = httpx.options(f"{server.url}/manage/traffic", headers={**asks, "Access-Control-Request-Method": "PUT"})
+    assert manage.status_code == 400 and "method" in manage.json()["error"]["message"]
+    assert httpx.options(f"{server.url}/predict").status_code == 405  # not a preflight: no route takes OPTIONS
 
 
 def test_pinning_unknown_and_unready_deployments(server: Server, key: str) -> None:

@@ -65,6 +65,13 @@ def test_the_shipped_example_is_valid() -> None:
     ({"deployments": [{"name": "blue", "model": "models:/m/1",
                        "request_settings": {"request_timeout_ms": 200_000}}]}, "less than or equal to 180000"),
     ({"auth_mode": "aml_token"}, "auth_mode"),
+    ({"cors": {"allow_origins": ["https://app.example.com/"]}},
+     "cors.allow_origins: 'https://app.example.com/' is not an origin: an origin is a scheme, host and optional port "
+     "as a browser sends it, such as https://app.example.com:8443 (without the path: https://app.example.com)"),
+    ({"cors": {"allow_origins": ["app.example.com"]}}, "'app.example.com' is not an origin"),
+    ({"cors": {"allow_origins": ["*", "https://app.example.com"]}}, '"*" allows every origin: list it alone'),
+    ({"cors": {"allow_origins": []}}, "cors.allow_origins: List should have at least 1 item"),
+    ({"cors": {"allow_origins": ["*"], "allow_credentials": True}}, "cors.allow_credentials: unknown key"),
 ])
 def test_invalid_configurations_name_the_problem(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
