@@ -5,31 +5,60 @@ from __future__ import annotations
 
 import errno
 import socket
+from dataclasses import dataclass
 
 from registry.errors import LanternError
-from registry.resolve import download_version
+from registry.resolve import download_version, resolve_version
 from registry.settings import with_overrides
 from registry.store import open_client
 from serving.config import ConfigError, DeploymentConfig, EndpointConfig
 
 
-def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = None) -> str:
-    """The version `deployment.model` resolves to; a LanternError when it does not resolve or its settings overrides
-    are not valid for the version's task."""
-    downloaded = download_version(open_client(tracking_uri), deployment.model)
+@dataclass(frozen=True)
+class CheckedModel:
+    """The registered version a deployment serves, as checked against the registry."""
+
+    version: str  # models:/NAME/N
+    arch: str
+    task: str
+
+    def describe(self) -> str:
+        return f"{self.version} ({self.arch}, {self.task})"
+
+
+def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = None,
+                     version: str | None = None) -> CheckedModel:
+    """The version the deployment serves: `version` when it was pinned to one, else the one `deployment.model` names
+    now; a LanternError when it does not resolve or its settings overrides are not valid for the version's task."""
+    downloaded = download_version(open_client(tracking_uri), version or deployment.model)
     files = downloaded.files
     spec = files.read_spec()
     with_overrides(files.read_settings(spec.task), spec.task, deployment.settings)
-    return f"models:/{downloaded.version.name}/{downloaded.version.version} ({spec.arch}, {spec.task})"
+    return CheckedModel(f"models:/{downloaded.version.name}/{downloaded.version.version}", spec.arch, spec.task)
 
 
-def check_against_registry(config: EndpointConfig, tracking_uri: str | None = None) -> list[str]:
-    """One line per deployment: its resolved version; a ConfigError names every model that does not resolve and
-    every settings override the version's task does not accept."""
+def pinned_version(model: str, tracking_uri: str | None = None) -> str | None:
+    """`models:/NAME/N` of the version a deployment's `model` names now (an alias resolved), None when it names none:
+    the deployment then fails to load, saying why."""
+    try:
+        version = resolve_version(open_client(tracking_uri), model)
+    except LanternError:
+        return None
+    return f"models:/{version.name}/{version.version}"
+
+
+def check_against_registry(config: EndpointConfig, tracking_uri: str | None = None,
+                           versions: dict[str, str | None] | None = None) -> list[str]:
+    """One line per deployment: its version (`versions`: those the deployments were pinned to); a ConfigError names
+    every model that does not resolve and every settings override the version's task does not accept."""
     problems, lines = [], []
     for deployment in config.deployments:
+        version = (versions or {}).get(deployment.name)
         try:
-            lines.append(f"{deployment.name}: {deployment.model} -> {check_deployment(deployment, tracking_uri)}")
+            checked = check_deployment(deployment, tracking_uri, version)
+            pinned = version is not None and version != deployment.model
+            note = " (its alias as resolved when the deployment was made or last updated)" if pinned else ""
+            lines.append(f"{deployment.name}: {deployment.model} -> {checked.describe()}{note}")
         except LanternError as error:
             problems.append(f"deployment {deployment.name}: {error}")
     if problems:

@@ -31,7 +31,7 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
     from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
-    from serving.checks import check_against_registry, check_listen_address
+    from serving.checks import check_against_registry, check_listen_address, pinned_version
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.state import StateStore
 
@@ -42,12 +42,12 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
         for line in check_against_registry(config, uri):
             console.print(f"[green]✓[/green] {line}")
     check_listen_address(host, port)  # before a first start's state is written
-    state, restored = store.prepare(config, reset=reset_state)
+    state, restored = store.prepare(config, pin=lambda model: pinned_version(model, uri), reset=reset_state)
     if restored:
         console.print(f"Endpoint state restored from {store.path} (revision {state.revision}: {state.last_change}); "
                       f"the deployments and traffic in {config_path} apply with --reset-state")
         try:
-            for line in check_against_registry(state.endpoint_config(config), uri):
+            for line in check_against_registry(state.endpoint_config(config), uri, state.versions()):
                 console.print(f"[green]✓[/green] {line}")
         except LanternError as error:
             console.print(f"[yellow]![/yellow] {error} (those deployments will show as failed)")

@@ -120,7 +120,7 @@ class Control:
         statuses = [worker.deployments.get(name) for worker in workers]
         aggregate, reason = _aggregate(record, statuses)
         version = next((s.model_version for s in statuses if s and s.generation == record.generation
-                        and s.model_version), None)
+                        and s.model_version), record.model_version)
         instance = self.endpoint.instances.get(name)
         model = instance.deployment.model if instance and instance.generation == record.generation else None
         return DeploymentView(
@@ -164,9 +164,10 @@ class Control:
         return record
 
     # changes ---------------------------------------------------------------------------------------------------------
-    def _check_model(self, config: DeploymentConfig) -> None:
+    def _check_model(self, config: DeploymentConfig, version: str | None = None) -> str:
+        """The version the deployment will serve (`version`, else the one its model URI names now), checked."""
         try:
-            check_deployment(config, self.endpoint.tracking_uri)
+            return check_deployment(config, self.endpoint.tracking_uri, version).version
         except LanternError as error:
             raise unprocessable(f"deployment {config.name}: {error}", "invalid_model") from None
 
@@ -179,12 +180,12 @@ class Control:
         if self.current().record(config.name) is not None:
             raise conflict(f"deployment {config.name} exists; update it (PATCH) or choose another name",
                            "deployment_exists")
-        self._check_model(config)
+        version = self._check_model(config)
 
         def mutate(state: EndpointState) -> EndpointState:
             if state.record(config.name) is not None:
                 raise conflict(f"deployment {config.name} exists", "deployment_exists")
-            state.deployments.append(DeploymentRecord(config=config))
+            state.deployments.append(DeploymentRecord(config=config, model_version=version))
             state.traffic.setdefault(config.name, 0)
             return state
 
@@ -193,7 +194,9 @@ class Control:
 
     def update(self, name: str, patch: dict[str, Any]) -> DeploymentView:
         """Merge `patch` (JSON merge patch: objects merge, null removes) into the deployment's configuration; a new
-        generation is readied in every worker, then swapped in, while the current one keeps serving."""
+        generation is readied in every worker, then swapped in, while the current one keeps serving. The version
+        stays the one the deployment serves unless `patch` names `model` (the same alias again: the version it names
+        now)."""
         record = self._record(self.current(), name)
         if "name" in patch and patch["name"] != name:
             raise unprocessable("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
@@ -202,13 +205,17 @@ class Control:
             config = DeploymentConfig.model_validate(merged)
         except ValidationError as error:
             raise unprocessable(describe_fields(error, f"deployment {name}")) from None
-        if config == record.config:
+        resolve = "model" in patch or config.model != record.config.model
+        if config == record.config and not resolve:
             return self.deployment(name)
-        self._check_model(config)
+        version = self._check_model(config, None if resolve else record.model_version)
+        if config == record.config and version == record.model_version:
+            return self.deployment(name)  # its alias names the version it serves
 
         def mutate(state: EndpointState) -> EndpointState:
             current = self._record(state, name)
-            state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1)
+            state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1,
+                                                  model_version=version)
                                  if r.config.name == name else r for r in state.deployments]
             return state
 

@@ -70,9 +70,10 @@ class Deployment:
     """Loads its model version in the background, warms it up, and only then reports ready."""
 
     def __init__(self, config: DeploymentConfig, tracking_uri: str | None = None,
-                 models: SharedModels | None = None) -> None:
+                 models: SharedModels | None = None, version: str | None = None) -> None:
         self.config = config
         self.tracking_uri = tracking_uri
+        self.version = version  # models:/NAME/N it was pinned to (the endpoint state's); None: config.model, now
         self.models = models  # the worker's loaded models, shared with other deployments of the same; None: its own
         self._core: ModelCore | None = None
         self._lifecycle = threading.Lock()
@@ -154,8 +155,8 @@ class Deployment:
         config = self.config
         device = torch_device(config.device)
         buckets = shape_buckets(device, config.backend, config.max_batch_size)
-        # the version `model` names now: an alias is resolved once, so the key and the load name the same version
-        downloaded = download_version(open_client(self.tracking_uri), config.model)
+        # the pinned version, else the one `model` names now: resolved once, so the key and the load name the same one
+        downloaded = download_version(open_client(self.tracking_uri), self.version or config.model)
         if self.models is None:
             core = self._load_core(downloaded, device, buckets)
         else:

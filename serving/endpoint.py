@@ -26,6 +26,7 @@ from registry.devices import cuda_memory
 from serving.abandon import Abandoned, CancelToken, running_under
 from serving.auth import KeyCheck, bearer_token
 from serving.batching import Job, Overloaded, SharedBatchers, model_error
+from serving.checks import pinned_version
 from serving.config import EndpointConfig
 from serving.deployment import Prediction
 from serving.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
@@ -72,7 +73,7 @@ class Endpoint:
         self.store = StateStore(config.name)
         self.board = StatusBoard(self.store.folder)
         self.worker = f"{os.getpid()}"
-        self.state, restored = self.store.prepare(config)
+        self.state, restored = self.store.prepare(config, pin=lambda model: pinned_version(model, tracking_uri))
         if restored:
             logger.info("endpoint %s: state restored from %s (revision %d: %s)", config.name, self.store.path,
                         self.state.revision, self.state.last_change)
@@ -111,7 +112,8 @@ class Endpoint:
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
-        return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers, self.models)
+        return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers, self.models,
+                                  record.model_version)
 
     def _apply(self, state: EndpointState, start: bool = True) -> None:
         """Bring this worker's instances to `state`: new deployments load, updated ones ready a new generation beside

@@ -26,9 +26,9 @@ class DeploymentInstance:
     """A deployment generation with everything a request needs to be served by it."""
 
     def __init__(self, config: DeploymentConfig, generation: int, tracking_uri: str | None,
-                 batchers: SharedBatchers, models: SharedModels | None = None) -> None:
+                 batchers: SharedBatchers, models: SharedModels | None = None, version: str | None = None) -> None:
         self.generation = generation
-        self.deployment = Deployment(config, tracking_uri, models)
+        self.deployment = Deployment(config, tracking_uri, models, version)
         settings = config.request_settings
         self.admission = Admission(f"deployment {config.name}", settings.max_concurrent_requests_per_instance,
                                    settings.max_queue_wait_ms / 1000)

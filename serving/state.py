@@ -29,11 +29,13 @@ class InvalidChange(LanternError):
 
 
 class DeploymentRecord(Strict):
-    """A deployment's configuration and generation (raised by every update, so workers know to ready a new
-    instance)."""
+    """A deployment's configuration, generation (raised by every update, so workers know to ready a new instance) and
+    the version it serves: an alias in `config.model` is resolved once, when the generation is made, so every worker,
+    restart and reload serves the same version until an update names the model again."""
 
     config: DeploymentConfig
     generation: int = Field(1, ge=1)
+    model_version: str | None = Field(None, description="models:/NAME/N; None: it named no version when resolved")
 
 
 class KeyDigests(Strict):
@@ -69,6 +71,10 @@ class EndpointState(Strict):
 
     def problems(self) -> list[str]:
         return traffic_problems(self.names, self.traffic, self.mirror_traffic)
+
+    def versions(self) -> dict[str, str | None]:
+        """Deployment -> the version it is pinned to."""
+        return {record.config.name: record.model_version for record in self.deployments}
 
     def endpoint_config(self, base: EndpointConfig) -> EndpointConfig:
         """`base` (limits, auth mode from endpoint.yaml) with this state's deployments, traffic and mirror."""
@@ -117,20 +123,28 @@ class StateStore:
         temporary.write_text(json.dumps(state.model_dump(mode="json"), indent=1))
         os.replace(temporary, self.path)
 
-    def prepare(self, config: EndpointConfig, reset: bool = False) -> tuple[EndpointState, bool]:
+    def prepare(self, config: EndpointConfig, pin: Callable[[str], str | None],
+                reset: bool = False) -> tuple[EndpointState, bool]:
         """The persisted state (its key digests brought up to date), or a new one from `config` when there is none or
-        `reset`; the flag says whether it was restored."""
+        `reset`; the flag says whether it was restored. `pin` gives the version a model URI names now: a new
+        deployment's, and a restored one's that a state written before versions were pinned lacks."""
         with self._lock:
             existing = None if reset else self.read()
             digests = current_key_digests(config.name)
             if existing is None:
                 state = EndpointState(endpoint=config.name,
-                                      deployments=[DeploymentRecord(config=d) for d in config.deployments],
+                                      deployments=[DeploymentRecord(config=d, model_version=pin(d.model))
+                                                   for d in config.deployments],
                                       traffic=dict(config.traffic), mirror_traffic=dict(config.mirror_traffic),
                                       keys=digests)
                 self._write(state)
                 return state, False
-            if existing.keys != digests:
+            pinned = 0
+            for record in existing.deployments:
+                if record.model_version is None:
+                    record.model_version = pin(record.config.model)
+                    pinned += record.model_version is not None
+            if existing.keys != digests or pinned:
                 existing = existing.model_copy(update={"keys": digests})
                 self._write(existing)
             return existing, True

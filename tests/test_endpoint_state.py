@@ -27,6 +27,11 @@ def keyless(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(variable, raising=False)
 
 
+def as_named(model: str) -> str:
+    """The version a `models:/NAME/N` URI names: itself (these tests have no registry)."""
+    return model
+
+
 def shop(**overrides) -> dict:
     return {"name": "shop", "deployments": [{"name": "blue", "model": "models:/m/1"},
                                             {"name": "green", "model": "models:/m/2"}],
@@ -35,19 +40,19 @@ def shop(**overrides) -> dict:
 
 def test_state_is_created_from_the_configuration_then_restored(keyless: None) -> None:
     store = StateStore("shop")
-    state, restored = store.prepare(parse_endpoint_config(shop()))
+    state, restored = store.prepare(parse_endpoint_config(shop()), pin=as_named)
     assert not restored and state.revision == 1 and state.names == ["blue", "green"] and state.traffic == {"blue": 100}
     changed = store.change(lambda s: s.model_copy(update={"traffic": {"blue": 50, "green": 50}}), "half")
     assert changed.revision == 2 and changed.last_change == "half"
-    again, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})))
+    again, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})), pin=as_named)
     assert restored and again.revision == 2 and again.traffic == {"blue": 50, "green": 50}
-    reset, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})), reset=True)
+    reset, restored = store.prepare(parse_endpoint_config(shop(traffic={"green": 100})), pin=as_named, reset=True)
     assert not restored and reset.traffic == {"green": 100}
 
 
 def test_state_keeps_key_digests_only(keyless: None) -> None:
     store = StateStore("shop")
-    state, _ = store.prepare(parse_endpoint_config(shop()))
+    state, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
     text = store.path.read_text()
     keys = scoring_keys("shop")
     for key in (keys.primary, keys.secondary, admin_key("shop").key):
@@ -55,7 +60,7 @@ def test_state_keeps_key_digests_only(keyless: None) -> None:
     assert len({state.keys.primary, state.keys.secondary, state.keys.admin}) == 3
     new = regenerate_key("shop", "secondary")
     assert scoring_keys("shop").secondary == new and scoring_keys("shop").primary == keys.primary
-    refreshed, _ = store.prepare(parse_endpoint_config(shop()))
+    refreshed, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
     assert refreshed.keys.secondary != state.keys.secondary and refreshed.keys.primary == state.keys.primary
 
 
@@ -82,7 +87,7 @@ def test_keys_from_the_environment_cannot_be_regenerated(keyless: None, monkeypa
 def test_a_refused_change_leaves_the_state_untouched(keyless: None, traffic: dict, mirror: dict,
                                                      message: str) -> None:
     store = StateStore("shop")
-    store.prepare(parse_endpoint_config(shop()))
+    store.prepare(parse_endpoint_config(shop()), pin=as_named)
     before = store.path.read_text()
     with pytest.raises(InvalidChange, match=message):
         store.change(lambda s: s.model_copy(update={"traffic": traffic, "mirror_traffic": mirror}), "bad")
@@ -91,7 +96,7 @@ def test_a_refused_change_leaves_the_state_untouched(keyless: None, traffic: dic
 
 def test_a_failing_mutation_changes_nothing(keyless: None) -> None:
     store = StateStore("shop")
-    store.prepare(parse_endpoint_config(shop()))
+    store.prepare(parse_endpoint_config(shop()), pin=as_named)
     before = store.path.read_text()
 
     def mutate(state):

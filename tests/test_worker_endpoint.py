@@ -131,3 +131,63 @@ def test_a_generation_replaced_while_promotions_are_checked_is_not_swapped_in(st
     finally:
         endpoint.stop()
         gc.unfreeze()
+
+
+def test_an_alias_is_resolved_once_so_every_worker_serves_the_same_version(store: str, checkpoints: dict[str, Path]
+                                                                         ) -> None:
+    """A deployment of `models:/NAME@ALIAS` serves the version the alias named when the deployment was made. Before,
+    every load resolved it again: after the alias moved, a worker started later (a crashed one restarted, a restart)
+    or a reload after failed liveness probes served the new version beside workers serving the old one, with no
+    rollout. Naming the model again in an update moves the deployment to the version the alias names then."""
+    from mlflow import MlflowClient
+
+    from registry.register import register_checkpoint
+    from serving.control import Control
+
+    register_checkpoint("aliased", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    blue = DeploymentConfig(name="blue", model="models:/aliased@champion", device="cpu", readiness_probe=QUICK_PROBE)
+    config = EndpointConfig(name="aliasing", auth_mode="none", deployments=[blue], traffic={"blue": 100})
+    first = Endpoint(config, tracking_uri=store)  # the first worker: the state is made, the alias resolved
+    assert first.state.record("blue").model_version == "models:/aliased/1"
+    register_checkpoint("aliased", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")  # version 2 takes the alias
+    assert MlflowClient(store).get_model_version_by_alias("aliased", "champion").version in (2, "2")
+    later = Endpoint(config, tracking_uri=store)  # a worker started after the move
+    control = Control(later)
+    try:
+        for endpoint in (first, later):
+            endpoint.start()
+        for endpoint in (first, later):
+            assert wait_for(lambda: endpoint.instances["blue"].deployment.ready), endpoint.status()
+            assert endpoint.status().deployments["blue"].model_version == "models:/aliased/1"
+        settings_only = control.update("blue", {"request_settings": {"request_timeout_ms": 30000}})
+        assert settings_only.generation == 2 and later.state.record("blue").model_version == "models:/aliased/1"
+        assert control.update("blue", {"model": "models:/aliased@champion"}).generation == 3
+        assert later.store.read().record("blue").model_version == "models:/aliased/2"
+        for endpoint in (first, later):
+            assert wait_for(lambda: endpoint.instances["blue"].generation == 3
+                            and endpoint.instances["blue"].deployment.ready), endpoint.status()
+            assert endpoint.status().deployments["blue"].model_version == "models:/aliased/2"
+        assert control.update("blue", {"model": "models:/aliased@champion"}).generation == 3  # names the same: no-op
+    finally:
+        for endpoint in (first, later):
+            endpoint.stop()
+        gc.unfreeze()
+
+
+def test_a_state_written_before_versions_were_pinned_is_pinned_when_restored(store: str,
+                                                                           checkpoints: dict[str, Path]) -> None:
+    from registry.register import register_checkpoint
+    from serving.state import StateStore
+
+    register_checkpoint("restored", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    blue = DeploymentConfig(name="blue", model="models:/restored@champion")
+    config = EndpointConfig(name="restoring", auth_mode="none", deployments=[blue], traffic={"blue": 100})
+    state_store = StateStore("restoring")
+    state, _ = state_store.prepare(config, pin=lambda model: None)  # as an older Lantern wrote it
+    assert state.record("blue").model_version is None
+    restored, _ = state_store.prepare(config, pin=lambda model: "models:/restored/1")
+    assert restored.record("blue").model_version == "models:/restored/1" and restored.revision == state.revision
+    assert state_store.read().record("blue").model_version == "models:/restored/1"
