@@ -155,7 +155,8 @@ def deploy_add(name: str, model_uri: str, assignments: tuple[str, ...], no_wait:
 
 @deploy_group.command("update")
 @click.argument("name")
-@click.option("--model", "model_uri", default=None, help="Serve this model version instead (an alias: the version it names now).")
+@click.option("--model", "model_uri", default=None,
+              help="Serve this model version instead (an alias: the version it names now).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="A settings override or deployment field (as for `deploy add`); repeatable.")
 @click.option("--no-wait", is_flag=True, help="Return once the change is accepted.")
