@@ -85,6 +85,8 @@ def register(name: str, checkpoint: str | None, arch: str | None, labels_file: s
         )
     alias_note = f" (alias @{result.alias})" if result.alias else ""
     console.print(f"Registered [bold]{result.uri}[/bold]{alias_note}; ONNX max abs diff {result.onnx_max_abs_diff:.3g}")
+    if result.alias:
+        console.print(moved_alias_hint(name, result.alias))
     stdout.print(result.uri)
 
 
@@ -169,6 +171,14 @@ def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -
     resolve_version(client, f"models:/{name}/{version}")
     client.set_registered_model_alias(name, alias, str(version))
     console.print(f"models:/{name}@{alias} -> version {version}")
+    console.print(moved_alias_hint(name, alias))
+
+
+def moved_alias_hint(name: str, alias: str) -> str:
+    """What a moved alias does to running deployments of it: nothing, until they are told."""
+    uri = f"models:/{name}@{alias}"
+    return (f"[dim]Deployments of {uri} keep serving the version they were made with; `lantern deploy update "
+            f"DEPLOYMENT --model {uri}` moves one to it (or `lantern rollout` a new deployment of it).[/dim]")
 
 
 @models.command("settings")
