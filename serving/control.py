@@ -219,7 +219,8 @@ class Control:
                                  if r.config.name == name else r for r in state.deployments]
             return state
 
-        self._changed(self.store.change(mutate, f"updated deployment {name}"))
+        moved = f" to {version}" if version != record.model_version else ""
+        self._changed(self.store.change(mutate, f"updated deployment {name}{moved}"))
         return self.deployment(name)
 
     def remove(self, name: str) -> EndpointState:

@@ -164,7 +164,9 @@ def test_an_alias_is_resolved_once_so_every_worker_serves_the_same_version(store
         settings_only = control.update("blue", {"request_settings": {"request_timeout_ms": 30000}})
         assert settings_only.generation == 2 and later.state.record("blue").model_version == "models:/aliased/1"
         assert control.update("blue", {"model": "models:/aliased@champion"}).generation == 3
-        assert later.store.read().record("blue").model_version == "models:/aliased/2"
+        moved = later.store.read()
+        assert moved.record("blue").model_version == "models:/aliased/2"
+        assert moved.last_change == "updated deployment blue to models:/aliased/2"
         for endpoint in (first, later):
             assert wait_for(lambda: endpoint.instances["blue"].generation == 3
                             and endpoint.instances["blue"].deployment.ready), endpoint.status()
