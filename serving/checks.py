@@ -56,14 +56,24 @@ def check_against_registry(config: EndpointConfig, tracking_uri: str | None = No
         version = (versions or {}).get(deployment.name)
         try:
             checked = check_deployment(deployment, tracking_uri, version)
-            pinned = version is not None and version != deployment.model
-            note = " (its alias as resolved when the deployment was made or last updated)" if pinned else ""
-            lines.append(f"{deployment.name}: {deployment.model} -> {checked.describe()}{note}")
+            lines.append(f"{deployment.name}: {deployment.model} -> {checked.describe()}"
+                         f"{pin_note(deployment, version, tracking_uri)}")
         except LanternError as error:
             problems.append(f"deployment {deployment.name}: {error}")
     if problems:
         raise ConfigError("; ".join(problems))
     return lines
+
+
+def pin_note(deployment: DeploymentConfig, version: str | None, tracking_uri: str | None) -> str:
+    """What to say of a deployment pinned to `version` by its alias: when, and whether the alias has moved since."""
+    if version is None or version == deployment.model:
+        return ""
+    now = pinned_version(deployment.model, tracking_uri)
+    if now in (None, version):
+        return " (its alias as resolved when the deployment was made or last given its model)"
+    return (f" (its alias names {now} now: `lantern deploy update {deployment.name} --model {deployment.model}` "
+            "moves it there)")
 
 
 def check_listen_address(host: str, port: int) -> None:

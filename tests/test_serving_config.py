@@ -127,6 +127,27 @@ def test_serve_checks_the_registry_before_starting(store: str, tmp_path: Path, c
     assert "deployment red: no registered model named 'nobody'" in message
 
 
+def test_a_restart_says_which_version_a_pinned_alias_serves_and_whether_it_moved(store: str,
+                                                                               checkpoints: dict[str, Path]) -> None:
+    from registry.register import register_checkpoint
+    from serving.checks import check_against_registry
+
+    register_checkpoint("pin", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    endpoint = parse_endpoint_config(config(deployments=[{"name": "blue", "model": "models:/pin@champion"}],
+                                            traffic={"blue": 100}))
+    assert check_against_registry(endpoint, store, {"blue": "models:/pin/1"}) == [
+        "blue: models:/pin@champion -> models:/pin/1 (small_cnn, multiclass) (its alias as resolved when the "
+        "deployment was made or last given its model)"]
+    register_checkpoint("pin", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    assert check_against_registry(endpoint, store, {"blue": "models:/pin/1"}) == [
+        "blue: models:/pin@champion -> models:/pin/1 (small_cnn, multiclass) (its alias names models:/pin/2 now: "
+        "`lantern deploy update blue --model models:/pin@champion` moves it there)"]
+    assert check_against_registry(endpoint, store) == ["blue: models:/pin@champion -> models:/pin/2 (small_cnn, "
+                                                       "multiclass)"]  # a first start: resolved now
+
+
 def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     """A port in use, or an address this machine does not have, is one line naming it (BentoML's own start ends with
     a traceback), and nothing is written: the endpoint's state is created by the first start that serves."""
