@@ -13,8 +13,10 @@ WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "defl
 def content_coding(header: str | None) -> str:
     """The body's one content coding ("" for none), or 415 for one Lantern does not inflate (or several stacked)."""
     coding = (header or "").strip().lower()
-    if coding in IDENTITY or coding in WINDOW_BITS:
-        return coding if coding not in IDENTITY else ""
+    if coding in IDENTITY:
+        return ""
+    if coding in WINDOW_BITS:
+        return coding
     raise ApiError(415, "unsupported_content_encoding",
                    f"Content-Encoding {header!r} is not supported: send the body as it is, or compressed with gzip or "
                    "deflate (one of them)")

@@ -32,9 +32,9 @@ class LanternCors(CORSMiddleware):
         if answer.status_code < 400:
             return answer
         reason = bytes(answer.body).decode()  # "Disallowed CORS origin, method" ...
+        cors_headers = {name: value for name, value in answer.headers.items()
+                        if name.startswith("access-control-") or name == "vary"}  # not its length and type
         return ApiError(answer.status_code, "cors_refused",
                         f"cross-origin request refused: {reason} (this endpoint allows origins "
                         f"{', '.join(self.cors.allow_origins)}; methods {', '.join(METHODS)}; headers "
-                        f"{', '.join(REQUEST_HEADERS)})", {name: value for name, value in answer.headers.items()
-                                                           if name.startswith("access-control-") or name == "vary"}
-                        ).response()
+                        f"{', '.join(REQUEST_HEADERS)})", cors_headers).response()
