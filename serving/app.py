@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from explain.attribute import Explanation
 from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
 from serving.deployment import Deployment
@@ -37,6 +38,7 @@ from serving.schemas import (
     ScoreRow,
     TargetExplanation,
     TopLabel,
+    XaiParameters,
     inline_schema,
     parse_json_body,
     parse_score_rows,
@@ -188,15 +190,21 @@ async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow])
             explanation = await endpoint.explain(context.instance, cropped, xai.xai_algorithm, xai.method_params(),
                                                  context.token, targets=prediction.predicted,
                                                  threshold=row.confidence_score_threshold_multilabel)
-            count = len(explanation.targets)
-            if xai.visualizations:
-                maps = [explanation.visualization_base64(i) for i in range(count)]
-                item.visualizations = maps if multilabel else (maps[0] if maps else None)
-            if xai.attributions:
-                arrays = [explanation.encoded_attributions(i, xai.attributions_encoding) for i in range(count)]
-                item.attributions = arrays if multilabel else (arrays[0] if arrays else None)
+            await endpoint.in_thread(add_explanation, item, explanation, xai, multilabel)
         items.append(item)
     return items
+
+
+def add_explanation(item: ScoreItem, explanation: Explanation, xai: XaiParameters, multilabel: bool) -> None:
+    """A row's visualisations and attributions as its `xai_parameters` ask, one per target for multi-label (PNG
+    encoding and float lists: work for the work pool, not the event loop)."""
+    count = len(explanation.targets)
+    if xai.visualizations:
+        maps = [explanation.visualization_base64(i) for i in range(count)]
+        item.visualizations = maps if multilabel else (maps[0] if maps else None)
+    if xai.attributions:
+        arrays = [explanation.encoded_attributions(i, xai.attributions_encoding) for i in range(count)]
+        item.attributions = arrays if multilabel else (arrays[0] if arrays else None)
 
 
 # /explain -----------------------------------------------------------------------------------------------------------
@@ -281,16 +289,20 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
     if "image/png" in request.headers.get("accept", ""):
         if not labels:
             raise unprocessable("no label reached the threshold, so there is no visualisation", "nothing_to_explain")
-        return Response(explanation.visualization_png(0), media_type="image/png",
-                        headers={"x-lantern-explained-label": labels[0]})
-    items = [TargetExplanation(
-        label=label,
-        visualization=explanation.visualization_base64(i) if options.visualizations else None,
-        attributions=explanation.encoded_attributions(i, options.attributions_encoding) if options.attributions
-        else None) for i, label in enumerate(labels)]
-    return json_response(ExplainResponse(deployment=deployment.name, model_version=deployment.model_version or "",
-                                         method=options.method, explanations=items,
-                                         fidelity=explanation.fidelity.model_dump()))
+        png = await endpoint.in_thread(explanation.visualization_png, 0)
+        return Response(png, media_type="image/png", headers={"x-lantern-explained-label": labels[0]})
+
+    def answer() -> JSONResponse:  # PNGs, float lists and their JSON text: hundreds of ms at 224 px
+        items = [TargetExplanation(
+            label=label,
+            visualization=explanation.visualization_base64(i) if options.visualizations else None,
+            attributions=explanation.encoded_attributions(i, options.attributions_encoding) if options.attributions
+            else None) for i, label in enumerate(labels)]
+        return json_response(ExplainResponse(deployment=deployment.name,
+                                             model_version=deployment.model_version or "", method=options.method,
+                                             explanations=items, fidelity=explanation.fidelity.model_dump()))
+
+    return await endpoint.in_thread(answer)
 
 
 # /predict -----------------------------------------------------------------------------------------------------------
@@ -367,7 +379,10 @@ def build_app() -> FastAPI:
             return any(row.wants_explanation for row in rows)
 
         async def work(endpoint: Endpoint, context: Context) -> Response:
-            return json_response(await score_rows(endpoint, context, rows))
+            items = await score_rows(endpoint, context, rows)
+            if any(row.wants_explanation for row in rows):  # megabytes of JSON with attributions: off the event loop
+                return await endpoint.in_thread(json_response, items)
+            return json_response(items)
 
         return await handle(request, "/score", wants_explanation, work)
 

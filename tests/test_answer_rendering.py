@@ -1,0 +1,104 @@
+"""An explanation's answer (its PNGs, attribution lists and JSON text) is rendered in the work pool: on the event loop
+it held up every other request of the worker for as long as it took (hundreds of ms at 224 px)."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+import explain.attribute
+import serving.app
+from serving.app import build_app
+from serving.config import DeploymentConfig, EndpointConfig, Probe
+from serving.endpoint import Endpoint
+from tests.conftest import LABELS, SMALL_SETTINGS
+from tests.serving_support import png_bytes
+
+
+@pytest.fixture()
+def client(store: str, checkpoints: dict[str, Path]) -> Iterator[TestClient]:
+    """The HTTP app in-process, serving a real endpoint with one deployment of the small CNN."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("rendered", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    blue = DeploymentConfig(name="blue", model="models:/rendered/1", device="cpu",
+                            readiness_probe=Probe(initial_delay=0, period=0.05))
+    endpoint = Endpoint(EndpointConfig(name="rendering", auth_mode="none", deployments=[blue], traffic={"blue": 100}),
+                        tracking_uri=store)
+    app = build_app()
+    app.state.endpoint = endpoint
+    try:
+        endpoint.start()
+        deadline = time.monotonic() + 60
+        while not endpoint.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert endpoint.is_ready(), endpoint.status()
+        with TestClient(app) as test_client:
+            yield test_client
+    finally:
+        endpoint.stop()
+        gc.unfreeze()
+
+
+@pytest.fixture()
+def renderers(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The names of the threads that encode PNGs, attribution lists and JSON answers (each still does its work)."""
+    threads: dict[str, list[str]] = {"png": [], "attributions": [], "json": []}
+
+    def noting(kind: str, work: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            threads[kind].append(threading.current_thread().name)
+            return work(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(explain.attribute, "png_bytes", noting("png", explain.attribute.png_bytes))
+    monkeypatch.setattr(explain.attribute, "encode_attributions",
+                        noting("attributions", explain.attribute.encode_attributions))
+    monkeypatch.setattr(serving.app, "json_response", noting("json", serving.app.json_response))
+    return threads
+
+
+def off_the_event_loop(threads: list[str]) -> bool:
+    return bool(threads) and all(name.startswith("lantern-decode") for name in threads)
+
+
+def test_an_explain_answer_is_rendered_off_the_event_loop(client: TestClient,
+                                                          renderers: dict[str, list[str]]) -> None:
+    answer = client.post("/explain?method=guided_backprop&attributions=true&attributions_encoding=float32",
+                         content=png_bytes(48, "square"), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["deployment"] == "blue" and len(body["explanations"][0]["attributions"]) == 3
+    assert base64.b64decode(body["explanations"][0]["visualization"]).startswith(b"\x89PNG")
+    for kind in ("png", "attributions", "json"):
+        assert off_the_event_loop(renderers[kind]), renderers
+
+    renderers["png"].clear()
+    picture = client.post("/explain?method=guided_backprop", content=png_bytes(48, "square"),
+                          headers={"Content-Type": "image/png", "Accept": "image/png"})
+    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    assert off_the_event_loop(renderers["png"]), renderers
+
+
+def test_a_score_answer_with_explanations_is_rendered_off_the_event_loop(client: TestClient,
+                                                                         renderers: dict[str, list[str]]) -> None:
+    image = base64.b64encode(png_bytes(48, "circle")).decode()
+    row = {"image_base64": image, "model_explainability": True,
+           "xai_parameters": {"xai_algorithm": "guided_gradcam", "attributions": True}}
+    body = {"input_data": {"columns": ["image"], "data": [json.dumps(row), image]}}
+    answer = client.post("/score", json=body)
+    assert answer.status_code == 200, answer.text
+    explained, plain = answer.json()
+    assert len(explained["attributions"]) == 3 and "visualizations" in explained
+    assert "attributions" not in plain and "visualizations" not in plain
+    for kind in ("png", "attributions", "json"):
+        assert off_the_event_loop(renderers[kind]), renderers
