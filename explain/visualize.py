@@ -57,8 +57,10 @@ def render_grid(image: np.ndarray, scores: np.ndarray) -> Image.Image:
 
 
 def png_bytes(grid: Image.Image) -> bytes:
+    """The grid as PNG at zlib's default level. `optimize=True` (zlib's level 9 and a second pass) took 2-8x as long
+    (guided backprop at 224 px: 155 vs 52 ms, as long as the explanation itself) for files at most 2.4 % smaller."""
     buffer = io.BytesIO()
-    grid.save(buffer, format="PNG", optimize=True)
+    grid.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
