@@ -1,8 +1,12 @@
-"""Request bodies sent compressed (`Content-Encoding: gzip` or `deflate`), inflated within the body-size limit."""
+"""Content codings: request bodies sent compressed (`Content-Encoding: gzip` or `deflate`), inflated within the
+body-size limit; large answers gzip'd for clients that accept it."""
 
 from __future__ import annotations
 
+import gzip
 import zlib
+
+from starlette.responses import Response
 
 from serving.errors import ApiError, bad_request, too_large
 
@@ -47,3 +51,49 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
     if rest:
         raise bad_request("the deflate body has data after its end", "invalid_content_encoding")
     return b"".join(chunks)
+
+
+# Answers ------------------------------------------------------------------------------------------------------------
+# Large JSON answers (attributions: 3.5 MB at 224 px as float lists) go gzip'd to clients that accept it, at level 1:
+# 2.3x smaller in ~40 ms of a work-pool thread, where level 6 took 5x as long for 8 % less. Smaller answers are sent
+# as they are: a few kB saved would not pay for the work.
+MIN_COMPRESSED_BYTES = 16 * 1024
+GZIP_LEVEL = 1
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an `Accept-Encoding` header admits gzip: named (or `x-gzip`) with a non-zero q, or through `*` when it
+    is not named at all."""
+    named: float | None = None
+    anything: float | None = None
+    for item in (header or "").split(","):
+        coding, *params = [part.strip() for part in item.split(";")]
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0  # a q we cannot read does not admit a coding
+        coding = coding.lower()
+        if coding in ("gzip", "x-gzip"):
+            named = max(named or 0.0, quality)
+        elif coding == "*":
+            anything = quality
+    if named is not None:
+        return named > 0
+    return anything is not None and anything > 0
+
+
+def compress_answer(response: Response, accept_encoding: str | None) -> Response:
+    """`response` gzip'd when its body is large enough and the client accepts gzip (`Vary: Accept-Encoding` on every
+    answer that would have been). Takes milliseconds on large bodies: call it off the event loop."""
+    if len(response.body) < MIN_COMPRESSED_BYTES or "content-encoding" in response.headers:
+        return response
+    response.headers["vary"] = "Accept-Encoding"
+    if accepts_gzip(accept_encoding):
+        response.body = gzip.compress(response.body, GZIP_LEVEL, mtime=0)
+        response.headers["content-encoding"] = "gzip"
+        response.headers["content-length"] = str(len(response.body))
+    return response

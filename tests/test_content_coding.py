@@ -1,13 +1,17 @@
-"""Compressed request bodies (serving/content_coding.py): what is inflated, within which limit, and each refusal."""
+"""Content codings (serving/content_coding.py): compressed request bodies (what is inflated, within which limit, and
+each refusal) and gzip'd answers."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 
 import pytest
 
-from serving.content_coding import content_coding, inflate
+from starlette.responses import JSONResponse, Response
+
+from serving.content_coding import MIN_COMPRESSED_BYTES, accepts_gzip, compress_answer, content_coding, inflate
 from serving.errors import ApiError
 
 BODY = b'{"input_data": {"columns": ["image"], "data": ["' + b"QUJD" * 5000 + b'"]}}'
@@ -61,3 +65,38 @@ def test_damaged_compressed_bodies_are_400_saying_how(coding: str, body: bytes, 
         inflate(body, coding, 10 * len(BODY))
     assert refused.value.status == 400 and refused.value.code == "invalid_content_encoding"
     assert named in refused.value.message
+
+
+@pytest.mark.parametrize("header, accepted", [
+    ("gzip", True), ("gzip, deflate, br, zstd", True), ("GZIP;q=0.5", True), ("x-gzip", True), ("*", True),
+    ("br;q=1, *;q=0.1", True), ("gzip;q=0, *", False), (None, False), ("", False), ("identity", False),
+    ("br, deflate", False), ("gzip;q=0", False), ("gzip; q=0.000", False), ("*;q=0", False),
+    ("gzip;q=oops", False), ("gzip;q=0, x-gzip;q=1", True)])
+def test_which_accept_encoding_headers_admit_gzip(header: str | None, accepted: bool) -> None:
+    assert accepts_gzip(header) is accepted
+
+
+LARGE = {"attributions": [[0.001 * i for i in range(100)]] * 200}
+
+
+def test_a_large_answer_is_gzipped_for_a_client_that_accepts_it() -> None:
+    plain = JSONResponse(LARGE).body
+    answer = compress_answer(JSONResponse(LARGE), "gzip, deflate")
+    assert answer.headers["content-encoding"] == "gzip" and answer.headers["vary"] == "Accept-Encoding"
+    assert gzip.decompress(answer.body) == plain and len(answer.body) < len(plain) // 2
+    assert answer.headers["content-length"] == str(len(answer.body))
+
+
+@pytest.mark.parametrize("header", [None, "identity", "gzip;q=0", "br"])
+def test_a_large_answer_goes_as_it_is_to_a_client_that_does_not(header: str | None) -> None:
+    answer = compress_answer(JSONResponse(LARGE), header)
+    assert "content-encoding" not in answer.headers and answer.headers["vary"] == "Accept-Encoding"
+    assert answer.body == JSONResponse(LARGE).body
+
+
+def test_small_and_already_encoded_answers_go_as_they_are() -> None:
+    small = compress_answer(JSONResponse({"probs": [0.5, 0.5]}), "gzip")
+    assert "content-encoding" not in small.headers and "vary" not in small.headers
+    compressed = gzip.compress(os.urandom(2 * MIN_COMPRESSED_BYTES))
+    encoded = compress_answer(Response(compressed, headers={"content-encoding": "gzip"}), "gzip")
+    assert encoded.body == compressed and encoded.headers["content-encoding"] == "gzip"
