@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from PIL import Image
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 
 from explain.attribute import Explanation
 from registry.errors import describe_validation_error
@@ -25,6 +25,7 @@ from serving.deployment import Deployment
 from serving.endpoint import Endpoint, Route, endpoint_of
 from serving.errors import ApiError, bad_request, method_not_allowed, unprocessable, unsupported_media
 from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
+from serving.json_answer import json_response
 from serving.limits import ClientGone, within_deadline
 from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
@@ -162,17 +163,6 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
 
 def read_score_rows(body: bytes) -> list[ScoreRow]:
     return parse_score_rows(parse_json_body(body, ScoreRequest, "score"))
-
-
-def json_response(model: BaseModel | list[BaseModel]) -> JSONResponse:
-    """The answer as JSON; NaN or infinity (which JSON cannot carry) can only come from the model: a 424."""
-    content = [item.model_dump(exclude_none=True) for item in model] if isinstance(model, list) \
-        else model.model_dump(exclude_none=True)
-    try:
-        return JSONResponse(content)
-    except ValueError:  # starlette renders with allow_nan=False
-        raise ApiError(424, "model_error", "the model's outputs for this input are not finite numbers (NaN or "
-                                           "infinity), so there is no answer to give") from None
 
 
 # /score -------------------------------------------------------------------------------------------------------------
