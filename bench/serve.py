@@ -1,6 +1,6 @@
 """Serving benchmark, run by hand:
 `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
-[--skip-overhead] [--images-per-request N] [--image-size PX] [--explain METHOD]`.
+[--skip-overhead] [--images-per-request N] [--image-size PX] [--explain METHOD [--explain-answer json]]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the
@@ -21,7 +21,8 @@ concurrency 1 vs in-process latency (goal <= 1.3x), and served throughput vs `ml
    of the gap at one image per request is HTTP.
 6. With `--explain METHOD`: Lantern on resnet50 at concurrency 8 again while a client asks for METHOD explanations
    back to back, against concurrency 8 without them: explanations have their own admission and pool, so predictions
-   should keep flowing.
+   should keep flowing. `--explain-answer json` has that client take JSON with float32 attribution lists (3.5 MB, not
+   gzip'd) rather than the PNG: writing it must not hold up the worker's predictions either.
 `--image-size PX` sends a larger JPEG (default 256 px): decoding a phone photo costs more than the model on a GPU.
 """
 
@@ -355,7 +356,7 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
 
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, backend: str, workers: int,
            best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY,
-           images_per_request: int = 1, explain_method: str | None = None,
+           images_per_request: int = 1, explain_method: str | None = None, explain_answer: str = "png",
            during_explanations: dict | None = None) -> list[dict]:
     """Lantern serving `uri` at each concurrency. With `explain_method`, concurrency 8 once more while a client asks
     for that explanation back to back; its figures go into `during_explanations`."""
@@ -382,26 +383,33 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
                   for concurrency in concurrencies]
         if explain_method is not None and during_explanations is not None:
             during_explanations.update(predicting_while_explaining(server, url, request, image, key, explain_method,
-                                                                   seconds, loaders))
+                                                                   explain_answer, seconds, loaders))
         return levels
     finally:
         server.stop()
 
 
 def predicting_while_explaining(server: "Process", url: str, request: Request, image: bytes, key: str, method: str,
-                                seconds: float, loaders: int) -> dict:
+                                answer_as: str, seconds: float, loaders: int) -> dict:
     """Predictions at concurrency 8 while one client asks for `method` explanations back to back (the endpoint
     explains one at a time by default): explanations have their own admission and pool, so predictions should keep
-    flowing, slowed only by the device (and on a CPU, the cores) they share."""
+    flowing, slowed only by the device (and on a CPU, the cores) they share. `answer_as` "json" asks for the
+    attributions as float32 lists, not gzip'd (3.5 MB at 224 px, as the cloud's client snippet takes them): writing
+    that answer must not hold up the worker's other requests either."""
     stop, answers = threading.Event(), []
+    if answer_as == "json":
+        params = {"method": method, "attributions": "true", "attributions_encoding": "float32"}
+        accept = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    else:
+        params, accept = {"method": method}, {"Accept": "image/png"}  # the picture, not MBs of JSON
 
     def explaining() -> None:
         with httpx.Client(timeout=600) as client:
             while not stop.is_set():
                 began = time.perf_counter()
-                answer = client.post(f"{url}/explain", params={"method": method}, content=image,
+                answer = client.post(f"{url}/explain", params=params, content=image,
                                      headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg",
-                                              "Accept": "image/png"})  # the picture, not MBs of JSON
+                                              **accept})
                 answers.append((answer.status_code, time.perf_counter() - began))
 
     client = threading.Thread(target=explaining, daemon=True)
@@ -413,7 +421,7 @@ def predicting_while_explaining(server: "Process", url: str, request: Request, i
     client.join()
     statuses = sorted({status for status, _ in answers})
     answered = [took for status, took in answers if status == 200]
-    result["explanations"] = {"method": method, "statuses": {str(s): sum(a == s for a, _ in answers) for s in statuses},
+    result["explanations"] = {"method": method, "answer": answer_as, "statuses": {str(s): sum(a == s for a, _ in answers) for s in statuses},
                               "mean_s": float(np.mean(answered)) if answered else None}
     print(f"      meanwhile {len(answers)} {method} explanations answered (statuses "
           f"{result['explanations']['statuses']}), {result['explanations']['mean_s'] or 0:.2f} s each on average")
@@ -463,6 +471,9 @@ def main() -> None:
                                                                   "guided_backprop"],
                         help="also serve resnet50 at concurrency 8 while a client asks for METHOD explanations back to "
                              "back: does prediction traffic keep flowing?")
+    parser.add_argument("--explain-answer", choices=["png", "json"], default="png",
+                        help="with --explain, the answer asked for: the PNG (default), or JSON with float32 attribution "
+                             "lists, not gzip'd (megabytes to write while predictions wait for the same worker)")
     parser.add_argument("--image-size", type=int, default=256, metavar="PX",
                         help="side of the square JPEG sent (default 256; a phone photo is about 3000): decoding it is "
                              "part of every figure, in-process included")
@@ -484,7 +495,8 @@ def main() -> None:
         print("lantern serve:")
         during_explanations: dict = {}
         lantern = served(uri, image, folder, env, args.device, args.backend, args.workers, reference["best_batch"],
-                         seconds, args.loaders, explain_method=args.explain, during_explanations=during_explanations)
+                         seconds, args.loaders, explain_method=args.explain, explain_answer=args.explain_answer,
+                         during_explanations=during_explanations)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
         multi = None
@@ -516,7 +528,9 @@ def main() -> None:
     if during_explanations:
         c8 = next(level for level in lantern if level["concurrency"] == 8)
         explaining_ratio = during_explanations["images_per_s"] / c8["images_per_s"]
-        print(f"predictions at concurrency 8 while explaining ({args.explain}) vs without: {explaining_ratio:.0%}")
+        print(f"predictions at concurrency 8 while explaining ({args.explain}, answered as {args.explain_answer}) vs "
+              f"without: {explaining_ratio:.0%}; p99 {during_explanations['p99_s'] * 1000:.0f} ms vs "
+              f"{c8['p99_s'] * 1000:.0f} ms")
     multi_ratio = None
     if multi is not None:
         multi_ratio = multi["images_per_s"] / reference["limit_images_per_s"]
