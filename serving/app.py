@@ -161,11 +161,12 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         metrics().latency.labels(name, path).observe(time.perf_counter() - start)
 
 
+# /score -------------------------------------------------------------------------------------------------------------
+
 def read_score_rows(body: bytes) -> list[ScoreRow]:
+    """The rows of a /score body (400 for malformed JSON, 422 naming each invalid field or column)."""
     return parse_score_rows(parse_json_body(body, ScoreRequest, "score"))
 
-
-# /score -------------------------------------------------------------------------------------------------------------
 
 async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow]) -> list[ScoreItem]:
     deployment = context.deployment

@@ -171,7 +171,12 @@ def deploy_update(name: str, model_uri: str | None, assignments: tuple[str, ...]
     if not patch:
         raise click.UsageError("nothing to update: give --model and/or --set KEY=VALUE")
     client = ManageClient(url, admin_key)
+    before = client.deployment(name)["generation"]
     view = client.update(name, patch)
+    if view["generation"] == before:  # the version and settings it has already: no new generation
+        console.print(f"[green]✓[/green] deployment {name} unchanged: generation {before} already serves "
+                      f"{view['model_version']} with these settings")
+        return
     console.print(f"[green]✓[/green] deployment {name} updated to generation {view['generation']}")
     if not no_wait:
         with waiting(f"readying {name} generation {view['generation']}") as progress:

@@ -340,6 +340,9 @@ def test_cli_changes_wait_until_they_take_effect(server: Server, keys: dict[str,
     assert refused.returncode == 2 and "live traffic" in refused.stderr
     updated = cli(server, keys["admin"], "deploy", "update", "green", "--model", "models:/mc/1")
     assert "serves generation 2 in every worker: models:/mc/1" in updated.stderr
+    again = cli(server, keys["admin"], "deploy", "update", "green", "--model", "models:/mc/1")
+    assert "green unchanged: generation 2 already serves models:/mc/1" in " ".join(again.stderr.split())
+    assert "updated" not in again.stderr and admin.http.get("/deployments/green").json()["generation"] == 2
     cli(server, keys["admin"], "traffic", "set", "blue=100")
     cli(server, keys["admin"], "deploy", "remove", "green")
     assert [d["name"] for d in admin.endpoint()["deployments"]] == ["blue"]
