@@ -129,7 +129,7 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
     version, files = downloaded.version, downloaded.files
     spec = files.read_spec()
     info = {
-        "uri": f"models:/{version.name}/{version.version}",
+        "uri": downloaded.uri,
         "name": version.name,
         "version": int(version.version),
         "aliases": sorted(version.aliases),

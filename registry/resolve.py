@@ -105,6 +105,15 @@ class DownloadedVersion:
     files: ModelFiles
     model_dir: Path
 
+    @property
+    def uri(self) -> str:
+        return version_uri(self.version)
+
+
+def version_uri(version: ModelVersion) -> str:
+    """`models:/NAME/N`: the URI of exactly this version (what an alias resolved to)."""
+    return f"models:/{version.name}/{version.version}"
+
 
 def _cache_dir(client: MlflowClient, version: ModelVersion) -> Path:
     store = hashlib.sha256(client.tracking_uri.encode()).hexdigest()[:12]
@@ -129,7 +138,7 @@ def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVer
         if not (target / COMPLETE_MARKER).exists():
             staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(staging),
+                artifact_uri=version_uri(version), dst_path=str(staging),
                 tracking_uri=client.tracking_uri,
             )
             (staging / COMPLETE_MARKER).touch()

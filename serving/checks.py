@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from registry.errors import LanternError
-from registry.resolve import download_version, resolve_version
+from registry.resolve import download_version, resolve_version, version_uri
 from registry.settings import with_overrides
 from registry.store import open_client
 from serving.config import ConfigError, DeploymentConfig, EndpointConfig
@@ -34,7 +34,7 @@ def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = No
     files = downloaded.files
     spec = files.read_spec()
     with_overrides(files.read_settings(spec.task), spec.task, deployment.settings)
-    return CheckedModel(f"models:/{downloaded.version.name}/{downloaded.version.version}", spec.arch, spec.task)
+    return CheckedModel(downloaded.uri, spec.arch, spec.task)
 
 
 def pinned_version(model: str, tracking_uri: str | None = None) -> str | None:
@@ -44,7 +44,7 @@ def pinned_version(model: str, tracking_uri: str | None = None) -> str | None:
         version = resolve_version(open_client(tracking_uri), model)
     except LanternError:
         return None
-    return f"models:/{version.name}/{version.version}"
+    return version_uri(version)
 
 
 def check_against_registry(config: EndpointConfig, tracking_uri: str | None = None,

@@ -160,12 +160,10 @@ class Deployment:
         if self.models is None:
             core = self._load_core(downloaded, device, buckets)
         else:
-            version = downloaded.version
             spec = downloaded.files.read_spec()
             # the crop in force: the warm-up and a GPU's sessions see that input size
             crop = with_overrides(downloaded.files.read_settings(spec.task), spec.task, config.settings).valid_crop_size
-            key = (f"models:/{version.name}/{version.version}", config.backend, device_key(config.device), buckets,
-                   crop)
+            key = (downloaded.uri, config.backend, device_key(config.device), buckets, crop)
             core = self.models.acquire(key, self, lambda: self._load_core(downloaded, device, buckets),
                                        avoid=self._core if fresh else None)
         with self._lifecycle:
