@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, Response
 from explain.attribute import Explanation
 from registry.errors import describe_validation_error
 from serving.abandon import CancelToken
-from serving.content_coding import compress_answer
+from serving.content_coding import MIN_COMPRESSED_BYTES, compress_answer
 from serving.deployment import Deployment
 from serving.endpoint import Endpoint, Route, endpoint_of
 from serving.errors import ApiError, bad_request, method_not_allowed, unprocessable, unsupported_media
@@ -64,6 +64,11 @@ ANSWERED_BY = {**REQUEST_ID,
                "x-lantern-deployment": {"description": "the deployment that answered", "schema": {"type": "string"}},
                "x-lantern-model-version": {"description": "its model version (models:/NAME/VERSION)",
                                            "schema": {"type": "string"}}}
+EXPLAINED_BY = {**ANSWERED_BY, "content-encoding": {
+    "description": f"gzip when the JSON answer is over {MIN_COMPRESSED_BYTES // 1024} KiB and the request's "
+                   "Accept-Encoding admits gzip (an "
+                   "explanation's attributions: megabytes as float lists)",
+    "schema": {"type": "string", "enum": ["gzip"]}}}
 ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"application/json": {"example": {
     "error": {"code": code, "message": "what was wrong and what is accepted"}}}}}
     for status, code, text in [
@@ -375,7 +380,7 @@ def build_app() -> FastAPI:
             return method_not_allowed(request.method, request.url.path, allowed, others).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
-    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": ANSWERED_BY}, **ERRORS},
+    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": EXPLAINED_BY}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": inline_schema(ScoreRequest)}}}})
     async def score(request: Request) -> Response:
@@ -411,7 +416,7 @@ def build_app() -> FastAPI:
         """Top-k labels with probabilities for one or more images (multipart field `images`, or a raw image body)."""
         return await handle(request, "/predict", False, lambda e, c: predict_work(e, c, request))
 
-    @app.post("/explain", responses={200: {"model": ExplainResponse, "headers": ANSWERED_BY,
+    @app.post("/explain", responses={200: {"model": ExplainResponse, "headers": EXPLAINED_BY,
                                          "content": {"image/png": {}}}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": inline_schema(ExplainRequest)},

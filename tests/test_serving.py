@@ -900,6 +900,7 @@ def test_openapi_describes_every_route(server: Server) -> None:
         responses = paths[path]["post"]["responses"]
         assert {"x-request-id", "x-lantern-deployment", "x-lantern-model-version"} <= set(responses["200"]["headers"])
         assert "x-request-id" in responses["404"]["headers"]
+        assert ("content-encoding" in responses["200"]["headers"]) == (path != "/predict")  # gzip'd explanations
     for path in ("/manage/endpoint", "/manage/deployments", "/manage/deployments/{name}", "/manage/traffic",
                  "/manage/mirror-traffic", "/manage/keys/{kind}/regenerate"):
         for operation in paths[path].values():
