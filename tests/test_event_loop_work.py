@@ -53,22 +53,33 @@ def client(store: str, checkpoints: dict[str, Path]) -> Iterator[TestClient]:
         gc.unfreeze()
 
 
+Watch = Callable[[Any, str], list[str]]
+
+
 @pytest.fixture()
-def renderers(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """The names of the threads that encode PNGs, attribution lists and JSON answers (each still does its work)."""
-    threads: dict[str, list[str]] = {"png": [], "attributions": [], "json": []}
+def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
+    """`watch(module, name)`: the names of the threads that call `module.name` from now on (it still does its work)."""
 
-    def noting(kind: str, work: Callable[..., Any]) -> Callable[..., Any]:
+    def watching(module: Any, name: str) -> list[str]:
+        threads: list[str] = []
+        work = getattr(module, name)
+
         def run(*args: Any, **kwargs: Any) -> Any:
-            threads[kind].append(threading.current_thread().name)
+            threads.append(threading.current_thread().name)
             return work(*args, **kwargs)
-        return run
 
-    monkeypatch.setattr(explain.attribute, "png_bytes", noting("png", explain.attribute.png_bytes))
-    monkeypatch.setattr(explain.attribute, "encode_attributions",
-                        noting("attributions", explain.attribute.encode_attributions))
-    monkeypatch.setattr(serving.app, "json_response", noting("json", serving.app.json_response))
-    return threads
+        monkeypatch.setattr(module, name, run)
+        return threads
+
+    return watching
+
+
+@pytest.fixture()
+def renderers(watch: Watch) -> dict[str, list[str]]:
+    """The threads that encode PNGs, attribution lists and JSON answers."""
+    return {"png": watch(explain.attribute, "png_bytes"),
+            "attributions": watch(explain.attribute, "encode_attributions"),
+            "json": watch(serving.app, "json_response")}
 
 
 def off_the_event_loop(threads: list[str]) -> bool:
@@ -116,18 +127,8 @@ def noise_png(side: int = 640) -> bytes:
     return out.getvalue()
 
 
-def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: TestClient,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    threads: dict[str, list[str]] = {"parse": [], "base64": []}
-
-    def noting(kind: str, work: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            threads[kind].append(threading.current_thread().name)
-            return work(*args, **kwargs)
-        return run
-
-    monkeypatch.setattr(serving.app, "parse_json_body", noting("parse", serving.app.parse_json_body))
-    monkeypatch.setattr(serving.app, "decode_base64_image", noting("base64", serving.app.decode_base64_image))
+def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: TestClient, watch: Watch) -> None:
+    threads = {"parse": watch(serving.app, "parse_json_body"), "base64": watch(serving.app, "decode_base64_image")}
     image = base64.b64encode(noise_png()).decode()
     assert len(image) > serving.app.INLINE_PARSE_BYTES
     score = client.post("/score", json={"input_data": {"columns": ["image"], "data": [image, image]}})
