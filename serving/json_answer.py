@@ -37,4 +37,5 @@ def json_response(model: BaseModel | list[BaseModel]) -> Response:
     if not all_finite(content):
         raise ApiError(424, "model_error", "the model's outputs for this input are not finite numbers (NaN or "
                                            "infinity), so there is no answer to give")
-    return Response(orjson.dumps(content), media_type="application/json")
+    # keys as the standard encoder takes them: a dict keyed by label index writes its keys as strings
+    return Response(orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS), media_type="application/json")

@@ -48,3 +48,8 @@ def test_all_finite_walks_every_kind_of_value() -> None:
     assert all_finite({"a": [1, 2.5, "x", None, True, {"b": [[0.0] * 300]}], "c": []})
     assert not all_finite({"a": [{"b": {"c": [1.0, float("nan")]}}]})
     assert not all_finite([[1.0, 2.0], [3, float("inf")]])
+
+
+def test_keys_and_numbers_read_back_as_the_standard_encoder_writes_them() -> None:
+    answer = item(attributions={0: [1e-05, -2.5e-300, 123456789.125], "label": True})
+    assert json.loads(json_response(answer).body) == json.loads(json.dumps(answer.model_dump(exclude_none=True)))
