@@ -28,8 +28,8 @@ from tests.conftest import LABELS, SMALL_SETTINGS
 from tests.serving_support import png_bytes
 
 
-@pytest.fixture()
-def client(store: str, checkpoints: dict[str, Path]) -> Iterator[TestClient]:
+@pytest.fixture(scope="module")
+def client(module_store: str, checkpoints: dict[str, Path]) -> Iterator[TestClient]:
     """The HTTP app in-process, serving a real endpoint with one deployment of the small CNN."""
     from registry.register import register_checkpoint
 
@@ -37,7 +37,7 @@ def client(store: str, checkpoints: dict[str, Path]) -> Iterator[TestClient]:
     blue = DeploymentConfig(name="blue", model="models:/rendered/1", device="cpu",
                             readiness_probe=Probe(initial_delay=0, period=0.05))
     endpoint = Endpoint(EndpointConfig(name="rendering", auth_mode="none", deployments=[blue], traffic={"blue": 100}),
-                        tracking_uri=store)
+                        tracking_uri=module_store)
     app = build_app()
     app.state.endpoint = endpoint
     try:
@@ -143,3 +143,20 @@ def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: Test
 
     broken = client.post("/score", json={"input_data": {"columns": ["image"], "data": [image[:-5] + "*" * 5]}})
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_base64", broken.text
+
+
+@pytest.mark.parametrize("route, body, status, code", [
+    ("/score", b'{"input_data": {"columns": ["image"], "data": ["' + b"A" * (1 << 20) + b'"', 400, "invalid_json"),
+    ("/score", b'{"input_data": {"columns": ["image"], "data": ["' + b"A" * (1 << 20) + b'"]}, "extra": 1}', 422,
+     "invalid_request"),
+    ("/score", b'{"input_data": {"columns": ["image"], "data": ["' + b"A" * (1 << 20) + b'*"]}}', 400,
+     "invalid_base64"),
+    ("/explain", b'{"image_base64": "' + b"A" * (1 << 20) + b'", "method": "nope"}', 422, "invalid_request"),
+    ("/explain", b'{"image_base64": "' + b"A" * (1 << 20) + b'!"}', 400, "invalid_base64"),
+    ("/explain", b'{"image_base64": "' + b"QUJD" * (1 << 18) + b'"}', 415, "unsupported_media_type"),
+])
+def test_a_large_bad_body_parsed_in_the_pool_is_answered_as_a_small_one_is(client: TestClient, route: str,
+                                                                           body: bytes, status: int, code: str) -> None:
+    assert len(body) > serving.app.INLINE_PARSE_BYTES
+    answer = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == status and answer.json()["error"]["code"] == code, answer.text
