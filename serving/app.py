@@ -29,6 +29,7 @@ from serving.json_answer import json_response
 from serving.limits import ClientGone, within_deadline
 from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
+from serving.negotiation import prefers_png
 from serving.page import POLICY, render_page
 from serving.schemas import (
     ExplainRequest,
@@ -302,7 +303,7 @@ async def explain_work(endpoint: Endpoint, context: Context, request: Request) -
     explanation = await endpoint.explain(context.instance, cropped, options.method, options.params, context.token,
                                          targets=targets)
     labels = [model.bundle.labels[t] for t in explanation.targets]
-    if "image/png" in request.headers.get("accept", ""):
+    if prefers_png(request.headers.get("accept")):
         if not labels:
             raise unprocessable("no label reached the threshold, so there is no visualisation", "nothing_to_explain")
         png = await endpoint.in_thread(explanation.visualization_png, 0)

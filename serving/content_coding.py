@@ -9,6 +9,7 @@ import zlib
 from starlette.responses import Response
 
 from serving.errors import ApiError, bad_request, too_large
+from serving.negotiation import accepts_gzip
 
 IDENTITY = {"", "identity"}
 WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -59,31 +60,6 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
 # as they are: a few kB saved would not pay for the work.
 MIN_COMPRESSED_BYTES = 16 * 1024
 GZIP_LEVEL = 1
-
-
-def accepts_gzip(header: str | None) -> bool:
-    """Whether an `Accept-Encoding` header admits gzip: named (or `x-gzip`) with a non-zero q, or through `*` when it
-    is not named at all."""
-    named: float | None = None
-    anything: float | None = None
-    for item in (header or "").split(","):
-        coding, *params = [part.strip() for part in item.split(";")]
-        quality = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0  # a q we cannot read does not admit a coding
-        coding = coding.lower()
-        if coding in ("gzip", "x-gzip"):
-            named = max(named or 0.0, quality)
-        elif coding == "*":
-            anything = quality
-    if named is not None:
-        return named > 0
-    return anything is not None and anything > 0
 
 
 def compress_answer(response: Response, accept_encoding: str | None) -> Response:

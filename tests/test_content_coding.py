@@ -11,7 +11,7 @@ import pytest
 
 from starlette.responses import JSONResponse, Response
 
-from serving.content_coding import MIN_COMPRESSED_BYTES, accepts_gzip, compress_answer, content_coding, inflate
+from serving.content_coding import MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate
 from serving.errors import ApiError
 
 BODY = b'{"input_data": {"columns": ["image"], "data": ["' + b"QUJD" * 5000 + b'"]}}'
@@ -65,15 +65,6 @@ def test_damaged_compressed_bodies_are_400_saying_how(coding: str, body: bytes, 
         inflate(body, coding, 10 * len(BODY))
     assert refused.value.status == 400 and refused.value.code == "invalid_content_encoding"
     assert named in refused.value.message
-
-
-@pytest.mark.parametrize("header, accepted", [
-    ("gzip", True), ("gzip, deflate, br, zstd", True), ("GZIP;q=0.5", True), ("x-gzip", True), ("*", True),
-    ("br;q=1, *;q=0.1", True), ("gzip;q=0, *", False), (None, False), ("", False), ("identity", False),
-    ("br, deflate", False), ("gzip;q=0", False), ("gzip; q=0.000", False), ("*;q=0", False),
-    ("gzip;q=oops", False), ("gzip;q=0, x-gzip;q=1", True)])
-def test_which_accept_encoding_headers_admit_gzip(header: str | None, accepted: bool) -> None:
-    assert accepts_gzip(header) is accepted
 
 
 LARGE = {"attributions": [[0.001 * i for i in range(100)]] * 200}

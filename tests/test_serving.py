@@ -348,6 +348,10 @@ def test_explain_json_and_png(server: Server, key: str) -> None:
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.headers["x-lantern-deployment"] == "blue"
     assert Image.open(io.BytesIO(png.content)).format == "PNG"
+    for accept in ("application/json, image/png;q=0.5", "image/png;q=0", "*/*"):  # any mention of PNG was a PNG
+        as_json = httpx.post(f"{server.url}/explain?method=guided_gradcam", content=image,
+                             headers=auth(key, **{"Content-Type": "image/png", "Accept": accept}), timeout=60)
+        assert as_json.status_code == 200 and as_json.json()["method"] == "guided_gradcam", accept
 
     files = {"image": ("x.png", image, "image/png")}
     multipart = httpx.post(f"{server.url}/explain?method=xrai&n_steps=4&attributions=false", files=files,
