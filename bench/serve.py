@@ -421,7 +421,8 @@ def predicting_while_explaining(server: "Process", url: str, request: Request, i
     client.join()
     statuses = sorted({status for status, _ in answers})
     answered = [took for status, took in answers if status == 200]
-    result["explanations"] = {"method": method, "answer": answer_as, "statuses": {str(s): sum(a == s for a, _ in answers) for s in statuses},
+    result["explanations"] = {"method": method, "answer": answer_as,
+                              "statuses": {str(s): sum(a == s for a, _ in answers) for s in statuses},
                               "mean_s": float(np.mean(answered)) if answered else None}
     print(f"      meanwhile {len(answers)} {method} explanations answered (statuses "
           f"{result['explanations']['statuses']}), {result['explanations']['mean_s'] or 0:.2f} s each on average")
@@ -472,8 +473,9 @@ def main() -> None:
                         help="also serve resnet50 at concurrency 8 while a client asks for METHOD explanations back to "
                              "back: does prediction traffic keep flowing?")
     parser.add_argument("--explain-answer", choices=["png", "json"], default="png",
-                        help="with --explain, the answer asked for: the PNG (default), or JSON with float32 attribution "
-                             "lists, not gzip'd (megabytes to write while predictions wait for the same worker)")
+                        help="with --explain, the answer asked for: the PNG (default), or JSON with float32 "
+                             "attribution lists, not gzip'd (megabytes to write while predictions wait for the same "
+                             "worker)")
     parser.add_argument("--image-size", type=int, default=256, metavar="PX",
                         help="side of the square JPEG sent (default 256; a phone photo is about 3000): decoding it is "
                              "part of every figure, in-process included")

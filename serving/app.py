@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -51,6 +51,7 @@ from serving.schemas import (
 
 logger = logging.getLogger("lantern.serving")
 CLIENT_CLOSED = 499
+T = TypeVar("T")
 # A JSON body over this is parsed in the work pool: a 19 MB /score body took the event loop 130-180 ms to parse, while
 # the worker answered nothing else; a one-image body (~0.1 MB, ~0.5 ms) is parsed where it is, without the thread hop.
 INLINE_PARSE_BYTES = 1 << 20
@@ -67,8 +68,7 @@ ANSWERED_BY = {**REQUEST_ID,
                                            "schema": {"type": "string"}}}
 EXPLAINED_BY = {**ANSWERED_BY, "content-encoding": {
     "description": f"gzip when the JSON answer is over {MIN_COMPRESSED_BYTES // 1024} KiB and the request's "
-                   "Accept-Encoding admits gzip (an "
-                   "explanation's attributions: megabytes as float lists)",
+                   "Accept-Encoding admits gzip (an explanation's attributions: megabytes as float lists)",
     "schema": {"type": "string", "enum": ["gzip"]}}}
 ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"application/json": {"example": {
     "error": {"code": code, "message": "what was wrong and what is accepted"}}}}}
@@ -167,6 +167,11 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         metrics().latency.labels(name, path).observe(time.perf_counter() - start)
 
 
+async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T]) -> T:
+    """`parse()` of a JSON body: in the work pool when the body is over INLINE_PARSE_BYTES, else where it is."""
+    return await endpoint.in_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
+
+
 # /score -------------------------------------------------------------------------------------------------------------
 
 def read_score_rows(body: bytes) -> list[ScoreRow]:
@@ -234,7 +239,7 @@ async def explain_request(endpoint: Endpoint, request: Request, body: bytes,
             parsed = parse_json_body(body, ExplainRequest, "explain")
             return parsed, decode_base64_image(parsed.image_base64, "image_base64")
 
-        return await endpoint.in_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
+        return await parse_body(endpoint, body, parse)
     if kind == "multipart/form-data":
         files = await uploaded_images(request, "image", 1, limit)
         if not files:
@@ -392,9 +397,7 @@ def build_app() -> FastAPI:
             nonlocal rows
             if media_type(request) not in ("application/json", ""):
                 raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
-            body = request._body
-            parse = partial(read_score_rows, body)
-            rows = await endpoint.in_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
+            rows = await parse_body(endpoint, request._body, partial(read_score_rows, request._body))
             return any(row.wants_explanation for row in rows)
 
         async def work(endpoint: Endpoint, context: Context) -> Response:

@@ -2,7 +2,7 @@
 
 The standard library's encoder holds the GIL for the whole of a body: 100 ms for 224 px float32 attributions (3.5 MB),
 during which no other thread of the worker, its event loop included, ran, wherever the encoding was called from.
-orjson writes the same text (the shortest repr of each float, no spaces) in 4 ms."""
+orjson writes the same numbers (each float's shortest repr; exponents as `1e-5`, not `1e-05`) in 4 ms."""
 
 from __future__ import annotations
 

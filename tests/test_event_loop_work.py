@@ -1,6 +1,6 @@
-"""Work of one request that takes milliseconds runs in the work pool, not on the event loop, where it held up every other
-request of the worker for as long as it took: an explanation's answer (its PNGs, attribution lists and JSON text:
-hundreds of ms at 224 px) and a large JSON body's parsing and base64 decoding (19 MB: 130-180 ms each)."""
+"""Work of one request that takes milliseconds runs in the work pool, not on the event loop, where it held up every
+other request of the worker for as long as it took: an explanation's answer (its PNGs, attribution lists and JSON
+text: hundreds of ms at 224 px) and a large JSON body's parsing and base64 decoding (19 MB: 130-180 ms each)."""
 
 from __future__ import annotations
 
