@@ -12,6 +12,7 @@ from registry.errors import LanternError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 SIXTEEN_BIT_GREY = 65535  # Pillow opens 16-bit greyscale as I;16 (PNG, TIFF) or as 32-bit integer I (PGM)
+TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag that says how wide the stored integers are
 REDUCING_GAP = 3.0  # Pillow's term: a JPEG is decoded no smaller than 3x the size it will be resized to
 
 
@@ -62,14 +63,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, shorter_side
 
 def as_rgb(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB. 16-bit greyscale keeps its top byte, as Pillow reads 16-bit colour: Pillow's own
-    `convert` clips it at 255, which turns all but the darkest 1/256 of its range white. Floating-point pixels have no
-    agreed range (0-1? 0-255?) and are refused rather than guessed."""
+    `convert` clips it at 255, which turns all but the darkest 1/256 of its range white. Floating-point pixels and
+    integers wider than 16 bits have no agreed range (0-1? 0-255?) and are refused rather than guessed."""
     if image.mode == "RGB":
         return image
     if image.mode == "F":
         raise ImageDecodeError("the image's pixels are 32-bit floating point, which have no agreed range (0 to 1? "
                                "0 to 255?): send 8- or 16-bit integer pixels")
     if image.mode == "I" or image.mode.startswith("I;16"):
+        bits = stored_bits(image)
+        if bits > 16:  # Pillow opens 32-bit TIFF integers as I, like 16-bit PGM: only the file says which it is
+            raise ImageDecodeError(f"the image's pixels are {bits}-bit integers, which have no agreed range (0 to 255? "
+                                   f"0 to 65535? the full {bits} bits?): send 8- or 16-bit integer pixels")
         values = np.asarray(image)
         low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
         if low < 0 or high > SIXTEEN_BIT_GREY:
@@ -77,3 +82,13 @@ def as_rgb(image: Image.Image) -> Image.Image:
                                    f"is read as 16-bit, 0 to {SIXTEEN_BIT_GREY}")
         image = Image.fromarray((values.astype(np.uint16) >> 8).astype(np.uint8))
     return image.convert("RGB")
+
+
+def stored_bits(image: Image.Image) -> int:
+    """How many bits each stored integer sample has where the file says so (TIFF), else 16: Pillow scales a PGM's
+    `maxval` to 16 bits, and PNG's widest greyscale is 16-bit."""
+    tags = getattr(image, "tag_v2", None)
+    declared = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
+    if isinstance(declared, tuple):
+        declared = max(declared, default=None)
+    return int(declared) if declared else 16

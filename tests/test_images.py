@@ -68,8 +68,18 @@ def test_pixels_without_an_agreed_range_are_refused_not_guessed() -> None:
     with pytest.raises(ImageDecodeError, match="32-bit floating point.*send 8- or 16-bit integer pixels"):
         decode_image(encoded(Image.fromarray(floats), "TIFF"))
     wide = np.full((12, 16), 70_000, np.int32)
-    with pytest.raises(ImageDecodeError, match="32-bit integers from 70000 to 70000; .* read as 16-bit"):
+    with pytest.raises(ImageDecodeError, match="32-bit integers, which have no agreed range.*send 8- or 16-bit"):
         decode_image(encoded(Image.fromarray(wide), "TIFF"))
+
+
+def test_a_32_bit_tiff_is_refused_whatever_its_values() -> None:
+    """Pillow opens a 32-bit integer TIFF as mode I, as it opens a 16-bit PGM: read as 16-bit, one holding 8-bit
+    values (0-255) reached the model nearly black. The file's BitsPerSample tells them apart."""
+    eight_bit_values = np.tile(np.arange(0, 256, 16, dtype=np.int32), (12, 1))
+    with pytest.raises(ImageDecodeError, match="32-bit integers, which have no agreed range"):
+        decode_image(encoded(Image.fromarray(eight_bit_values), "TIFF"))
+    pgm = decode_image(encoded(Image.fromarray((eight_bit_values * 257).astype(np.uint16)), "PPM"))
+    assert np.array_equal(np.asarray(pgm)[..., 0], eight_bit_values)  # a 16-bit PGM, also mode I, is still read
 
 
 def test_refusals_name_the_problem() -> None:
