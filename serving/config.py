@@ -127,6 +127,7 @@ class Limits(Strict):
 
 
 ORIGIN_PATTERN = re.compile(r"^https?://[^/\s?#]+$")
+HEADER_NAME_PATTERN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110's token
 
 
 class Cors(Strict):
@@ -136,6 +137,19 @@ class Cors(Strict):
     allow_origins: list[str] = Field(min_length=1, description='origins such as "https://app.example.com" (scheme, '
                                                                'host and port, no path), or ["*"] for any')
     max_age: int = Field(600, ge=0, le=86400, description="seconds a browser may keep a preflight answer")
+    allow_headers: list[str] = Field(default_factory=list,
+                                     description="request headers a page may send besides the ones Lantern reads "
+                                                 "(Authorization, Content-Type, Accept, the pinning headers...), "
+                                                 "such as a tracing or client-version header of the web app")
+
+    @field_validator("allow_headers")
+    @classmethod
+    def _header_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name == "*" or not HEADER_NAME_PATTERN.match(name):  # "*" is a token, but would allow any header
+                raise ValueError(f"{name!r} is not a header name: a header name is letters, digits and "
+                                 "!#$%&'*+-.^_`|~, such as X-Client-Version (\"*\" is not accepted: name the headers)")
+        return names
 
     @field_validator("allow_origins")
     @classmethod

@@ -20,11 +20,18 @@ ANSWER_HEADERS = ["x-lantern-deployment", "x-lantern-model-version", "x-lantern-
 
 
 class LanternCors(CORSMiddleware):
-    """CORSMiddleware with the endpoint's origins and the headers Lantern's routes take and answer with."""
+    """CORSMiddleware with the endpoint's origins, the headers Lantern's routes take (and the endpoint's
+    `allow_headers`) and the ones they answer with."""
 
     def __init__(self, app: ASGIApp, cors: Cors) -> None:
-        super().__init__(app, allow_origins=cors.allow_origins, allow_methods=METHODS, allow_headers=REQUEST_HEADERS,
-                         expose_headers=ANSWER_HEADERS, max_age=cors.max_age)
+        self.request_headers = list(REQUEST_HEADERS)
+        seen = {name.lower() for name in REQUEST_HEADERS}
+        for name in cors.allow_headers:  # each name once, as first spelled (header names ignore case)
+            if name.lower() not in seen:
+                seen.add(name.lower())
+                self.request_headers.append(name)
+        super().__init__(app, allow_origins=cors.allow_origins, allow_methods=METHODS,
+                         allow_headers=self.request_headers, expose_headers=ANSWER_HEADERS, max_age=cors.max_age)
         self.cors = cors
 
     def preflight_response(self, request_headers: Headers) -> Response:
@@ -37,4 +44,4 @@ class LanternCors(CORSMiddleware):
         return ApiError(answer.status_code, "cors_refused",
                         f"cross-origin request refused: {reason} (this endpoint allows origins "
                         f"{', '.join(self.cors.allow_origins)}; methods {', '.join(METHODS)}; headers "
-                        f"{', '.join(REQUEST_HEADERS)})", cors_headers).response()
+                        f"{', '.join(self.request_headers)})", cors_headers).response()

@@ -66,7 +66,7 @@ def endpoint_config() -> dict:
              "liveness_probe": probe(period=0.2, failure_threshold=2)},
         ],
         "traffic": {"blue": 100},
-        "cors": {"allow_origins": [WEB_APP], "max_age": 120},
+        "cors": {"allow_origins": [WEB_APP], "max_age": 120, "allow_headers": ["X-Client-Version"]},
     }
 
 
@@ -447,6 +447,12 @@ def test_a_web_app_on_an_allowed_origin_may_call_the_scoring_routes(server: Serv
     assert preflight.headers["access-control-allow-origin"] == WEB_APP
     assert preflight.headers["access-control-max-age"] == "120"
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    own_header = httpx.options(f"{server.url}/predict",
+                               headers={**asks, "Access-Control-Request-Headers": "authorization, x-client-version"})
+    assert own_header.status_code == 200 and "x-client-version" in own_header.headers["access-control-allow-headers"]
+    unlisted = httpx.options(f"{server.url}/predict", headers={**asks, "Access-Control-Request-Headers": "x-other"})
+    assert unlisted.status_code == 400 and "headers" in unlisted.json()["error"]["message"]
+    assert "X-Client-Version" in unlisted.json()["error"]["message"]  # the refusal lists what is allowed
     answered = httpx.post(f"{server.url}/predict", content=png_bytes(),
                           headers=auth(key, **{"Content-Type": "image/png", "Origin": WEB_APP}))
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == WEB_APP

@@ -72,6 +72,9 @@ def test_the_shipped_example_is_valid() -> None:
     ({"cors": {"allow_origins": ["*", "https://app.example.com"]}}, '"*" allows every origin: list it alone'),
     ({"cors": {"allow_origins": []}}, "cors.allow_origins: List should have at least 1 item"),
     ({"cors": {"allow_origins": ["*"], "allow_credentials": True}}, "cors.allow_credentials: unknown key"),
+    ({"cors": {"allow_origins": ["*"], "allow_headers": ["X Client"]}},
+     "cors.allow_headers: 'X Client' is not a header name"),
+    ({"cors": {"allow_origins": ["*"], "allow_headers": ["*"]}}, '"*" is not accepted: name the headers'),
 ])
 def test_invalid_configurations_name_the_problem(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
