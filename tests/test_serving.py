@@ -449,7 +449,7 @@ def test_a_web_app_on_an_allowed_origin_may_call_the_scoring_routes(server: Serv
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
     own_header = httpx.options(f"{server.url}/predict",
                                headers={**asks, "Access-Control-Request-Headers": "authorization, x-client-version"})
-    assert own_header.status_code == 200 and "x-client-version" in own_header.headers["access-control-allow-headers"]
+    assert own_header.status_code == 200 and "X-Client-Version" in own_header.headers["access-control-allow-headers"]
     unlisted = httpx.options(f"{server.url}/predict", headers={**asks, "Access-Control-Request-Headers": "x-other"})
     assert unlisted.status_code == 400 and "headers" in unlisted.json()["error"]["message"]
     assert "X-Client-Version" in unlisted.json()["error"]["message"]  # the refusal lists what is allowed
