@@ -357,7 +357,7 @@ def measured(server: "Process", url: str, request: Request, concurrency: int, se
 def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: str, backend: str, workers: int,
            best_batch: int, seconds: float, loaders: int, concurrencies: tuple[int, ...] = CONCURRENCY,
            images_per_request: int = 1, explain_method: str | None = None, explain_answer: str = "png",
-           during_explanations: dict | None = None) -> list[dict]:
+           during_explanations: dict | None = None, explanation_threads: int | None = None) -> list[dict]:
     """Lantern serving `uri` at each concurrency. With `explain_method`, concurrency 8 once more while a client asks
     for that explanation back to back; its figures go into `during_explanations`."""
     config = {"name": "bench", "auth_mode": "key", "traffic": {"resnet": 100}, "deployments": [{
@@ -366,6 +366,8 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
         "request_settings": {"request_timeout_ms": 120000, "max_concurrent_requests_per_instance": 64,
                              "max_queue_wait_ms": 60000},
         "readiness_probe": {"initial_delay": 0, "period": 5}}]}
+    if explanation_threads is not None:
+        config["limits"] = {"explanation_threads": explanation_threads}
     path = folder / "endpoint.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -384,6 +386,7 @@ def served(uri: str, image: bytes, folder: Path, env: dict[str, str], device: st
         if explain_method is not None and during_explanations is not None:
             during_explanations.update(predicting_while_explaining(server, url, request, image, key, explain_method,
                                                                    explain_answer, seconds, loaders))
+            during_explanations["explanations"]["threads"] = explanation_threads  # None: torch's default
         return levels
     finally:
         server.stop()
@@ -476,6 +479,9 @@ def main() -> None:
                         help="with --explain, the answer asked for: the PNG (default), or JSON with float32 "
                              "attribution lists, not gzip'd (megabytes to write while predictions wait for the same "
                              "worker)")
+    parser.add_argument("--explanation-threads", type=int, metavar="N",
+                        help="with --explain, the endpoint's limits.explanation_threads (default: torch's, every "
+                             "physical core)")
     parser.add_argument("--image-size", type=int, default=256, metavar="PX",
                         help="side of the square JPEG sent (default 256; a phone photo is about 3000): decoding it is "
                              "part of every figure, in-process included")
@@ -498,7 +504,7 @@ def main() -> None:
         during_explanations: dict = {}
         lantern = served(uri, image, folder, env, args.device, args.backend, args.workers, reference["best_batch"],
                          seconds, args.loaders, explain_method=args.explain, explain_answer=args.explain_answer,
-                         during_explanations=during_explanations)
+                         during_explanations=during_explanations, explanation_threads=args.explanation_threads)
         print("mlflow models serve:")
         mlflow = [] if args.skip_mlflow else mlflow_served(uri, image, folder, env, seconds, args.loaders)
         multi = None

@@ -9,7 +9,6 @@ date, so all gains are one division; adding a mask subtracts only the newly cove
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +17,8 @@ import torch
 from skimage import segmentation
 from skimage.morphology import disk
 from skimage.transform import resize
+
+from explain.cpu_threads import region_threads
 
 FELZENSZWALB_SCALES = (50, 100, 150, 250, 500, 1200)
 FELZENSZWALB_SIGMA = 0.8
@@ -44,10 +45,11 @@ def _scale_masks(prepared: np.ndarray, scale: int, size: tuple[int, int]) -> np.
 def segment_masks(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """[M, H, W] bool masks of `image` (H x W x C, any value range), in PAIR's order: for each Felzenszwalb scale,
     one mask per label value (empty ones included), each dilated by a radius-5 disk. The six scales are segmented
-    and dilated in parallel threads (scikit-image and NumPy release the GIL there)."""
+    and dilated in parallel threads (scikit-image and NumPy release the GIL there), as many as the calling thread
+    runs torch on (explain/cpu_threads.py)."""
     height, width = image.shape[:2]
     prepared = _normalized(image.astype(np.float64))
-    with ThreadPoolExecutor(max_workers=min(len(FELZENSZWALB_SCALES), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=region_threads(len(FELZENSZWALB_SCALES))) as pool:
         per_scale = list(pool.map(lambda scale: _scale_masks(prepared, scale, (height, width)), FELZENSZWALB_SCALES))
     return torch.from_numpy(np.concatenate(per_scale)).to(device)
 

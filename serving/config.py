@@ -124,6 +124,11 @@ class Limits(Strict):
     max_concurrent_explanations: int = Field(1, ge=1, le=64,
                                              description="explanations computed at once per worker; twice this may "
                                                          "be in flight, more get 429")
+    explanation_threads: int | None = Field(None, ge=1, le=1024,
+                                            description="CPU threads one explanation computes on (torch's, and XRAI's "
+                                                        "segmentation); default: torch's, every physical core. Lower "
+                                                        "it where explanations run on the CPU and predictions should "
+                                                        "keep cores meanwhile")
 
 
 ORIGIN_PATTERN = re.compile(r"^https?://[^/\s?#]+$")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from explain.attribute import Explanation
+from explain.cpu_threads import limit_this_thread
 from explain.params import ExplainError
 from registry.devices import cuda_memory
 from serving.abandon import Abandoned, CancelToken, running_under
@@ -91,7 +92,10 @@ class Endpoint:
         self._mirror_tasks: set[asyncio.Task] = set()
         explain_limit = config.limits.max_concurrent_explanations
         self.explain_admission = Admission("explanations", explain_limit, 0.5)
-        self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain")
+        threads = config.limits.explanation_threads
+        self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain",
+                                               initializer=None if threads is None else limit_this_thread,
+                                               initargs=() if threads is None else (threads,))
         self.work_pool = ThreadPoolExecutor(8, thread_name_prefix="lantern-decode")
         self._apply(self.state, start=False)
 

@@ -65,6 +65,7 @@ def test_the_shipped_example_is_valid() -> None:
     ({"deployments": [{"name": "blue", "model": "models:/m/1",
                        "request_settings": {"request_timeout_ms": 200_000}}]}, "less than or equal to 180000"),
     ({"auth_mode": "aml_token"}, "auth_mode"),
+    ({"limits": {"explanation_threads": 0}}, "limits.explanation_threads: Input should be greater than or equal to 1"),
     ({"cors": {"allow_origins": ["https://app.example.com/"]}},
      "cors.allow_origins: 'https://app.example.com/' is not an origin: an origin is a scheme, host and optional port "
      "as a browser sends it, such as https://app.example.com:8443 (without the path: https://app.example.com)"),

@@ -1,0 +1,94 @@
+"""`limits.explanation_threads`: an explanation's torch CPU work (and XRAI's segmentation threads) runs on that many
+threads, and only explanations do: predictions, the event loop and threads started later keep torch's count.
+`torch.set_num_threads` would not do: it changes the count every thread started after it takes."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+import serving.deployment
+from explain.cpu_threads import limit_this_thread, region_threads
+from serving.app import build_app
+from serving.config import DeploymentConfig, EndpointConfig, Limits, Probe
+from serving.endpoint import Endpoint
+from tests.conftest import LABELS, SMALL_SETTINGS
+from tests.serving_support import png_bytes
+
+DEFAULT_THREADS = torch.get_num_threads()
+needs_two_cores = pytest.mark.skipif(DEFAULT_THREADS < 2, reason="torch runs on one thread here: nothing to limit")
+
+
+def in_new_thread(work: Callable[[], Any]) -> Any:
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(work).result()
+
+
+@needs_two_cores
+def test_the_limit_holds_for_the_thread_that_sets_it_alone() -> None:
+    def limited() -> tuple[int, int, int]:
+        return limit_this_thread(1), torch.get_num_threads(), region_threads(6)
+
+    assert in_new_thread(limited) == (1, 1, 1)
+    assert torch.get_num_threads() == DEFAULT_THREADS  # this thread
+    assert in_new_thread(torch.get_num_threads) == DEFAULT_THREADS  # a thread started after it
+    assert region_threads(6) == min(6, DEFAULT_THREADS)
+
+
+@pytest.fixture(scope="module")
+def endpoint(module_store: str, checkpoints: dict[str, Path]) -> Iterator[tuple[Endpoint, TestClient]]:
+    """A real endpoint whose explanations run on one CPU thread, and its HTTP app in-process (one client: the
+    batcher belongs to the client's event loop)."""
+    from registry.register import register_checkpoint
+
+    register_checkpoint("threads", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    blue = DeploymentConfig(name="blue", model="models:/threads/1", device="cpu",
+                            readiness_probe=Probe(initial_delay=0, period=0.05))
+    served = Endpoint(EndpointConfig(name="threads", auth_mode="none", deployments=[blue], traffic={"blue": 100},
+                                     limits=Limits(explanation_threads=1)), tracking_uri=module_store)
+    try:
+        served.start()
+        deadline = time.monotonic() + 60
+        while not served.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert served.is_ready(), served.status()
+        app = build_app()
+        app.state.endpoint = served
+        with TestClient(app) as client:
+            yield served, client
+    finally:
+        served.stop()
+        gc.unfreeze()
+
+
+@needs_two_cores
+@pytest.mark.parametrize("method", ["xrai", "integrated_gradients", "guided_backprop"])
+def test_explanations_run_on_the_configured_threads_and_other_threads_keep_theirs(
+        endpoint: tuple[Endpoint, TestClient], monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    served, client = endpoint
+    seen: list[tuple[str, int, int]] = []
+    attribute = serving.deployment.attribute
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.append((threading.current_thread().name, torch.get_num_threads(), region_threads(6)))
+        return attribute(*args, **kwargs)
+
+    monkeypatch.setattr(serving.deployment, "attribute", counting)
+    steps = "" if method == "guided_backprop" else "&n_steps=4"
+    explained = client.post(f"/explain?method={method}{steps}", content=png_bytes(32, "circle"),
+                            headers={"Content-Type": "image/png"})
+    assert explained.status_code == 200, explained.text
+    predicted = client.post("/predict", content=png_bytes(32, "circle"), headers={"Content-Type": "image/png"})
+    assert predicted.status_code == 200, predicted.text
+    assert [(name.split("_")[0], threads, regions) for name, threads, regions in seen] == [("lantern-explain", 1, 1)]
+    assert in_new_thread(torch.get_num_threads) == DEFAULT_THREADS
+    assert served.work_pool.submit(torch.get_num_threads).result() == DEFAULT_THREADS  # decoding threads
