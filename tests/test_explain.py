@@ -280,7 +280,8 @@ def test_targets_multilabel_and_errors(cnn: SmallCNN) -> None:
     everything = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=0.0)
     assert everything.targets == [i for i in range(3) if torch.sigmoid(logits[i]) >= 0.0]
     assert everything.attributions.shape == (3, 3, 32, 32)
-    some = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=float(torch.sigmoid(logits).max()))
+    some = attribute(cnn, x, "guided_backprop", task="multilabel",
+                     threshold=float(torch.sigmoid(logits.detach()).max()))
     assert some.targets == [int(logits.argmax())]
     none = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=1.0)
     assert none.targets == [] and none.attributions.shape[0] == 0 and "nothing to explain" in none.fidelity.notes[0]
@@ -362,7 +363,7 @@ def _peak(scores: np.ndarray) -> tuple[int, int]:
 
 
 def _crop_mask(mask_path: Path, resize: int, crop: int) -> np.ndarray:
-    mask = torch.from_numpy(np.asarray(Image.open(mask_path)))[None]
+    mask = torch.from_numpy(np.array(Image.open(mask_path)))[None]  # a copy: PIL's buffer is read-only
     mask = TF.resize(mask, [resize], interpolation=InterpolationMode.NEAREST)
     return TF.center_crop(mask, [crop, crop])[0].numpy()
 
