@@ -54,11 +54,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, shorter_side
                                f"not recognised (it starts with {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"the data is not a readable image (PNG, JPEG, WebP, BMP, GIF, TIFF): {error}") from None
+    return as_rgb(upright(image))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says (a phone photo stored landscape with 'rotate 90' is portrait), in
+    place: a copy would cost as much as the decoding. A damaged EXIF block leaves the image as stored."""
     try:
-        ImageOps.exif_transpose(image, in_place=True)  # in place: each of these would otherwise copy the whole image
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error... on a damaged EXIF block; the
         pass  # pixels are whole, so the image is served as it is (at worst without its orientation applied)
-    return as_rgb(image)
+    return image
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -32,6 +32,22 @@ def test_exif_orientation_is_applied() -> None:
     assert image.getexif().get(0x0112, 1) == 1  # no orientation is left to apply twice
 
 
+def test_training_turns_a_photo_as_serving_does(tmp_path) -> None:
+    """Training read the stored pixels (sideways for a phone photo with 'rotate 90'), serving the upright image:
+    a model trained on such photos was shown them turned by 90 degrees once served."""
+    from training.datasets import load_uint8
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encoded(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes()))
+    trained_on = load_uint8(path).permute(1, 2, 0).numpy()
+    assert trained_on.shape == (40, 20, 3)
+    assert np.array_equal(trained_on, np.asarray(decode_image(path.read_bytes())))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "RGB"])
 def test_every_colour_mode_comes_out_rgb(mode: str) -> None:
     image = Image.new("RGB", (16, 12), (200, 100, 50)).convert(mode)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from registry.errors import LanternError
-from registry.images import ImageDecodeError, as_rgb
+from registry.images import ImageDecodeError, as_rgb, upright
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -96,10 +96,11 @@ def label_set(examples: list[Example]) -> list[str]:
 
 
 def load_uint8(path: Path) -> torch.Tensor:
-    """An image file as a [3, H, W] uint8 tensor, its pixels read as serving reads them (registry/images.py)."""
+    """An image file as a [3, H, W] uint8 tensor, its pixels read as serving reads them (registry/images.py): turned
+    as its EXIF orientation says, and converted to 8-bit RGB."""
     with Image.open(path) as image:
         try:
-            return pil_to_tensor(as_rgb(image))
+            return pil_to_tensor(as_rgb(upright(image)))
         except ImageDecodeError as error:
             raise LanternError(f"{path}: {error}") from None
 
