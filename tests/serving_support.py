@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import re
@@ -9,6 +10,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,6 +19,30 @@ import yaml
 from PIL import Image, ImageDraw
 
 from conftest import lantern_executable
+
+
+@contextmanager
+def in_process_client(endpoint) -> Iterator:
+    """A TestClient on the HTTP app serving `endpoint` (a real serving.endpoint.Endpoint) in-process, once every
+    deployment is ready; the endpoint is stopped after. Use one client for the endpoint's life: its batchers belong to
+    the client's event loop."""
+    from starlette.testclient import TestClient
+
+    from serving.app import build_app
+
+    app = build_app()
+    app.state.endpoint = endpoint
+    try:
+        endpoint.start()
+        deadline = time.monotonic() + 60
+        while not endpoint.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert endpoint.is_ready(), endpoint.status()
+        with TestClient(app) as client:
+            yield client
+    finally:
+        endpoint.stop()
+        gc.unfreeze()  # the worker freezes what it loaded out of full collections
 
 
 def free_port() -> int:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
-import gc
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,10 @@ from starlette.testclient import TestClient
 
 import explain.attribute
 import serving.app
-from serving.app import build_app
 from serving.config import DeploymentConfig, EndpointConfig, Probe
 from serving.endpoint import Endpoint
 from tests.conftest import LABELS, SMALL_SETTINGS
-from tests.serving_support import png_bytes
+from tests.serving_support import in_process_client, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +35,8 @@ def client(module_store: str, checkpoints: dict[str, Path]) -> Iterator[TestClie
                             readiness_probe=Probe(initial_delay=0, period=0.05))
     endpoint = Endpoint(EndpointConfig(name="rendering", auth_mode="none", deployments=[blue], traffic={"blue": 100}),
                         tracking_uri=module_store)
-    app = build_app()
-    app.state.endpoint = endpoint
-    try:
-        endpoint.start()
-        deadline = time.monotonic() + 60
-        while not endpoint.is_ready() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert endpoint.is_ready(), endpoint.status()
-        with TestClient(app) as test_client:
-            yield test_client
-    finally:
-        endpoint.stop()
-        gc.unfreeze()
+    with in_process_client(endpoint) as test_client:
+        yield test_client
 
 
 Watch = Callable[[Any, str], list[str]]

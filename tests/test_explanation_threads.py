@@ -4,9 +4,7 @@ threads, and only explanations do: predictions, the event loop and threads start
 
 from __future__ import annotations
 
-import gc
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,11 +16,10 @@ from starlette.testclient import TestClient
 
 import serving.deployment
 from explain.cpu_threads import limit_this_thread, region_threads
-from serving.app import build_app
 from serving.config import DeploymentConfig, EndpointConfig, Limits, Probe
 from serving.endpoint import Endpoint
 from tests.conftest import LABELS, SMALL_SETTINGS
-from tests.serving_support import png_bytes
+from tests.serving_support import in_process_client, png_bytes
 
 DEFAULT_THREADS = torch.get_num_threads()
 needs_two_cores = pytest.mark.skipif(DEFAULT_THREADS < 2, reason="torch runs on one thread here: nothing to limit")
@@ -55,19 +52,8 @@ def endpoint(module_store: str, checkpoints: dict[str, Path]) -> Iterator[tuple[
                             readiness_probe=Probe(initial_delay=0, period=0.05))
     served = Endpoint(EndpointConfig(name="threads", auth_mode="none", deployments=[blue], traffic={"blue": 100},
                                      limits=Limits(explanation_threads=1)), tracking_uri=module_store)
-    try:
-        served.start()
-        deadline = time.monotonic() + 60
-        while not served.is_ready() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert served.is_ready(), served.status()
-        app = build_app()
-        app.state.endpoint = served
-        with TestClient(app) as client:
-            yield served, client
-    finally:
-        served.stop()
-        gc.unfreeze()
+    with in_process_client(served) as client:
+        yield served, client
 
 
 @needs_two_cores
