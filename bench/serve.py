@@ -1,6 +1,7 @@
 """Serving benchmark, run by hand:
 `.venv/bin/python bench/serve.py [--quick] [--device cuda] [--workers N] [--loaders N] [--skip-mlflow]
-[--skip-overhead] [--images-per-request N] [--image-size PX] [--explain METHOD [--explain-answer json]]`.
+[--skip-overhead] [--images-per-request N] [--image-size PX] [--explain METHOD [--explain-answer json]
+[--explanation-threads N]]`.
 
 One run, one registered resnet50 (random weights, 224 px), measured three ways, and bench/results/serve.json:
 1. in-process ONNX Runtime on preprocessed batches, at each batch size: the best throughput is the limit; the

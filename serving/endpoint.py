@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -93,9 +94,9 @@ class Endpoint:
         explain_limit = config.limits.max_concurrent_explanations
         self.explain_admission = Admission("explanations", explain_limit, 0.5)
         threads = config.limits.explanation_threads
+        limit_threads = None if threads is None else partial(limit_this_thread, threads)
         self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain",
-                                               initializer=None if threads is None else limit_this_thread,
-                                               initargs=() if threads is None else (threads,))
+                                               initializer=limit_threads)
         self.work_pool = ThreadPoolExecutor(8, thread_name_prefix="lantern-decode")
         self._apply(self.state, start=False)
 
