@@ -55,6 +55,8 @@ T = TypeVar("T")
 # A JSON body over this is parsed in the work pool: a 19 MB /score body took the event loop 130-180 ms to parse, while
 # the worker answered nothing else; a one-image body (~0.1 MB, ~0.5 ms) is parsed where it is, without the thread hop.
 INLINE_PARSE_BYTES = 1 << 20
+# The same for a multipart body: python-multipart takes ~1 ms a MB of image data (~0.1 ms for a one-image body).
+INLINE_FORM_BYTES = 128 << 10
 # BentoML's OpenTelemetry middleware already traces every request (its trace ids are in the access log). FastAPI's own
 # telemetry (0.16x) traced each one a second time: a tiny model served at 4-7 % fewer requests/s, with 4-6 % more CPU
 # per request (3 alternated runs on 2 cores). Older FastAPI versions have no such option.
@@ -167,9 +169,16 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         metrics().latency.labels(name, path).observe(time.perf_counter() - start)
 
 
-async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T]) -> T:
-    """`parse()` of a JSON body: in the work pool when the body is over INLINE_PARSE_BYTES, else where it is."""
-    return await endpoint.in_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
+async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T],
+                     inline_bytes: int = INLINE_PARSE_BYTES) -> T:
+    """`parse()` of a body: in the work pool when the body is over `inline_bytes`, else where it is."""
+    return await endpoint.in_thread(parse) if len(body) > inline_bytes else parse()
+
+
+async def read_uploads(endpoint: Endpoint, request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the multipart body's files in `field`."""
+    parse = partial(uploaded_images, request.headers.get("content-type", ""), request._body, field, max_files)
+    return await parse_body(endpoint, request._body, parse, INLINE_FORM_BYTES)
 
 
 # /score -------------------------------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ async def explain_request(endpoint: Endpoint, request: Request, body: bytes,
 
         return await parse_body(endpoint, body, parse)
     if kind == "multipart/form-data":
-        files = await uploaded_images(request, "image", 1, limit)
+        files = await read_uploads(endpoint, request, "image", 1)
         if not files:
             raise bad_request("the multipart body has no 'image' file", "missing_image")
         return None, files[0][1]
@@ -340,7 +349,7 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
     kind = media_type(request)
     body = request._body
     if kind == "multipart/form-data":
-        named = await uploaded_images(request, "images", limits.max_images_per_request, limits.max_body_bytes)
+        named = await read_uploads(endpoint, request, "images", limits.max_images_per_request)
         if not named:
             raise bad_request("the multipart body has no 'images' files", "missing_images")
     elif kind in ("application/json", "application/x-www-form-urlencoded", "text/plain"):

@@ -12,11 +12,13 @@ from starlette.requests import Request
 from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
 from serving.content_coding import content_coding, inflate
 from serving.errors import ApiError, bad_request, too_large, unsupported_media
+from serving.form_files import FormError, form_parts
 
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+MAX_FORM_FIELDS = 100  # text fields beside the files: none is read, a few are tolerated
 
 
 def refuse_url(text: str, where: str) -> None:
@@ -78,7 +80,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     body = b"".join(chunks)
     if coding:
         body = await asyncio.to_thread(inflate, body, coding, limit)
-    request._body = body  # later request.json() / request.form() read it from here
+    request._body = body  # where the route handlers read it
     return body
 
 
@@ -86,20 +88,23 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def uploaded_images(request: Request, field: str, max_files: int, max_part_size: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of every multipart file in `field`."""
+def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every file in the multipart body's `field`; an unreadable body or a text field in the
+    files' place is a 400 saying so."""
     try:
-        form = await request.form(max_files=max_files, max_fields=100, max_part_size=max_part_size)
-    except Exception as error:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
-        reason = getattr(error, "detail", None) or error  # starlette's HTTPException reads "400: <detail>" otherwise
-        raise bad_request(f"the multipart body cannot be read: {reason}", "invalid_multipart") from None
+        parts = form_parts(content_type, body, max_files, MAX_FORM_FIELDS)
+    except FormError as error:
+        raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     files = []
-    for value in form.getlist(field):
-        if isinstance(value, str):
-            refuse_url(value, f"form field {field!r}")
+    for part in parts:
+        if part.name != field:
+            continue
+        if part.filename is None:
+            refuse_url(part.data.decode("utf-8", errors="replace"), f"form field {field!r}")
             raise bad_request(f"form field {field!r} must be a file upload, not text", "not_a_file")
-        files.append((value.filename or field, await value.read()))
-    unknown = [key for key in form.keys() if key != field]
+        files.append((part.filename or field, part.data))
+    unknown = list(dict.fromkeys(part.name for part in parts if part.name != field))
     if unknown and not files:
-        raise ApiError(400, "missing_images", f"the multipart body has no {field!r} files (it has {', '.join(unknown)})")
+        raise ApiError(400, "missing_images",
+                       f"the multipart body has no {field!r} files (it has {', '.join(unknown)})")
     return files
