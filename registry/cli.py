@@ -163,20 +163,22 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
 @user_errors
 def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -> None:
     """Point ALIAS of NAME at VERSION (moving it if it pointed elsewhere)."""
-    from registry.resolve import resolve_version, validate_alias
+    from registry.resolve import ModelRef, resolve_version, validate_alias
     from registry.store import open_client
 
     client = open_client(tracking_uri)
     validate_alias(alias)
-    resolve_version(client, f"models:/{name}/{version}")
+    resolve_version(client, ModelRef(name, version))
     client.set_registered_model_alias(name, alias, str(version))
-    console.print(f"models:/{name}@{alias} -> version {version}")
+    console.print(f"{ModelRef(name, alias=alias).uri} -> version {version}")
     console.print(moved_alias_hint(name, alias))
 
 
 def moved_alias_hint(name: str, alias: str) -> str:
     """What a moved alias does to running deployments of it: nothing, until they are told."""
-    uri = f"models:/{name}@{alias}"
+    from registry.resolve import ModelRef
+
+    uri = ModelRef(name, alias=alias).uri
     return (f"[dim]Deployments of {uri} keep serving the version they were made with; `lantern deploy update "
             f"DEPLOYMENT --model {uri}` moves one to it (or `lantern rollout` a new deployment of it).[/dim]")
 

@@ -40,7 +40,7 @@ from registry.model_files import (
 )
 from registry.onnx_export import check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
-from registry.resolve import download_version, validate_alias
+from registry.resolve import download_version, validate_alias, version_uri
 from registry.settings import ClassificationSettings, build_settings, with_overrides
 from registry.spec import ModelSpec, build_module, make_spec
 from registry.store import experiment_id, open_client, write_lock
@@ -76,7 +76,7 @@ class RegisteredVersion:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return version_uri(self.name, self.version)
 
 
 def validate_name(name: str) -> str:
@@ -258,7 +258,7 @@ def register_settings_update(
     progress = progress or SilentProgress()
     client = open_client(tracking_uri)
     with progress.step(f"Fetching {name}/{version}"):
-        source = download_version(client, f"models:/{name}/{version}")
+        source = download_version(client, version_uri(name, version))
     spec = source.files.read_spec()
     old_settings: ClassificationSettings = source.files.read_settings(spec.task)
     settings = with_overrides(old_settings, spec.task, overrides)

@@ -44,7 +44,7 @@ class ModelRef:
     @property
     def uri(self) -> str:
         if self.version is not None:
-            return f"models:/{self.name}/{self.version}"
+            return version_uri(self.name, self.version)
         if self.alias is not None:
             return f"models:/{self.name}@{self.alias}"
         return f"models:/{self.name}"
@@ -107,12 +107,12 @@ class DownloadedVersion:
 
     @property
     def uri(self) -> str:
-        return version_uri(self.version)
+        return version_uri(self.version.name, self.version.version)
 
 
-def version_uri(version: ModelVersion) -> str:
-    """`models:/NAME/N`: the URI of exactly this version (what an alias resolved to)."""
-    return f"models:/{version.name}/{version.version}"
+def version_uri(name: str, version: int | str) -> str:
+    """`models:/NAME/N`: the URI of exactly one version (what an alias resolved to)."""
+    return f"models:/{name}/{version}"
 
 
 def _cache_dir(client: MlflowClient, version: ModelVersion) -> Path:
@@ -138,7 +138,7 @@ def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVer
         if not (target / COMPLETE_MARKER).exists():
             staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
             mlflow.artifacts.download_artifacts(
-                artifact_uri=version_uri(version), dst_path=str(staging),
+                artifact_uri=version_uri(version.name, version.version), dst_path=str(staging),
                 tracking_uri=client.tracking_uri,
             )
             (staging / COMPLETE_MARKER).touch()
@@ -166,7 +166,7 @@ class ModelBundle:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return version_uri(self.name, self.version)
 
 
 def load_bundle(ref: ModelRef | str, tracking_uri: str | None = None, device: str = "cpu",

@@ -44,7 +44,7 @@ def pinned_version(model: str, tracking_uri: str | None = None) -> str | None:
         version = resolve_version(open_client(tracking_uri), model)
     except LanternError:
         return None
-    return version_uri(version)
+    return version_uri(version.name, version.version)
 
 
 def check_against_registry(config: EndpointConfig, tracking_uri: str | None = None,
