@@ -13,6 +13,7 @@ from registry.errors import LanternError
 DEFAULT_MAX_PIXELS = 40_000_000
 SIXTEEN_BIT_GREY = 65535  # Pillow opens 16-bit greyscale as I;16 (PNG, TIFF) or as 32-bit integer I (PGM)
 TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag that says how wide the stored integers are
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # what a viewer shows through a transparent PNG on a page: white
 REDUCING_GAP = 3.0  # Pillow's term: a JPEG is decoded no smaller than 3x the size it will be resized to
 
 
@@ -68,9 +69,12 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. 16-bit greyscale keeps its top byte, as Pillow reads 16-bit colour: Pillow's own
-    `convert` clips it at 255, which turns all but the darkest 1/256 of its range white. Floating-point pixels and
-    integers wider than 16 bits have no agreed range (0-1? 0-255?) and are refused rather than guessed."""
+    """`image` as 8-bit RGB. Transparent pixels show white, as a viewer shows them on a page. 16-bit greyscale keeps
+    its top byte, as Pillow reads 16-bit colour: Pillow's own `convert` clips it at 255, which turns all but the
+    darkest 1/256 of its range white. Floating-point pixels and integers wider than 16 bits have no agreed range (0-1?
+    0-255?) and are refused rather than guessed."""
+    if has_transparency(image):
+        return flattened(image)
     if image.mode == "RGB":
         return image
     if image.mode == "F":
@@ -88,6 +92,24 @@ def as_rgb(image: Image.Image) -> Image.Image:
                                    f"is read as 16-bit, 0 to {SIXTEEN_BIT_GREY}")
         image = Image.fromarray((values.astype(np.uint16) >> 8).astype(np.uint8))
     return image.convert("RGB")
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha channel (RGBA, LA, PA...), or a palette index or colour marked transparent (GIF, PNG's tRNS). 16-bit
+    greyscale's transparent grey level is ignored: Pillow's RGBA conversion of it clips at 255."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return False
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def flattened(image: Image.Image) -> Image.Image:
+    """`image` over TRANSPARENT_BACKGROUND. Pillow's `convert("RGB")` drops the alpha and keeps the colour stored
+    under it, which is black in most transparent PNGs (and any colour in some): a logo on a transparent background
+    reached the model as a logo on black, or on noise."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
 
 
 def stored_bits(image: Image.Image) -> int:

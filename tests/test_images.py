@@ -184,3 +184,43 @@ def test_a_reduced_scale_decode_keeps_the_exif_orientation() -> None:
     assert decoded.size == (800, 1600)  # 1600 // 768 = 2: half scale, then rotated
     top = np.asarray(decoded)[100, 400]
     assert top[0] > 200 and top[1] < 60, top
+
+
+def transparent_top(mode: str) -> bytes:
+    """A PNG (GIF for P) whose top half is opaque red and bottom half transparent, with black stored under it."""
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[:4] = (255, 0, 0, 255)
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "LA":
+        return encoded(image.convert("LA"), "PNG")
+    if mode == "tRNS":  # RGB with one colour marked transparent
+        return encoded(image.convert("RGB"), "PNG", transparency=(0, 0, 0))
+    if mode == "P":  # index 0 red, index 1 black and transparent
+        indexed = Image.fromarray((np.arange(8)[:, None] >= 4).repeat(8, 1).astype(np.uint8), "P")
+        indexed.putpalette([255, 0, 0, 0, 0, 0])
+        return encoded(indexed, "GIF", transparency=1)
+    return encoded(image, "PNG")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "tRNS"])
+def test_transparent_pixels_show_white_not_the_colour_stored_under_them(mode: str) -> None:
+    """Pillow's convert("RGB") drops the alpha: a logo on a transparent background reached the model on black."""
+    decoded = np.asarray(decode_image(transparent_top(mode)))
+    assert (decoded[4:] == 255).all(), decoded[4:, 0]
+    top = decoded[0, 0]
+    assert tuple(top) == ((76, 76, 76) if mode == "LA" else (255, 0, 0))  # the opaque half as stored
+
+
+def test_half_transparent_pixels_are_blended_over_white() -> None:
+    pixels = np.zeros((4, 4, 4), np.uint8)
+    pixels[...] = (0, 0, 255, 128)
+    decoded = np.asarray(decode_image(encoded(Image.fromarray(pixels, "RGBA"), "PNG")))
+    assert np.abs(decoded.astype(int) - (127, 127, 255)).max() <= 1
+
+
+def test_training_flattens_transparency_as_serving_does(tmp_path) -> None:
+    from training.datasets import load_uint8
+
+    path = tmp_path / "logo.png"
+    path.write_bytes(transparent_top("RGBA"))
+    assert np.array_equal(load_uint8(path).permute(1, 2, 0).numpy(), np.asarray(decode_image(path.read_bytes())))
