@@ -21,10 +21,9 @@ URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 MAX_FORM_FIELDS = 100  # text fields beside the files: none is read, a few are tolerated
 
 
-def refuse_url(text: str, where: str) -> None:
+def refuse_url(text: str, where: str, instead: str = "the image bytes, base64-encoded") -> None:
     if URL_PATTERN.match(text):
-        raise bad_request(f"{where} holds a URL; Lantern never fetches URLs: send the image bytes, base64-encoded",
-                          "url_not_accepted")
+        raise bad_request(f"{where} holds a URL; Lantern never fetches URLs: send {instead}", "url_not_accepted")
 
 
 def decode_base64_image(text: str, where: str) -> bytes:
@@ -100,7 +99,7 @@ def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) 
         if part.name != field:
             continue
         if part.filename is None:
-            refuse_url(part.data.decode("utf-8", errors="replace"), f"form field {field!r}")
+            refuse_url(part.data.decode("utf-8", errors="replace"), f"form field {field!r}", "the image as a file")
             raise bad_request(f"form field {field!r} must be a file upload, not text", "not_a_file")
         files.append((part.filename or field, part.data))
     unknown = list(dict.fromkeys(part.name for part in parts if part.name != field))

@@ -1,13 +1,15 @@
-"""Base64 image text as clients send it (serving/inputs.py): what is accepted, and what each refusal says."""
+"""Images as clients send them (serving/inputs.py): base64 text and multipart files, what is accepted, and what each
+refusal says."""
 
 from __future__ import annotations
 
 import base64
 
+import httpx
 import pytest
 
 from serving.errors import ApiError
-from serving.inputs import decode_base64_image
+from serving.inputs import decode_base64_image, uploaded_images
 
 PAYLOAD = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, and a tail that base64 writes with '+', '/' and '='
 
@@ -37,3 +39,31 @@ def test_refusals_say_what_is_wrong(text: str, status: int, code: str, message: 
         decode_base64_image(text, "image_base64")
     assert (refused.value.status, refused.value.code) == (status, code)
     assert refused.value.message.startswith(message), refused.value.message
+
+
+def multipart(files: list, data: dict | None = None) -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart form as httpx encodes it (with at least one file: else it is urlencoded)."""
+    request = httpx.Request("POST", "http://lantern.test/predict", files=files, data=data)
+    return request.headers["content-type"], request.read()
+
+
+def test_uploaded_images_are_the_fields_files_in_order() -> None:
+    content_type, body = multipart([("images", ("a.png", b"first")), ("other", ("x.bin", b"x")),
+                                    ("images", ("b.png", b"second"))], {"note": "kept out"})
+    assert uploaded_images(content_type, body, "images", 4) == [("a.png", b"first"), ("b.png", b"second")]
+
+
+@pytest.mark.parametrize("files, data, code, message", [
+    ([("other", ("x.bin", b"x"))], {"images": "https://example.com/cat.png"}, "url_not_accepted",
+     "form field 'images' holds a URL; Lantern never fetches URLs: send the image as a file"),
+    ([("other", ("x.bin", b"x"))], {"images": "iVBORw0KGgo="}, "not_a_file", "form field 'images' must be a file upload, not text"),
+    ([("image", ("a.png", b"x"))], {"note": "n"}, "missing_images",
+     "the multipart body has no 'images' files (it has note, image)"),
+    ([("images", ("a.png", b"x")), ("images", ("b.png", b"y"))], None, "invalid_multipart",
+     "the multipart body cannot be read: Too many files. Maximum number of files is 1."),
+])
+def test_multipart_refusals_say_what_is_wrong(files: list, data: dict | None, code: str, message: str) -> None:
+    content_type, body = multipart(files, data)
+    with pytest.raises(ApiError) as refused:
+        uploaded_images(content_type, body, "images", 1)
+    assert (refused.value.status, refused.value.code, refused.value.message) == (400, code, message)
