@@ -17,7 +17,8 @@ from lantern.console import console, stdout, user_errors
 @click.option("--port", default=3000, show_default=True, envvar="BENTOML_PORT", type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Worker processes; each loads every deployment.")
+              help="Worker processes (instances); each loads every deployment and admits its own "
+                   "max_concurrent_requests_per_instance.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
 @click.option("--reset-state", is_flag=True,
               help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
