@@ -13,6 +13,11 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
 
 
+# the usual cause: a client that sets `Content-Type: multipart/form-data` itself, without the boundary its HTTP library
+# writes into the body
+NO_HAND_MADE_HEADER = "let the HTTP library write the Content-Type of a multipart body"
+
+
 @dataclass(frozen=True)
 class FormPart:
     """One part of a multipart body: a file upload (with its file name, maybe empty) or a text field (None)."""
@@ -33,7 +38,10 @@ def form_parts(content_type: str, body: bytes, max_files: int, max_fields: int) 
         raise FormError(f"the body is {kind.decode('latin-1') or 'untyped'}, not multipart/form-data")
     boundary = options.get(b"boundary")
     if not boundary:
-        raise FormError("the Content-Type header has no multipart boundary")
+        raise FormError(f"the Content-Type header has no multipart boundary ({NO_HAND_MADE_HEADER})")
+    if b"--" + boundary not in body:
+        raise FormError(f"the body holds no part marked with the Content-Type's boundary "
+                        f"{boundary.decode('latin-1')!r} ({NO_HAND_MADE_HEADER})")
     parts: list[FormPart] = []
     counts = {"files": 0, "fields": 0}
 

@@ -40,9 +40,11 @@ def test_more_files_or_fields_than_allowed_are_refused(files: int, fields: int, 
 
 
 @pytest.mark.parametrize("content_type, body, message", [
-    ("multipart/form-data", b"--x\r\n", "the Content-Type header has no multipart boundary"),
+    ("multipart/form-data", b"--x\r\n", "the Content-Type header has no multipart boundary \\(let the HTTP library"),
+    ("multipart/form-data; boundary=abc", b"--x\r\nContent-Disposition: form-data; name=\"images\"\r\n\r\n\r\n--x--",
+     "the body holds no part marked with the Content-Type's boundary 'abc' \\(let the HTTP library"),
     ("application/json; boundary=x", b"{}", "the body is application/json, not multipart/form-data"),
-    ("multipart/form-data; boundary=zzz", b"garbage",
+    ("multipart/form-data; boundary=zzz", b"garbage --zzz",
      "malformed multipart data: Expected boundary character 45, got 103 at index 2"),
     ("multipart/form-data; boundary=zzz", b"--zzz\r\nContent-Type: image/png\r\n\r\nabc\r\n--zzz--\r\n",
      "malformed multipart data: Field name not found in Content-Disposition"),

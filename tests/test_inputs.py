@@ -56,7 +56,8 @@ def test_uploaded_images_are_the_fields_files_in_order() -> None:
 @pytest.mark.parametrize("files, data, code, message", [
     ([("other", ("x.bin", b"x"))], {"images": "https://example.com/cat.png"}, "url_not_accepted",
      "form field 'images' holds a URL; Lantern never fetches URLs: send the image as a file"),
-    ([("other", ("x.bin", b"x"))], {"images": "iVBORw0KGgo="}, "not_a_file", "form field 'images' must be a file upload, not text"),
+    ([("other", ("x.bin", b"x"))], {"images": "iVBORw0KGgo="}, "not_a_file",
+     "form field 'images' must be a file upload, not text"),
     ([("image", ("a.png", b"x"))], {"note": "n"}, "missing_images",
      "the multipart body has no 'images' files (it has note, image)"),
     ([("images", ("a.png", b"x")), ("images", ("b.png", b"y"))], None, "invalid_multipart",
