@@ -235,8 +235,7 @@ def add_explanation(item: ScoreItem, explanation: Explanation, xai: XaiParameter
 
 # /explain -----------------------------------------------------------------------------------------------------------
 
-async def explain_request(endpoint: Endpoint, request: Request, body: bytes,
-                          limit: int) -> tuple[ExplainRequest | None, bytes]:
+async def explain_request(endpoint: Endpoint, request: Request, body: bytes) -> tuple[ExplainRequest | None, bytes]:
     """The JSON body, or (query parameters, image bytes) for a raw or multipart image."""
     kind = media_type(request)
     if kind == "application/json":
@@ -300,7 +299,7 @@ def query_explain_options(request: Request) -> ExplainRequest:
 async def explain_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
     limits = endpoint.config.limits
     body = request._body  # read (with the size limit) by `handle`
-    parsed, blob = await explain_request(endpoint, request, body, limits.max_body_bytes)
+    parsed, blob = await explain_request(endpoint, request, body)
     options = parsed or query_explain_options(request)
     if "internal_batch_size" in options.params:
         raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
