@@ -195,6 +195,8 @@ def transparent_top(mode: str) -> bytes:
         return encoded(image.convert("LA"), "PNG")
     if mode == "tRNS":  # RGB with one colour marked transparent
         return encoded(image.convert("RGB"), "PNG", transparency=(0, 0, 0))
+    if mode == "PNG-8":  # a palette PNG with an alpha per palette entry, as pngquant and TinyPNG write them
+        return encoded(image.quantize(4), "PNG")
     if mode == "P":  # index 0 red, index 1 black and transparent
         indexed = Image.fromarray((np.arange(8)[:, None] >= 4).repeat(8, 1).astype(np.uint8), "P")
         indexed.putpalette([255, 0, 0, 0, 0, 0])
@@ -202,7 +204,7 @@ def transparent_top(mode: str) -> bytes:
     return encoded(image, "PNG")
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "tRNS"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PNG-8", "tRNS"])
 def test_transparent_pixels_show_white_not_the_colour_stored_under_them(mode: str) -> None:
     """Pillow's convert("RGB") drops the alpha: a logo on a transparent background reached the model on black."""
     decoded = np.asarray(decode_image(transparent_top(mode)))
