@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lantern.console import console, stdout, user_errors
+from serving.draining import MAX_DRAIN_SECONDS
 
 
 @click.command("serve")
@@ -19,11 +20,15 @@ from lantern.console import console, stdout, user_errors
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes (instances); each loads every deployment and admits its own "
                    "max_concurrent_requests_per_instance.")
+@click.option("--drain-seconds", default=0.0, show_default=True, type=click.FloatRange(0, MAX_DRAIN_SECONDS),
+              help="On SIGTERM, report unready (/readyz 503) for this long while still answering, then stop "
+                   "(for a load balancer to stop sending first); SIGINT stops at once.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
 @click.option("--reset-state", is_flag=True,
               help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
 @user_errors
-def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: str | None, reset_state: bool) -> None:
+def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: float, tracking_uri: str | None,
+          reset_state: bool) -> None:
     """Serve the endpoint described by ENDPOINT_YAML with BentoML (checks every model in the registry first).
 
     The first start creates the endpoint's state from ENDPOINT_YAML; later starts restore the persisted state
@@ -64,7 +69,8 @@ def serve(config_path: str, port: int, host: str, workers: int, tracking_uri: st
     env = {**os.environ, CONFIG_ENV: str(Path(config_path).resolve()), WORKERS_ENV: str(workers),
            "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),
-               "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}"]
+               "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}",
+               "--arg", f"drain_seconds={drain_seconds:g}"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, env)

@@ -1,8 +1,8 @@
 """The BentoML service: one instance per worker process, serving the endpoint configured by `endpoint.yaml`.
 
 Start it with `lantern serve endpoint.yaml`, or `bentoml serve` (from a checkout or a built bento) with
-`--arg config=PATH` and `--arg workers=N`; without them it reads `$LANTERN_ENDPOINT_CONFIG`, else `endpoint.yaml`
-in the working directory."""
+`--arg config=PATH`, `--arg workers=N` and `--arg drain_seconds=S`; without them it reads `$LANTERN_ENDPOINT_CONFIG`,
+else `endpoint.yaml` in the working directory, and stops at once on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import logging
 import os
 
 import bentoml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from serving.app import build_app
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
 from serving.cors import LanternCors
+from serving.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
 from serving.endpoint import Endpoint
 from serving.request_ids import RequestIds
 from serving.request_timer import cancel_request_timers
@@ -26,10 +27,11 @@ logger.setLevel(logging.INFO)  # lifecycle lines (loaded, ready, serving generat
 
 
 class ServeArguments(BaseModel):
-    """`bentoml serve ... --arg config=endpoint.yaml --arg workers=2`."""
+    """`bentoml serve ... --arg config=endpoint.yaml --arg workers=2 --arg drain_seconds=10`."""
 
     config: str = os.environ.get(CONFIG_ENV, "endpoint.yaml")
     workers: int = int(os.environ.get(WORKERS_ENV, "1"))
+    drain_seconds: float = Field(0, ge=0, le=MAX_DRAIN_SECONDS)
 
 
 cancel_request_timers()  # before BentoML builds the app around ours
@@ -38,6 +40,7 @@ arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
 app = build_app()
+drain = Drain(arguments.drain_seconds)
 
 
 @bentoml.service(
@@ -53,9 +56,10 @@ class Lantern:
         self.endpoint = Endpoint(endpoint_config)
         app.state.endpoint = self.endpoint
         self.endpoint.start()
+        drain.install()  # BentoML makes the instance in the worker's main thread, after uvicorn took SIGTERM
 
     def __is_ready__(self) -> bool:
-        return self.endpoint.is_ready()
+        return not drain.draining and self.endpoint.is_ready()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -64,5 +68,6 @@ class Lantern:
 
 if endpoint_config.cors is not None:  # outermost of ours: UnroutedRequests would answer a preflight's OPTIONS with 405
     Lantern.add_asgi_middleware(LanternCors, cors=endpoint_config.cors)
+Lantern.add_asgi_middleware(CloseWhileDraining, drain=drain)
 Lantern.add_asgi_middleware(RequestIds)  # x-request-id: the trace id of the access log's line
 Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

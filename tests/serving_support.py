@@ -68,7 +68,8 @@ def png_bytes(size: int = 48, shape: str = "circle", color: tuple[int, int, int]
 class Server:
     """`lantern serve CONFIG` in its own process group; stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, config: dict, folder: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(self, config: dict, folder: Path, env: dict[str, str], workers: int = 1,
+                 options: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.config_path = folder / "endpoint.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -77,6 +78,7 @@ class Server:
         self.log_path = folder / "server.log"
         self.env = env
         self.workers = workers
+        self.options = options  # more `lantern serve` options
         self.process: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 180) -> "Server":
@@ -85,7 +87,7 @@ class Server:
         elsewhere.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             [lantern_executable(), "serve", str(self.config_path), "--port", str(self.port),
-             "--workers", str(self.workers)],
+             "--workers", str(self.workers), *self.options],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=elsewhere,
         )
         deadline = time.monotonic() + ready_timeout

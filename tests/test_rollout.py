@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -483,7 +484,8 @@ def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server,
 
 def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, str]) -> None:
     """Last in this module: it stops the module's server, with a request in flight, which is answered in full before
-    the server ends (SIGTERM drains, as an orchestrator's rolling restart expects; new connections are refused)."""
+    the server ends (SIGTERM lets in-flight requests finish, as an orchestrator's rolling restart expects; new
+    connections are refused). The restarted server drains before it stops (`--drain-seconds`)."""
     admin = Admin(server, keys["admin"])
     admin.reset()
     admin.add(deployment("green"))
@@ -506,7 +508,7 @@ def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, 
     assert [bool(answer["visualizations"]) for answer in answers[0].json()] == [True] * 8
     with pytest.raises(httpx.ConnectError):
         predict(server, keys["primary"])
-    restarted = Server(yaml_config(server), server.folder, server.env, workers=2)
+    restarted = Server(yaml_config(server), server.folder, server.env, workers=2, options=("--drain-seconds", "5"))
     restarted.config_path = server.config_path
     restarted.start()
     try:
@@ -521,8 +523,30 @@ def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, 
             (d["name"], d["generation"], "ready") for d in before["deployments"]]
         assert predict(restarted, keys["primary"]).status_code == 200
         assert "restored" in restarted.log()
+        drains_then_stops(restarted, keys["primary"])
     finally:
         restarted.stop()
+
+
+def drains_then_stops(server: Server, key: str) -> None:
+    """SIGTERM to `lantern serve` alone, as an orchestrator sends it, with `--drain-seconds`: every worker is unready at
+    once but answers on, each answer closing its connection (so clients reconnect through the load balancer); then the
+    server stops."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 4
+    while httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
+        assert time.monotonic() < deadline, "still ready after SIGTERM"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the arbiter signals the workers one after the other
+    answers = [predict(server, key) for _ in range(4)]
+    assert [(answer.status_code, answer.headers.get("connection")) for answer in answers] == [(200, "close")] * 4
+    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503
+    server.process.wait(timeout=60)
+    with pytest.raises(httpx.ConnectError):
+        predict(server, key)
+    log = server.log()
+    assert log.count("SIGTERM: draining for 5 s") == 2, log  # one line per worker
 
 
 def yaml_config(server: Server) -> dict:
