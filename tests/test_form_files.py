@@ -3,6 +3,7 @@ refused with a reason. Bodies are encoded by httpx, as a client sends them."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import httpx
@@ -49,9 +50,11 @@ def test_more_files_or_fields_than_allowed_are_refused(files: int, fields: int, 
     ("multipart/form-data; boundary=zzz", b"--zzz\r\nContent-Type: image/png\r\n\r\nabc\r\n--zzz--\r\n",
      "malformed multipart data: Field name not found in Content-Disposition"),
 ])
-def test_malformed_bodies_are_refused_with_the_reason(content_type: str, body: bytes, message: str) -> None:
-    with pytest.raises(FormError, match=message):
+def test_malformed_bodies_are_refused_with_the_reason(content_type: str, body: bytes, message: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG), pytest.raises(FormError, match=message):
         form_parts(content_type, body, max_files=4, max_fields=4)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def test_a_body_cut_short_yields_no_half_file() -> None:
