@@ -175,10 +175,11 @@ async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T],
     return await endpoint.in_thread(parse) if len(body) > inline_bytes else parse()
 
 
-async def read_uploads(endpoint: Endpoint, request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of the multipart body's files in `field`."""
-    parse = partial(uploaded_images, request.headers.get("content-type", ""), request._body, field, max_files)
-    return await parse_body(endpoint, request._body, parse, INLINE_FORM_BYTES)
+async def read_uploads(endpoint: Endpoint, request: Request, body: bytes, field: str,
+                       max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the files in `field` of the request's multipart `body`."""
+    parse = partial(uploaded_images, request.headers.get("content-type", ""), body, field, max_files)
+    return await parse_body(endpoint, body, parse, INLINE_FORM_BYTES)
 
 
 # /score -------------------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ async def explain_request(endpoint: Endpoint, request: Request, body: bytes) -> 
 
         return await parse_body(endpoint, body, parse)
     if kind == "multipart/form-data":
-        files = await read_uploads(endpoint, request, "image", 1)
+        files = await read_uploads(endpoint, request, body, "image", 1)
         if not files:
             raise bad_request("the multipart body has no 'image' file", "missing_image")
         return None, files[0][1]
@@ -348,7 +349,7 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
     kind = media_type(request)
     body = request._body
     if kind == "multipart/form-data":
-        named = await read_uploads(endpoint, request, "images", limits.max_images_per_request)
+        named = await read_uploads(endpoint, request, body, "images", limits.max_images_per_request)
         if not named:
             raise bad_request("the multipart body has no 'images' files", "missing_images")
     elif kind in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
