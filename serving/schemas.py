@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -212,12 +212,19 @@ def refuse_deep_nesting(text: str | bytes, what: str) -> None:
                           "invalid_json")
 
 
+def not_a_json_number(constant: str) -> NoReturn:
+    """Python's json module reads NaN and Infinity; JSON (RFC 8259) has neither, and a field's range check would then
+    refuse them in puzzling words ("should be less than or equal to 1")."""
+    raise ValueError(f"{constant} is not a JSON number (JSON has no NaN or Infinity)")
+
+
 def load_json(text: str | bytes, what: str) -> Any:
-    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels)."""
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels, or
+    holds NaN or Infinity)."""
     refuse_deep_nesting(text, what)
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(text, parse_constant=not_a_json_number)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
 
 
