@@ -218,12 +218,22 @@ def not_a_json_number(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not a JSON number (JSON has no NaN or Infinity)")
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique: with a name given twice, Python keeps the last value without a word (and a
+    proxy that checked the first would let through what the server then reads differently)."""
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        twice = next(name for name in values if sum(1 for other, _ in pairs if other == name) > 1)
+        raise ValueError(f"the name {twice!r} is given twice in one object")
+    return values
+
+
 def load_json(text: str | bytes, what: str) -> Any:
-    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels, or
-    holds NaN or Infinity)."""
+    """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels, holds
+    NaN or Infinity, or names a member twice in one object)."""
     refuse_deep_nesting(text, what)
     try:
-        return json.loads(text, parse_constant=not_a_json_number)
+        return json.loads(text, parse_constant=not_a_json_number, object_pairs_hook=unique_keys)
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
 

@@ -53,6 +53,8 @@ def test_columns_can_complete_a_json_row_and_missing_cells_keep_the_defaults() -
     (["image", "xai_parameters"], [[IMAGE, "{not json"]], "invalid_json", "input_data.data[0].xai_parameters is not"),
     (["image"], ['{"image_base64": "%s", "confidence_score_threshold_multilabel": NaN}' % IMAGE], "invalid_json",
      "input_data.data[0] is not valid JSON: NaN is not a JSON number"),
+    (["image"], ['{"image_base64": "%s", "model_explainability": true, "model_explainability": false}' % IMAGE],
+     "invalid_json", "input_data.data[0] is not valid JSON: the name 'model_explainability' is given twice"),
     (["image", "xai_parameters"], [[IMAGE, {"xai_algorithm": "xrai", "n_steps": 1}]], "invalid_xai_parameters",
      "input_data.data[0].xai_parameters: invalid parameters for xrai: n_steps"),
     (["image", "confidence_score_threshold_multilabel"], [[IMAGE, 2]], "invalid_row",
