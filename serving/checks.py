@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from dataclasses import dataclass
 
 from registry.errors import LanternError
@@ -93,3 +94,23 @@ def check_listen_address(host: str, port: int) -> None:
             hint = ("another server listens there; stop it or choose another --port" if error.errno == errno.EADDRINUSE
                     else "choose another --host or --port")
             raise LanternError(f"cannot listen on {host}:{port}: {error.strerror} ({hint})") from None
+
+
+def check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    """A LanternError unless both or neither of the TLS files are given and the certificate chain loads with its key
+    (a wrong pair or a passphrase-protected key would otherwise end every worker with a traceback)."""
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None or keyfile is None:
+        raise LanternError("TLS needs both --ssl-certfile (the certificate chain, PEM) and --ssl-keyfile (its private "
+                           "key, PEM)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=no_password)
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise LanternError(f"the TLS certificate {certfile} and key {keyfile} do not load together: {error} (PEM "
+                           "files, the key unencrypted and matching the certificate)") from None
+
+
+def no_password() -> str:
+    """A passphrase-protected key would make the server prompt for one on its terminal: refuse it instead."""
+    raise ValueError("the private key is encrypted")

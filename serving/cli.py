@@ -23,12 +23,16 @@ from serving.draining import MAX_DRAIN_SECONDS
 @click.option("--drain-seconds", default=0.0, show_default=True, type=click.FloatRange(0, MAX_DRAIN_SECONDS),
               help="On SIGTERM, report unready (/readyz 503) for this long while still answering, then stop "
                    "(for a load balancer to stop sending first); SIGINT stops at once.")
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Serve HTTPS with this certificate chain (PEM); with --ssl-keyfile.")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The certificate's private key (PEM, unencrypted).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
 @click.option("--reset-state", is_flag=True,
               help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
 @user_errors
-def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: float, tracking_uri: str | None,
-          reset_state: bool) -> None:
+def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: float, ssl_certfile: str | None,
+          ssl_keyfile: str | None, tracking_uri: str | None, reset_state: bool) -> None:
     """Serve the endpoint described by ENDPOINT_YAML with BentoML (checks every model in the registry first).
 
     The first start creates the endpoint's state from ENDPOINT_YAML; later starts restore the persisted state
@@ -37,7 +41,7 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
     from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
-    from serving.checks import check_against_registry, check_listen_address, pinned_version
+    from serving.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.state import StateStore
 
@@ -48,6 +52,7 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
         for line in check_against_registry(config, uri):
             console.print(f"[green]✓[/green] {line}")
     check_listen_address(host, port)  # before a first start's state is written
+    check_tls_files(ssl_certfile, ssl_keyfile)
     state, restored = store.prepare(config, pin=lambda model: pinned_version(model, uri), reset=reset_state)
     if restored:
         console.print(f"Endpoint state restored from {store.path} (revision {state.revision}: {state.last_change}); "
@@ -63,7 +68,7 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
         console.print(f"Scoring keys: {where} (print them with `lantern endpoint get-credentials {config_path}`)")
     where = f"${ADMIN_ENV}" if admin_key(config.name).source == "environment" else keys_file
     console.print(f"Admin key (management API, `lantern deploy/traffic/keys`): {where}")
-    base = f"http://{host}:{port}"
+    base = f"{'https' if ssl_certfile else 'http'}://{host}:{port}"
     console.print(f"Endpoint [bold]{config.name}[/bold] on {base}: POST {base}/score, /predict, /explain; "
                   f"GET {base}/readyz, /metrics, /docs; try it in a browser at {base}/")
     env = {**os.environ, CONFIG_ENV: str(Path(config_path).resolve()), WORKERS_ENV: str(workers),
@@ -71,6 +76,9 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),
                "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}",
                "--arg", f"drain_seconds={drain_seconds:g}"]
+    if ssl_certfile and ssl_keyfile:
+        command += ["--arg", f"ssl_certfile={Path(ssl_certfile).resolve()}",
+                    "--arg", f"ssl_keyfile={Path(ssl_keyfile).resolve()}"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, env)

@@ -1,13 +1,15 @@
 """The BentoML service: one instance per worker process, serving the endpoint configured by `endpoint.yaml`.
 
 Start it with `lantern serve endpoint.yaml`, or `bentoml serve` (from a checkout or a built bento) with
-`--arg config=PATH`, `--arg workers=N` and `--arg drain_seconds=S`; without them it reads `$LANTERN_ENDPOINT_CONFIG`,
-else `endpoint.yaml` in the working directory, and stops at once on SIGTERM."""
+`--arg config=PATH`, `--arg workers=N`, `--arg drain_seconds=S` and `--arg ssl_certfile=PEM --arg ssl_keyfile=PEM`;
+without them it reads `$LANTERN_ENDPOINT_CONFIG`, else `endpoint.yaml` in the working directory, stops at once on
+SIGTERM and serves plain HTTP."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import bentoml
 from pydantic import BaseModel, Field
@@ -32,6 +34,14 @@ class ServeArguments(BaseModel):
     config: str = os.environ.get(CONFIG_ENV, "endpoint.yaml")
     workers: int = int(os.environ.get(WORKERS_ENV, "1"))
     drain_seconds: float = Field(0, ge=0, le=MAX_DRAIN_SECONDS)
+    ssl_certfile: str | None = None  # HTTPS with this certificate chain and key (PEM); `lantern serve` checks them
+    ssl_keyfile: str | None = None
+
+    def tls(self) -> dict[str, Any]:
+        """BentoML's `ssl` service setting (uvicorn's TLS) when a certificate is given."""
+        if not self.ssl_certfile:
+            return {}
+        return {"ssl": {"enabled": True, "certfile": self.ssl_certfile, "keyfile": self.ssl_keyfile}}
 
 
 cancel_request_timers()  # before BentoML builds the app around ours
@@ -47,6 +57,7 @@ drain = Drain(arguments.drain_seconds)
     name="lantern",
     workers=arguments.workers,
     traffic={"timeout": MAX_REQUEST_TIMEOUT_MS / 1000 + 30},  # deployments added later may take the longest
+    **arguments.tls(),
 )
 @bentoml.asgi_app(app, path="/")
 class Lantern:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -69,12 +70,13 @@ class Server:
     """`lantern serve CONFIG` in its own process group; stopped with SIGTERM (then SIGKILL)."""
 
     def __init__(self, config: dict, folder: Path, env: dict[str, str], workers: int = 1,
-                 options: tuple[str, ...] = ()) -> None:
+                 options: tuple[str, ...] = (), tls: ssl.SSLContext | None = None) -> None:
         self.folder = folder
         self.config_path = folder / "endpoint.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = tls or True  # how clients check the server's certificate
         self.log_path = folder / "server.log"
         self.env = env
         self.workers = workers
@@ -95,7 +97,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"lantern serve exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=2, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -117,7 +119,7 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a Prometheus sample over the series whose labels include `labels` (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", timeout=10, verify=self.verify).text
         total = 0.0
         for line in text.splitlines():
             match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
@@ -127,3 +129,33 @@ class Server:
             if all(found.get(k) == v for k, v in labels.items()):
                 total += float(match.group(2))
         return total
+
+
+def self_signed_certificate(folder: Path, password: bytes | None = None) -> tuple[Path, Path]:
+    """(certificate, key) PEM files of a new self-signed certificate for 127.0.0.1 and localhost (the key encrypted
+    with `password` when given)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                               x509.DNSName("localhost")]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    encryption = (serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return cert_path, key_path

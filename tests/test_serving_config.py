@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -176,3 +178,59 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
             assert out.returncode == 2, out.stdout + out.stderr
             assert message in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
     assert not state_path("shop").exists()
+
+
+def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
+    from registry.errors import LanternError
+    from serving.checks import check_tls_files
+    from serving_support import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path / "one")
+    _, other_key = self_signed_certificate(tmp_path / "two")
+    encrypted_cert, encrypted_key = self_signed_certificate(tmp_path / "three", password=b"secret")
+    check_tls_files(str(cert), str(key))
+    check_tls_files(None, None)
+    for certfile, keyfile, message in (
+            (str(cert), None, "TLS needs both --ssl-certfile"),
+            (None, str(key), "TLS needs both --ssl-certfile"),
+            (str(cert), str(other_key), "key values mismatch"),
+            (str(encrypted_cert), str(encrypted_key), "the private key is encrypted"),
+            (str(key), str(cert), f"the TLS certificate {key} and key {cert} do not load together")):
+        with pytest.raises(LanternError, match=re.escape(message)):
+            check_tls_files(certfile, keyfile)
+
+
+def test_serve_over_https(store: str, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    """`--ssl-certfile/--ssl-keyfile`: the endpoint answers HTTPS only, and the management CLI reaches it with the
+    certificate in $SSL_CERT_FILE."""
+    import ssl
+
+    import httpx
+
+    from registry.register import register_checkpoint
+    from serving_support import Server, png_bytes, self_signed_certificate
+
+    register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    cert, key = self_signed_certificate(tmp_path / "tls")
+    env = {**os.environ, "LANTERN_API_KEY": "scoring-key", "LANTERN_ADMIN_KEY": "admin-key"}
+    blue = {"name": "blue", "model": "models:/m/1", "readiness_probe": {"initial_delay": 0, "period": 0.5}}
+    server = Server(config(deployments=[blue]), tmp_path, env,
+                    options=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+                    tls=ssl.create_default_context(cafile=str(cert)))
+    server.start()
+    try:
+        assert f"Endpoint shop on {server.url}: POST {server.url}/score" in " ".join(server.log().split())
+        assert server.url.startswith("https://")
+        answer = httpx.post(f"{server.url}/predict", content=png_bytes(), verify=server.verify, timeout=60,
+                            headers={"Authorization": "Bearer scoring-key", "Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.json()["deployment"] == "blue", answer.text
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the port: no answer
+            httpx.get(server.url.replace("https://", "http://") + "/readyz", timeout=10)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # a client that does not trust it
+            httpx.get(f"{server.url}/readyz", timeout=10)
+        shown = subprocess.run([lantern_executable(), "endpoint", "show", "--json"], capture_output=True, text=True,
+                               timeout=60, env={**env, "LANTERN_URL": server.url, "SSL_CERT_FILE": str(cert)})
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["traffic"] == {"blue": 100}
+    finally:
+        server.stop()
