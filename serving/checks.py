@@ -97,18 +97,19 @@ def check_listen_address(host: str, port: int) -> None:
 
 
 def check_tls_files(certfile: str | None, keyfile: str | None) -> None:
-    """A LanternError unless both or neither of the TLS files are given and the certificate chain loads with its key
-    (a wrong pair or a passphrase-protected key would otherwise end every worker with a traceback)."""
-    if certfile is None and keyfile is None:
+    """A LanternError unless the TLS certificate chain loads with its key (from `keyfile`, or from `certfile` itself
+    when it holds both): a wrong pair or a passphrase-protected key would otherwise end every worker with a
+    traceback. Nothing to check without a certificate."""
+    if certfile is None:
+        if keyfile is not None:
+            raise LanternError("--ssl-keyfile needs --ssl-certfile (the certificate chain, PEM)")
         return
-    if certfile is None or keyfile is None:
-        raise LanternError("TLS needs both --ssl-certfile (the certificate chain, PEM) and --ssl-keyfile (its private "
-                           "key, PEM)")
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=no_password)
     except (ssl.SSLError, OSError, ValueError) as error:
-        raise LanternError(f"the TLS certificate {certfile} and key {keyfile} do not load together: {error} (PEM "
-                           "files, the key unencrypted and matching the certificate)") from None
+        key = f"key {keyfile}" if keyfile else "the key in it (no --ssl-keyfile)"
+        raise LanternError(f"the TLS certificate {certfile} and {key} do not load together: {error} (PEM files, the "
+                           "key unencrypted and matching the certificate)") from None
 
 
 def no_password() -> str:

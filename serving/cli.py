@@ -24,9 +24,9 @@ from serving.draining import MAX_DRAIN_SECONDS
               help="On SIGTERM, report unready (/readyz 503) for this long while still answering, then stop "
                    "(for a load balancer to stop sending first); SIGINT stops at once.")
 @click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Serve HTTPS with this certificate chain (PEM); with --ssl-keyfile.")
+              help="Serve HTTPS with this certificate chain (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="The certificate's private key (PEM, unencrypted).")
+              help="The certificate's private key (PEM, unencrypted), unless --ssl-certfile holds it.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
 @click.option("--reset-state", is_flag=True,
               help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
@@ -76,9 +76,9 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),
                "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}",
                "--arg", f"drain_seconds={drain_seconds:g}"]
-    if ssl_certfile and ssl_keyfile:
-        command += ["--arg", f"ssl_certfile={Path(ssl_certfile).resolve()}",
-                    "--arg", f"ssl_keyfile={Path(ssl_keyfile).resolve()}"]
+    for name, path in (("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile)):
+        if path:
+            command += ["--arg", f"{name}={Path(path).resolve()}"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, env)

@@ -41,7 +41,8 @@ class ServeArguments(BaseModel):
         """BentoML's `ssl` service setting (uvicorn's TLS) when a certificate is given."""
         if not self.ssl_certfile:
             return {}
-        return {"ssl": {"enabled": True, "certfile": self.ssl_certfile, "keyfile": self.ssl_keyfile}}
+        key = {"keyfile": self.ssl_keyfile} if self.ssl_keyfile else {}  # else the certificate file holds it
+        return {"ssl": {"enabled": True, "certfile": self.ssl_certfile, **key}}
 
 
 cancel_request_timers()  # before BentoML builds the app around ours

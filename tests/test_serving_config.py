@@ -188,11 +188,14 @@ def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
     cert, key = self_signed_certificate(tmp_path / "one")
     _, other_key = self_signed_certificate(tmp_path / "two")
     encrypted_cert, encrypted_key = self_signed_certificate(tmp_path / "three", password=b"secret")
+    combined = tmp_path / "combined.pem"  # the key in the certificate's file
+    combined.write_bytes(cert.read_bytes() + key.read_bytes())
     check_tls_files(str(cert), str(key))
+    check_tls_files(str(combined), None)
     check_tls_files(None, None)
     for certfile, keyfile, message in (
-            (str(cert), None, "TLS needs both --ssl-certfile"),
-            (None, str(key), "TLS needs both --ssl-certfile"),
+            (str(cert), None, f"the TLS certificate {cert} and the key in it (no --ssl-keyfile) do not load together"),
+            (None, str(key), "--ssl-keyfile needs --ssl-certfile"),
             (str(cert), str(other_key), "key values mismatch"),
             (str(encrypted_cert), str(encrypted_key), "the private key is encrypted"),
             (str(key), str(cert), f"the TLS certificate {key} and key {cert} do not load together")):
