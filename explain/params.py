@@ -17,7 +17,7 @@ class ExplainError(ValueError):
 class SmoothGrad(BaseModel):
     """Optional SmoothGrad: average the attributions of noisy copies (the cloud reference uses 5 samples, sigma 0.2)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     smoothgrad_samples: int = Field(0, ge=0, le=64, description="noisy samples; 0 turns SmoothGrad off")
     smoothgrad_stdev: float = Field(0.2, gt=0, le=5, description="noise sigma in the normalised input space")
@@ -42,7 +42,7 @@ class XRAIParams(BaseModel):
 class GuidedParams(BaseModel):
     """Guided backprop and guided Grad-CAM take no parameters besides optional SmoothGrad."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     smoothgrad_samples: int = Field(0, ge=0, le=64)
     smoothgrad_stdev: float = Field(0.2, gt=0, le=5)

@@ -15,7 +15,7 @@ TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 class ClassificationSettings(BaseModel):
     """Image classification: resize the shorter side, center-crop, normalise."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     valid_resize_size: int = Field(256, ge=8, le=4096)
     valid_crop_size: int = Field(224, ge=8, le=4096)

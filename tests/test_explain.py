@@ -61,6 +61,8 @@ def test_parameters_are_validated_with_clear_messages() -> None:
         ("integrated_gradients", {"nsteps": 10}, "nsteps: not a parameter of integrated_gradients (accepted: "),
         ("guided_backprop", {"n_steps": 10}, "n_steps: not a parameter of guided_backprop"),
         ("integrated_gradients", {"smoothgrad_samples": -1}, "smoothgrad_samples"),
+        ("guided_backprop", {"smoothgrad_stdev": float("nan")}, "smoothgrad_stdev: Input should be a finite number"),
+        ("integrated_gradients", {"smoothgrad_stdev": "inf"}, "smoothgrad_stdev: Input should be a finite number"),
         ("xrai", {"n_steps": 0}, "n_steps: Input should be greater than or equal to 2"),
         ("xrai", {"xrai_fast": "sometimes"}, "xrai_fast: Input should be a valid boolean"),
         ("xrai", {"approximation_method": "gausslegendre"}, "approximation_method: not a parameter of xrai"),

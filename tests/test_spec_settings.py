@@ -53,6 +53,8 @@ def test_settings_refusals():
         build_settings("multiclass", {"valid_crop_size": "big"})
     with pytest.raises(SpecError, match="confidence_score_threshold_multilabel"):
         build_settings("multilabel", {"confidence_score_threshold_multilabel": 2})
+    with pytest.raises(SpecError, match="confidence_score_threshold_multilabel: Input should be a finite number"):
+        build_settings("multilabel", {"confidence_score_threshold_multilabel": "nan"})  # as `--set` passes it
     with pytest.raises(SpecError, match="unknown setting"):  # multi-label-only setting on a multi-class model
         build_settings("multiclass", {"confidence_score_threshold_multilabel": 0.4})
 
