@@ -66,6 +66,13 @@ def png_bytes(size: int = 48, shape: str = "circle", color: tuple[int, int, int]
     return out.getvalue()
 
 
+def multipart_body(files: list, data: dict | None = None) -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart form as httpx encodes it, as a client sends it (with at least one file:
+    else httpx urlencodes the form)."""
+    request = httpx.Request("POST", "http://lantern.test/predict", files=files, data=data)
+    return request.headers["content-type"], request.read()
+
+
 class Server:
     """`lantern serve CONFIG` in its own process group; stopped with SIGTERM (then SIGKILL)."""
 

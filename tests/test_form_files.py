@@ -6,22 +6,16 @@ from __future__ import annotations
 import logging
 import os
 
-import httpx
 import pytest
 
 from serving.form_files import FormError, FormPart, form_parts
-
-
-def encoded(files: list[tuple[str, tuple[str, bytes]]], data: dict[str, str] | None = None) -> tuple[str, bytes]:
-    """(Content-Type, body) of a multipart form as httpx encodes it."""
-    request = httpx.Request("POST", "http://lantern.test/predict", files=files, data=data)
-    return request.headers["content-type"], request.read()
+from serving_support import multipart_body
 
 
 def test_files_and_fields_come_back_whole_and_in_order() -> None:
     large = os.urandom(3 << 20)  # over python-multipart's 1 MiB in-memory default: it must not be cut or spooled
     tricky = b"--not-the-boundary\r\n\r\n" + os.urandom(1000) + b"\r\n"
-    content_type, body = encoded([("images", ("crème.jpg", large)), ("images", ("b.png", tricky)),
+    content_type, body = multipart_body([("images", ("crème.jpg", large)), ("images", ("b.png", tricky)),
                                   ("other", ("c.bin", b""))], data={"note": "hello"})
     parts = form_parts(content_type, body, max_files=3, max_fields=1)
     assert parts == [FormPart("note", None, b"hello"), FormPart("images", "crème.jpg", large),
@@ -33,7 +27,7 @@ def test_files_and_fields_come_back_whole_and_in_order() -> None:
     (1, 3, "Too many fields. Maximum number of fields is 2."),
 ])
 def test_more_files_or_fields_than_allowed_are_refused(files: int, fields: int, message: str) -> None:
-    content_type, body = encoded([("images", (f"{i}.png", b"x")) for i in range(files)],
+    content_type, body = multipart_body([("images", (f"{i}.png", b"x")) for i in range(files)],
                                  data={f"field{i}": "v" for i in range(fields)})
     with pytest.raises(FormError) as refusal:
         form_parts(content_type, body, max_files=1, max_fields=2)
@@ -58,6 +52,6 @@ def test_malformed_bodies_are_refused_with_the_reason(content_type: str, body: b
 
 
 def test_a_body_cut_short_yields_no_half_file() -> None:
-    content_type, body = encoded([("images", ("a.png", b"first")), ("images", ("b.png", b"second image"))])
+    content_type, body = multipart_body([("images", ("a.png", b"first")), ("images", ("b.png", b"second image"))])
     cut = body[: body.index(b"second") + 3]
     assert form_parts(content_type, cut, max_files=4, max_fields=4) == [FormPart("images", "a.png", b"first")]

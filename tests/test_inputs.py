@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 
-import httpx
 import pytest
 
 from serving.errors import ApiError
 from serving.inputs import decode_base64_image, uploaded_images
+from serving_support import multipart_body
 
 PAYLOAD = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, and a tail that base64 writes with '+', '/' and '='
 
@@ -41,14 +41,8 @@ def test_refusals_say_what_is_wrong(text: str, status: int, code: str, message: 
     assert refused.value.message.startswith(message), refused.value.message
 
 
-def multipart(files: list, data: dict | None = None) -> tuple[str, bytes]:
-    """(Content-Type, body) of a multipart form as httpx encodes it (with at least one file: else it is urlencoded)."""
-    request = httpx.Request("POST", "http://lantern.test/predict", files=files, data=data)
-    return request.headers["content-type"], request.read()
-
-
 def test_uploaded_images_are_the_fields_files_in_order() -> None:
-    content_type, body = multipart([("images", ("a.png", b"first")), ("other", ("x.bin", b"x")),
+    content_type, body = multipart_body([("images", ("a.png", b"first")), ("other", ("x.bin", b"x")),
                                     ("images", ("b.png", b"second"))], {"note": "kept out"})
     assert uploaded_images(content_type, body, "images", 4) == [("a.png", b"first"), ("b.png", b"second")]
 
@@ -64,7 +58,7 @@ def test_uploaded_images_are_the_fields_files_in_order() -> None:
      "the multipart body cannot be read: Too many files. Maximum number of files is 1."),
 ])
 def test_multipart_refusals_say_what_is_wrong(files: list, data: dict | None, code: str, message: str) -> None:
-    content_type, body = multipart(files, data)
+    content_type, body = multipart_body(files, data)
     with pytest.raises(ApiError) as refused:
         uploaded_images(content_type, body, "images", 1)
     assert (refused.value.status, refused.value.code, refused.value.message) == (400, code, message)
