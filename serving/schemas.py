@@ -221,10 +221,11 @@ def not_a_json_number(constant: str) -> NoReturn:
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """An object whose names are unique: with a name given twice, Python keeps the last value without a word (and a
     proxy that checked the first would let through what the server then reads differently)."""
-    values = dict(pairs)
-    if len(values) != len(pairs):
-        twice = next(name for name in values if sum(1 for other, _ in pairs if other == name) > 1)
-        raise ValueError(f"the name {twice!r} is given twice in one object")
+    values: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in values:
+            raise ValueError(f"the name {name!r} is given twice in one object")
+        values[name] = value
     return values
 
 
