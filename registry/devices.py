@@ -8,12 +8,12 @@ import torch
 
 from registry.errors import LanternError
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
 
 
 def torch_device(name: str = "auto") -> torch.device:
     """`auto` is the first GPU when CUDA is available, else the CPU; asking for a missing GPU is an error."""
-    if not DEVICE_PATTERN.match(name):
+    if not DEVICE_PATTERN.fullmatch(name):
         raise LanternError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -40,13 +39,12 @@ from registry.model_files import (
 )
 from registry.onnx_export import check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
-from registry.resolve import download_version, validate_alias, version_uri
+from registry.resolve import NAME_PATTERN, download_version, validate_alias, version_uri
 from registry.settings import ClassificationSettings, build_settings, with_overrides
 from registry.spec import ModelSpec, build_module, make_spec
 from registry.store import experiment_id, open_client, write_lock
 
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 REGISTER_ATTEMPTS = 8
 
 
@@ -80,7 +78,7 @@ class RegisteredVersion:
 
 
 def validate_name(name: str) -> str:
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         raise SpecError(
             f"invalid model name {name!r}: use letters, digits, '_', '.' and '-' (starting with a letter or digit)"
         )

@@ -27,9 +27,14 @@ from registry.store import lantern_home, open_client
 if TYPE_CHECKING:
     from torch import nn
 
-URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
-ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
-SHORT_PATTERN = re.compile(r"^(?P<name>[^/@:\s]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@\s]+))?$")
+# Matched whole (fullmatch: `$` would let a trailing newline through), in ASCII: names and aliases as Lantern registers
+# them, versions in ASCII digits.
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
+ALIAS = r"[A-Za-z_][A-Za-z0-9_\-]{0,63}"
+NAME_PATTERN = re.compile(MODEL_NAME)
+ALIAS_PATTERN = re.compile(ALIAS)
+URI_PATTERN = re.compile(rf"models:/(?P<name>{MODEL_NAME})(?:/(?P<version>[0-9]+)|@(?P<alias>{ALIAS}))?")
+SHORT_PATTERN = re.compile(rf"(?P<name>{MODEL_NAME})(?:/(?P<version>[0-9]+)|@(?P<alias>{ALIAS}))?")
 COMPLETE_MARKER = ".lantern-complete"
 
 
@@ -51,7 +56,7 @@ class ModelRef:
 
 
 def validate_alias(alias: str) -> str:
-    if not ALIAS_PATTERN.match(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+    if not ALIAS_PATTERN.fullmatch(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
         raise SpecError(
             f"invalid alias {alias!r}: use letters, digits, '_' and '-', starting with a letter; "
             "'latest' and 'v<number>' are reserved"
@@ -61,7 +66,7 @@ def validate_alias(alias: str) -> str:
 
 def parse_model_ref(text: str, allow_short: bool = True) -> ModelRef:
     """Parse `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME` (and NAME, NAME/V, NAME@A if short)."""
-    match = URI_PATTERN.match(text) or (SHORT_PATTERN.match(text) if allow_short else None)
+    match = URI_PATTERN.fullmatch(text) or (SHORT_PATTERN.fullmatch(text) if allow_short else None)
     if not match:
         accepted = "models:/NAME/VERSION or models:/NAME@ALIAS" + (" (or NAME, NAME/VERSION, NAME@ALIAS)" if allow_short else "")
         raise LanternError(f"not a registered model reference: {text!r}; accepted: {accepted}")

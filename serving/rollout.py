@@ -13,7 +13,7 @@ from registry.errors import LanternError
 from serving.counters import quantile_ms
 from serving.manage_client import ManageClient
 
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
@@ -23,7 +23,7 @@ class RolloutFailed(LanternError):
 
 def parse_duration(text: str) -> float:
     """Seconds from `30s`, `2m`, `500ms`, `1h` or a bare number of seconds."""
-    match = DURATION.match(text)
+    match = DURATION.fullmatch(text)
     if not match:
         raise LanternError(f"{text!r} is not a duration; use e.g. 30s, 2m, 500ms")
     return float(match.group(1)) * UNITS[match.group(2)]

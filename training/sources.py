@@ -11,7 +11,7 @@ from training.config import TrainConfig
 from training.datasets import Example, holdout_split, label_set, read_examples
 from training.shapes import INDEX_FILE, ShapesConfig, write_shapes_dataset
 
-SHAPES_SOURCE = re.compile(r"^shapes(?::(?P<count>\d+))?$")
+SHAPES_SOURCE = re.compile(r"shapes(?::(?P<count>[0-9]+))?")
 DEFAULT_SHAPES_COUNT = 3000
 VALIDATION_SHAPES_SEED = 1000
 
@@ -28,7 +28,7 @@ class TrainingData:
 def resolve_source(source: str, config: TrainConfig, cache_dir: Path, shapes_seed: int = 0) -> Path:
     """A path for `source`; `shapes[:COUNT]` is generated (once) at the session's image size under `cache_dir`
     from `shapes_seed` (validation shapes use another seed than training shapes, so they are different images)."""
-    match = SHAPES_SOURCE.match(source)
+    match = SHAPES_SOURCE.fullmatch(source)
     if not match:
         path = Path(source)
         if not path.exists():
