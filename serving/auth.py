@@ -16,6 +16,7 @@ from typing import Literal
 from filelock import FileLock
 
 from registry.errors import LanternError
+from serving.private_files import replace_private
 
 PRIMARY_ENV = "LANTERN_API_KEY"
 SECONDARY_ENV = "LANTERN_API_KEY_SECONDARY"
@@ -59,12 +60,7 @@ def new_key() -> str:
 
 def _write_private(path: Path, data: dict[str, str]) -> None:
     """Write `data` as JSON readable by the owner only (the file is created 0600, then moved into place)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(data, handle)
-    os.replace(temporary, path)
+    replace_private(path, json.dumps(data), path.with_name(path.name + ".tmp"))
 
 
 def _lock(endpoint: str) -> FileLock:

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from registry.errors import LanternError
 from serving.auth import admin_key, endpoint_dir, key_digest, scoring_keys
 from serving.config import DeploymentConfig, EndpointConfig, Percent, Strict, traffic_problems
+from serving.private_files import replace_private
 
 STATE_FILE = "state.json"
 
@@ -119,9 +120,8 @@ class StateStore:
                                "from endpoint.yaml") from None
 
     def _write(self, state: EndpointState) -> None:
-        temporary = self.path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(state.model_dump(mode="json"), indent=1))
-        os.replace(temporary, self.path)
+        replace_private(self.path, json.dumps(state.model_dump(mode="json"), indent=1),
+                        self.path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp"))
 
     def prepare(self, config: EndpointConfig, pin: Callable[[str], str | None],
                 reset: bool = False) -> tuple[EndpointState, bool]:

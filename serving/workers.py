@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from serving.private_files import replace_private
+
 HEARTBEAT_S = 1.0
 STALE_S = 5.0
 
@@ -75,8 +77,7 @@ class StatusBoard:
     def publish(self, status: WorkerStatus) -> None:
         path = self.folder / f"{status.worker}.json"
         temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # threads may publish at once
-        temporary.write_text(status.model_dump_json())
-        os.replace(temporary, path)
+        replace_private(path, status.model_dump_json(), temporary)
 
     def withdraw(self, worker: str) -> None:
         (self.folder / f"{worker}.json").unlink(missing_ok=True)

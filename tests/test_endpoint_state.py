@@ -191,3 +191,16 @@ def test_status_published_from_several_threads_at_once(tmp_path: Path) -> None:
     assert errors == []
     assert [status.revision in (1, 2, 3) for status in board.live()] == [True]
     assert sorted(path.name for path in board.folder.iterdir()) == ["7.json"]
+
+
+def test_state_and_worker_statuses_are_readable_by_their_owner_only(keyless: None, tmp_path: Path) -> None:
+    """The state holds the keys' digests and the statuses what every worker serves: 0600, like the keys file, also
+    when an existing file is replaced."""
+    store = StateStore("shop")
+    store.prepare(parse_endpoint_config(shop()), pin=as_named)
+    store.path.chmod(0o644)  # as earlier versions wrote it
+    store.change(lambda s: s.model_copy(update={"traffic": {"blue": 50, "green": 50}}), "half")
+    board = StatusBoard(tmp_path / "workers")
+    board.publish(WorkerStatus(worker="7", pid=os.getpid(), revision=1, heartbeat=time.time(), deployments={}))
+    for path in (store.path, board.folder / "7.json", store.folder / "credentials.json"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
