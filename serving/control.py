@@ -20,6 +20,7 @@ from serving.schemas import describe_fields
 from serving.state import DeploymentRecord, EndpointState
 from serving.workers import GpuMemory, InstanceStatus, WorkerStatus
 
+UPDATE_ATTEMPTS = 5  # merges of one PATCH on a record other changes keep replacing, before it is refused with 409
 AggregateState = Literal["loading", "ready", "unready", "failed", "updating"]
 
 
@@ -196,32 +197,45 @@ class Control:
         """Merge `patch` (JSON merge patch: objects merge, null removes) into the deployment's configuration; a new
         generation is readied in every worker, then swapped in, while the current one keeps serving. The version
         stays the one the deployment serves unless `patch` names `model` (the same alias again: the version it names
-        now)."""
-        record = self._record(self.current(), name)
+        now).
+
+        The merge is made on the record as it is read, and written only if the record is still that one when the
+        state is changed (a compare-and-set under the state's lock): an update that lost the race to another is
+        merged again on the newer record, so concurrent patches of different fields both hold."""
         if "name" in patch and patch["name"] != name:
             raise unprocessable("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
-        merged = merge_patch(record.config.model_dump(mode="json"), patch)
-        try:
-            config = DeploymentConfig.model_validate(merged)
-        except ValidationError as error:
-            raise unprocessable(describe_fields(error, f"deployment {name}")) from None
-        resolve = "model" in patch or config.model != record.config.model
-        if config == record.config and not resolve:
+        for _ in range(UPDATE_ATTEMPTS):
+            record = self._record(self.current(), name)
+            merged = merge_patch(record.config.model_dump(mode="json"), patch)
+            try:
+                config = DeploymentConfig.model_validate(merged)
+            except ValidationError as error:
+                raise unprocessable(describe_fields(error, f"deployment {name}")) from None
+            resolve = "model" in patch or config.model != record.config.model
+            if config == record.config and not resolve:
+                return self.deployment(name)
+            version = self._check_model(config, None if resolve else record.model_version)
+            if config == record.config and version == record.model_version:
+                return self.deployment(name)  # its alias names the version it serves
+
+            def mutate(state: EndpointState, read: DeploymentRecord = record, config: DeploymentConfig = config,
+                       version: str | None = version) -> EndpointState:
+                current = self._record(state, name)
+                if current != read:
+                    raise _ChangedMeanwhile()
+                state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1,
+                                                      model_version=version)
+                                     if r.config.name == name else r for r in state.deployments]
+                return state
+
+            moved = f" to {version}" if version != record.model_version else ""
+            try:
+                self._changed(self.store.change(mutate, f"updated deployment {name}{moved}"))
+            except _ChangedMeanwhile:
+                continue
             return self.deployment(name)
-        version = self._check_model(config, None if resolve else record.model_version)
-        if config == record.config and version == record.model_version:
-            return self.deployment(name)  # its alias names the version it serves
-
-        def mutate(state: EndpointState) -> EndpointState:
-            current = self._record(state, name)
-            state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1,
-                                                  model_version=version)
-                                 if r.config.name == name else r for r in state.deployments]
-            return state
-
-        moved = f" to {version}" if version != record.model_version else ""
-        self._changed(self.store.change(mutate, f"updated deployment {name}{moved}"))
-        return self.deployment(name)
+        raise conflict(f"deployment {name} was changed by {UPDATE_ATTEMPTS} other requests while this update was "
+                       "being made; nothing changed: send it again", "concurrent_change")
 
     def remove(self, name: str) -> EndpointState:
         """Remove a deployment that has no live traffic and is not mirrored to."""
@@ -285,6 +299,10 @@ class Control:
 
         state = self._changed(self.store.change(mutate, f"regenerated the {kind} key"))
         return KeyRegenerated(kind=kind, key=key, revision=state.revision)
+
+
+class _ChangedMeanwhile(Exception):
+    """The deployment's record is not the one an update was merged on any more."""
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
