@@ -20,11 +20,11 @@ Percent = Annotated[int, Field(strict=True)]
 # (each worker's ONNX Runtime takes its share of the cores).
 CONFIG_ENV = "LANTERN_ENDPOINT_CONFIG"
 WORKERS_ENV = "LANTERN_WORKERS"
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 
 
 def _resource_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"{name!r} is not a valid name: use 1-32 lowercase letters, digits and dashes")
     return name
 
@@ -101,7 +101,7 @@ class DeploymentConfig(Strict):
     @field_validator("model")
     @classmethod
     def _model_uri(cls, model: str) -> str:
-        match = URI_PATTERN.match(model)
+        match = URI_PATTERN.fullmatch(model)
         if not match or not (match.group("version") or match.group("alias")):
             raise ValueError(f"{model!r} is not a registered model version; accepted: models:/NAME/VERSION or "
                              "models:/NAME@ALIAS (models come only from the registry)")
@@ -110,7 +110,7 @@ class DeploymentConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not DEVICE_PATTERN.match(device):
+        if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N")
         return device
 
@@ -131,8 +131,8 @@ class Limits(Strict):
                                                         "keep cores meanwhile")
 
 
-ORIGIN_PATTERN = re.compile(r"^https?://[^/\s?#]+$")
-HEADER_NAME_PATTERN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110's token
+ORIGIN_PATTERN = re.compile(r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+HEADER_NAME_PATTERN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 
 
 class Cors(Strict):
@@ -151,7 +151,7 @@ class Cors(Strict):
     @classmethod
     def _header_names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if name == "*" or not HEADER_NAME_PATTERN.match(name):  # "*" is a token, but would allow any header
+            if name == "*" or not HEADER_NAME_PATTERN.fullmatch(name):  # "*" is a token, but would allow any header
                 raise ValueError(f"{name!r} is not a header name: a header name is letters, digits and "
                                  "!#$%&'*+-.^_`|~, such as X-Client-Version (\"*\" is not accepted: name the headers)")
         return names
@@ -162,7 +162,7 @@ class Cors(Strict):
         if "*" in origins and len(origins) > 1:
             raise ValueError('"*" allows every origin: list it alone, or list origins without it')
         for origin in origins:
-            if origin != "*" and not ORIGIN_PATTERN.match(origin):
+            if origin != "*" and not ORIGIN_PATTERN.fullmatch(origin):
                 scheme, _, rest = origin.partition("://")
                 hint = f" (without the path: {scheme}://{rest.split('/')[0]})" if rest else ""
                 raise ValueError(f"{origin!r} is not an origin: an origin is a scheme, host and optional port as a "
