@@ -27,29 +27,45 @@ def content_coding(header: str | None) -> str:
                    "deflate (one of them)")
 
 
+# Clients send one gzip member; RFC 1952 allows several in a row, read in turn as `gzip` does, up to this many.
+MAX_GZIP_MEMBERS = 16
+# The compressed body is fed to zlib this much at a time: zlib copies the input it did not use (the rest of the body,
+# fed whole) at the end of each member, so a body of many small members would be copied once per member.
+INFLATE_INPUT_BYTES = 64 * 1024
+
+
 def inflate(body: bytes, coding: str, limit: int) -> bytes:
-    """`body` decompressed; 413 once it inflates past `limit` bytes (a zip bomb costs no more than the limit), 400 if
-    it is not valid `coding` data or stops short. Concatenated gzip members are read in turn, as `gzip` does."""
+    """`body` decompressed, in time linear in its size; 413 once it inflates past `limit` bytes (a zip bomb costs no
+    more than the limit), 400 if it is not valid `coding` data, stops short, or holds more than MAX_GZIP_MEMBERS
+    gzip members."""
+    view = memoryview(body)
     chunks: list[bytes] = []
-    size, rest = 0, body
+    size = position = members = 0
     while True:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise bad_request(f"the {coding} body holds more than {MAX_GZIP_MEMBERS} gzip members; send one",
+                              "invalid_content_encoding")
         inflater = zlib.decompressobj(WINDOW_BITS[coding])
-        try:
-            chunk = inflater.decompress(rest, limit + 1 - size)
-        except zlib.error as error:
-            raise bad_request(f"the body is not valid {coding} data (Content-Encoding {coding}): {error}",
-                              "invalid_content_encoding") from None
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"the request body inflates to over the limit of {limit} bytes")
-        chunks.append(chunk)
+        while not inflater.eof and position < len(body):
+            piece = view[position:position + INFLATE_INPUT_BYTES]
+            position += len(piece)
+            try:
+                chunk = inflater.decompress(piece, limit + 1 - size)
+            except zlib.error as error:
+                raise bad_request(f"the body is not valid {coding} data (Content-Encoding {coding}): {error}",
+                                  "invalid_content_encoding") from None
+            size += len(chunk)
+            if size > limit:  # also where the output limit left input unread (`unconsumed_tail`)
+                raise too_large(f"the request body inflates to over the limit of {limit} bytes")
+            chunks.append(chunk)
         if not inflater.eof:
             raise bad_request(f"the {coding} body stops short: its compressed data is cut off",
                               "invalid_content_encoding")
-        rest = inflater.unused_data
-        if not rest or coding == "deflate":
+        position -= len(inflater.unused_data)  # the start of the next member
+        if position >= len(body) or coding == "deflate":
             break
-    if rest:
+    if position < len(body):
         raise bad_request("the deflate body has data after its end", "invalid_content_encoding")
     return b"".join(chunks)
 

@@ -11,7 +11,7 @@ import pytest
 
 from starlette.responses import JSONResponse, Response
 
-from serving.content_coding import MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate
+from serving.content_coding import MAX_GZIP_MEMBERS, MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate
 from serving.errors import ApiError
 
 BODY = b'{"input_data": {"columns": ["image"], "data": ["' + b"QUJD" * 5000 + b'"]}}'
@@ -40,6 +40,26 @@ def test_a_compressed_body_inflates_to_the_original(coding: str, compressed: byt
 def test_concatenated_gzip_members_are_read_in_turn() -> None:
     halves = gzip.compress(BODY[:1000]) + gzip.compress(BODY[1000:])
     assert inflate(halves, "gzip", len(BODY)) == BODY
+
+
+def test_many_gzip_members_are_refused_and_the_allowed_number_read() -> None:
+    """A body of many tiny members (52428 empty ones in 1 MiB) was inflated by copying the rest of the body once per
+    member: quadratic. Clients send one member; up to MAX_GZIP_MEMBERS are read, more are a 400."""
+    pieces = [BODY[i::MAX_GZIP_MEMBERS] for i in range(MAX_GZIP_MEMBERS)]
+    assert inflate(b"".join(gzip.compress(piece) for piece in pieces), "gzip", len(BODY)) == b"".join(pieces)
+    for body in (gzip.compress(b"") * (MAX_GZIP_MEMBERS + 1), gzip.compress(b"") * 52428):
+        with pytest.raises(ApiError) as refused:
+            inflate(body, "gzip", 1 << 20)
+        assert refused.value.status == 400 and refused.value.code == "invalid_content_encoding"
+        assert f"more than {MAX_GZIP_MEMBERS} gzip members" in refused.value.message
+
+
+def test_a_large_body_is_inflated_whole_across_input_pieces() -> None:
+    """The compressed body is fed to zlib in pieces: a member that spans many of them comes out whole, and the next
+    member starts where the first one ended inside a piece."""
+    noise = os.urandom(300_000)  # incompressible: several input pieces
+    assert inflate(gzip.compress(noise) + gzip.compress(BODY), "gzip", 10 << 20) == noise + BODY
+    assert inflate(zlib.compress(noise), "deflate", 10 << 20) == noise
 
 
 def test_a_body_inflating_past_the_limit_is_413_without_inflating_it_all() -> None:
