@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +61,14 @@ def check_method(method: str) -> str:
     if method not in PARAMS:
         raise ExplainError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
     return method
+
+
+def inapplicable_params(method: str, names: Iterable[str]) -> list[str]:
+    """Those of `names` that are parameters of another method but not of `method` (a client that keeps one parameter
+    dict for every method sends them); names of no method at all are not among them."""
+    accepted = PARAMS[check_method(method)].model_fields
+    known = {name for schema in PARAMS.values() for name in schema.model_fields}
+    return [name for name in names if name in known and name not in accepted]
 
 
 def parse_params(method: str, values: dict[str, Any] | BaseModel | None = None) -> BaseModel:

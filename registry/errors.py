@@ -27,12 +27,15 @@ class ModelNotFoundError(LanternError):
     """A `models:/` URI names no registered model version."""
 
 
+MAX_PROBLEMS = 20  # problems named in one message; the rest are counted
+
+
 def describe_validation_error(error: ValidationError, what: str, unknown: str = "unknown setting",
                               hints: Mapping[str, str] | None = None) -> str:
     """Turn a pydantic error into one readable line per problem, prefixed by `what`. An extra key is called `unknown`,
     followed by its hint (what to use instead) where `hints` has one for its name."""
     problems = []
-    for item in error.errors():
+    for item in error.errors(include_url=False, include_input=False)[:MAX_PROBLEMS]:
         where = ".".join(str(p) for p in item["loc"]) or "(value)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
@@ -41,4 +44,5 @@ def describe_validation_error(error: ValidationError, what: str, unknown: str = 
         elif item["type"] == "value_error" and "error" in item.get("ctx", {}):  # without pydantic's "Value error, "
             message = str(item["ctx"]["error"])
         problems.append(f"{where}: {message}")
-    return f"invalid {what}: " + "; ".join(problems)
+    more = error.error_count() - len(problems)
+    return f"invalid {what}: " + "; ".join(problems) + (f"; and {more} more" if more > 0 else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from registry.errors import SpecError
@@ -15,7 +16,7 @@ def validate_labels(labels: list[str]) -> list[str]:
     bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
     if bad:
         raise SpecError(f"labels must be non-empty strings, got {bad[:5]!r}")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    duplicates = sorted(label for label, count in Counter(labels).items() if count > 1)
     if duplicates:
         raise SpecError(f"labels must be distinct; repeated: {', '.join(duplicates)}")
     return [label.strip() for label in labels]

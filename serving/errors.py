@@ -58,6 +58,13 @@ def too_large(message: str) -> ApiError:
     return ApiError(413, "payload_too_large", message)
 
 
+def too_many_images(count: int | None, limit: int) -> ApiError:
+    """413 for a request of more images than `limits.max_images_per_request`, however they were sent (`count`: how
+    many came, None where the counting stopped at the limit)."""
+    came = f"{count} images in one request" if count is not None else "more images in one request than the limit"
+    return ApiError(413, "too_many_images", f"{came}; the limit is {limit}")
+
+
 def unsupported_media(message: str) -> ApiError:
     return ApiError(415, "unsupported_media_type", message)
 

@@ -35,6 +35,15 @@ class FormError(ValueError):
     """The body is not multipart/form-data that can be read, or it holds more files or fields than allowed."""
 
 
+class TooManyParts(FormError):
+    """The body holds more than `limit` parts of one `kind` ("files" or "fields")."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        super().__init__(f"Too many {kind}. Maximum number of {kind} is {limit}.")
+        self.kind = kind
+        self.limit = limit
+
+
 def form_parts(content_type: str, body: bytes, max_files: int, max_fields: int) -> list[FormPart]:
     """Every part of `body`, in order; FormError names what is wrong with it."""
     kind, options = parse_options_header(content_type)
@@ -52,7 +61,7 @@ def form_parts(content_type: str, body: bytes, max_files: int, max_fields: int) 
     def counted(kind: str, limit: int) -> None:
         counts[kind] += 1
         if counts[kind] > limit:
-            raise FormError(f"Too many {kind}. Maximum number of {kind} is {limit}.")
+            raise TooManyParts(kind, limit)
 
     def on_file(file: File) -> None:
         counted("files", max_files)

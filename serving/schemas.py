@@ -8,12 +8,19 @@ from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from explain.params import ExplainError, parse_params
+from explain.params import ExplainError, inapplicable_params, parse_params
 from registry.errors import describe_validation_error
 from serving.config import CLOUD_KEY_HINTS
-from serving.errors import bad_request, unprocessable
+from serving.errors import bad_request, too_many_images, unprocessable
 
 AttributionEncoding = Literal["float32", "float16", "npy_base64"]
+# Sizes no valid request reaches: a body's lists and objects are refused past them before their items are validated
+# (pydantic builds an error per item, and 350 000 bad `targets` took a second to describe in a 17 MB message).
+MAX_ROWS = 4096  # limits.max_images_per_request's highest value
+MAX_COLUMNS = 16
+MAX_PARAMETERS = 64
+MAX_TARGETS = 64  # labels explained in one request (each one an explanation)
+MAX_JSON_MEMBERS = 1024  # names in one JSON object
 XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
 
 
@@ -52,10 +59,18 @@ class XaiParameters(BaseModel):
     attributions_encoding: AttributionEncoding = Field(
         "float32", description="float32 or float16 nested lists, or npy_base64 (a base64 .npy file)")
 
+    @property
+    def ignored(self) -> list[str]:
+        """Parameters of other algorithms than this one's, left out of `method_params` (the cloud's own client sends
+        one dict for every algorithm and changes only `xai_algorithm`)."""
+        return inapplicable_params(self.xai_algorithm, self.model_extra or {})
+
     def method_params(self, where: str = "xai_parameters") -> dict[str, Any]:
         """The algorithm's own parameters (n_steps, xrai_fast, approximation_method...), validated by `explain`;
-        an error names `where` they came from (the row of a batch)."""
-        extra = dict(self.model_extra or {})
+        an error names `where` they came from (the row of a batch). Those of other algorithms are left out
+        (`ignored`); a name no algorithm takes is an error."""
+        ignored = set(self.ignored)
+        extra = {name: value for name, value in (self.model_extra or {}).items() if name not in ignored}
         if "internal_batch_size" in extra:  # the server sizes path batches to its memory; a client may not
             raise unprocessable(f"{where}: internal_batch_size is set by the server, not per request",
                                 "invalid_xai_parameters")
@@ -88,21 +103,22 @@ def _describe_rows(schema: dict[str, Any]) -> None:
 
 
 class InputData(Strict):
-    columns: list[str] = Field(default_factory=lambda: ["image"],
+    columns: list[str] = Field(default_factory=lambda: ["image"], max_length=MAX_COLUMNS,
                                description="'image', and optionally the other fields of a row as their own columns: "
                                            "model_explainability, xai_parameters, "
                                            "confidence_score_threshold_multilabel")
-    index: list[Any] | None = None
+    index: list[Any] | None = Field(None, max_length=MAX_ROWS)
     data: list[str | list[Any]] = Field(description="one item per image: a JSON string of a ScoreRow, or base64 bytes",
-                                        json_schema_extra=_describe_rows)
+                                        max_length=MAX_ROWS, json_schema_extra=_describe_rows)
 
 
 class ScoreRequest(Strict):
     """`POST /score`: `{"input_data": {"columns": ["image"], "data": [...]}}`."""
 
     input_data: InputData
-    params: dict[str, Any] | None = Field(None, description="accepted for MLflow scoring compatibility when empty: "
-                                                            "/score takes no inference parameters")
+    params: dict[str, Any] | None = Field(None, max_length=MAX_PARAMETERS,
+                                          description="accepted for MLflow scoring compatibility when empty: "
+                                                      "/score takes no inference parameters")
 
 
 class ScoreItem(BaseModel):
@@ -145,9 +161,11 @@ class ExplainRequest(Strict):
 
     image_base64: str
     method: XaiAlgorithm = "xrai"
-    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {\"n_steps\": 50}")
-    targets: list[str] | None = Field(None, description="labels to explain instead of the prediction (leave out "
-                                                         "to explain the prediction)")
+    params: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS,
+                                   description="the method's parameters, e.g. {\"n_steps\": 50}")
+    targets: list[str] | None = Field(None, max_length=MAX_TARGETS,
+                                      description="labels to explain instead of the prediction (leave out to explain "
+                                                  "the prediction)")
 
     @field_validator("targets")
     @classmethod
@@ -183,30 +201,40 @@ def describe_fields(error: ValidationError, what: str) -> str:
 # Lantern's bodies nest a few levels; Python's parser gives up somewhere past a thousand (its limit differs between
 # versions: 3.11 raised RecursionError at 3000 levels where 3.12 parsed them), so the limit is ours and explicit.
 MAX_JSON_DEPTH = 64
-_JSON_TOKENS = {str: re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]'),
-                bytes: re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')}
+# Lantern's bodies hold a few arrays and objects per row, and at most max_images_per_request (4096) rows: a body of
+# hundreds of thousands of `[]` (linear to parse, but each one a Python object) is refused before it is parsed.
+MAX_JSON_CONTAINERS = 20_000
+# One match per bracket outside strings: the text before it (runs of other characters and whole strings) is consumed
+# by the regex engine, possessively, so nothing is scanned twice and Python sees the brackets only. A string left open
+# runs to the end (its closing quote is optional), and the end of the text ends the last match.
+_BRACKETS = {str: re.compile(r'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"?)*+([\[\]{}]|\Z)'),
+             bytes: re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"?)*+([\[\]{}]|\Z)')}
 
 
 def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether `text` opens more than `limit` arrays or objects inside each other (brackets in strings do not count;
-    only texts with more than `limit` opening brackets are scanned)."""
+    only texts with more than `limit` opening brackets are scanned), in time linear in its length."""
     opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
     if text.count(opening[0]) + text.count(opening[1]) <= limit:
         return False
     depth = 0
-    for token in _JSON_TOKENS[type(text)].finditer(text):
-        bracket = token.group()
+    for match in _BRACKETS[type(text)].finditer(text):
+        bracket = match.group(1)
         if bracket in opening:
             depth += 1
             if depth > limit:
                 return True
-        elif len(bracket) == 1:
+        elif bracket:
             depth -= 1
     return False
 
 
 def refuse_deep_nesting(text: str | bytes, what: str) -> None:
-    """A 400 naming `what` when `text` nests more than MAX_JSON_DEPTH levels (checked before any parsing)."""
+    """A 400 naming `what` when `text` nests more than MAX_JSON_DEPTH levels, or holds more than MAX_JSON_CONTAINERS
+    opening brackets (in strings too: counting is what makes this check cheap), before any parsing."""
+    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
+    if text.count(opening[0]) + text.count(opening[1]) > MAX_JSON_CONTAINERS:
+        raise bad_request(f"{what} holds more than {MAX_JSON_CONTAINERS} arrays or objects", "invalid_json")
     if nests_too_deeply(text):
         raise bad_request(f"{what} nests its arrays or objects too deeply (more than {MAX_JSON_DEPTH} levels)",
                           "invalid_json")
@@ -221,6 +249,8 @@ def not_a_json_number(constant: str) -> NoReturn:
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """An object whose names are unique: with a name given twice, Python keeps the last value without a word (and a
     proxy that checked the first would let through what the server then reads differently)."""
+    if len(pairs) > MAX_JSON_MEMBERS:
+        raise ValueError(f"an object holds {len(pairs)} names, more than {MAX_JSON_MEMBERS}")
     values: dict[str, Any] = {}
     for name, value in pairs:
         if name in values:
@@ -229,9 +259,20 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return values
 
 
+def refuse_other_encodings(body: bytes, what: str) -> None:
+    """A 400 naming the encoding of a JSON body that is not UTF-8: RFC 8259 has JSON exchanged between systems in
+    UTF-8, where Python's parser also reads UTF-16 and UTF-32 (a byte order mark before UTF-8 is tolerated, as the
+    RFC allows)."""
+    encoding = json.detect_encoding(body)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        raise bad_request(f"{what} is {encoding.upper()}-encoded; send JSON in UTF-8", "invalid_json")
+
+
 def load_json(text: str | bytes, what: str) -> Any:
     """Parsed JSON, or a 400 naming `what` was malformed (also when it nests more than MAX_JSON_DEPTH levels, holds
-    NaN or Infinity, or names a member twice in one object)."""
+    NaN or Infinity, names a member twice in one object, or is bytes in another encoding than UTF-8)."""
+    if isinstance(text, bytes):
+        refuse_other_encodings(text, what)
     refuse_deep_nesting(text, what)
     try:
         return json.loads(text, parse_constant=not_a_json_number, object_pairs_hook=unique_keys)
@@ -239,12 +280,21 @@ def load_json(text: str | bytes, what: str) -> Any:
         raise bad_request(f"{what} is not valid JSON: {error}", "invalid_json") from None
 
 
+def load_json_body(body: bytes, what: str) -> Any:
+    """The JSON of a request body; 400 for a missing or malformed one."""
+    if not body:
+        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
+    return load_json(body, f"the {what} body")
+
+
 def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> Any:
     """`body` validated by a pydantic model (or TypeAdapter); 400 for missing or malformed JSON, 422 naming each
     invalid field."""
-    if not body:
-        raise bad_request(f"the {what} body is empty; send JSON", "empty_body")
-    values = load_json(body, f"the {what} body")
+    return validate_body(load_json_body(body, what), schema, what)
+
+
+def validate_body(values: Any, schema: type[BaseModel] | Any, what: str) -> Any:
+    """A request body's parsed JSON validated by a pydantic model (or TypeAdapter); 422 naming each invalid field."""
     try:
         return schema.model_validate(values) if hasattr(schema, "model_validate") else schema.validate_python(values)
     except ValidationError as error:
@@ -252,6 +302,17 @@ def parse_json_body(body: bytes, schema: type[BaseModel] | Any, what: str) -> An
 
 
 ROW_COLUMNS = ("model_explainability", "xai_parameters", "confidence_score_threshold_multilabel")
+
+
+def read_score_rows(body: bytes, max_rows: int) -> list[ScoreRow]:
+    """The rows of a /score body: 400 for malformed JSON, 413 for more than `max_rows` rows (counted before any row
+    is read), 422 naming each invalid field or column."""
+    values = load_json_body(body, "score")
+    data = values.get("input_data") if isinstance(values, dict) else None
+    rows = data.get("data") if isinstance(data, dict) else None
+    if isinstance(rows, list) and len(rows) > max_rows:
+        raise too_many_images(len(rows), max_rows)
+    return parse_score_rows(validate_body(values, ScoreRequest, "score"))
 
 
 def parse_score_rows(request: ScoreRequest) -> list[ScoreRow]:
