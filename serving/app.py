@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -15,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from PIL import Image
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from explain.attribute import Explanation
 from registry.errors import describe_validation_error
@@ -23,10 +24,10 @@ from serving.abandon import CancelToken
 from serving.content_coding import MIN_COMPRESSED_BYTES, compress_answer
 from serving.deployment import Deployment
 from serving.endpoint import Endpoint, Route, endpoint_of
-from serving.errors import ApiError, bad_request, method_not_allowed, unprocessable, unsupported_media
+from serving.errors import ApiError, bad_request, method_not_allowed, timed_out, unprocessable, unsupported_media
 from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
 from serving.json_answer import json_response
-from serving.limits import ClientGone, within_deadline
+from serving.limits import ClientGone, Deadline, within_deadline
 from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
 from serving.negotiation import prefers_png
@@ -45,16 +46,17 @@ from serving.schemas import (
     XaiParameters,
     inline_schema,
     parse_json_body,
-    parse_score_rows,
+    read_score_rows,
     refuse_deep_nesting,
 )
 
 logger = logging.getLogger("lantern.serving")
 CLIENT_CLOSED = 499
 T = TypeVar("T")
-# A JSON body over this is parsed in the work pool: a 19 MB /score body took the event loop 130-180 ms to parse, while
-# the worker answered nothing else; a one-image body (~0.1 MB, ~0.5 ms) is parsed where it is, without the thread hop.
-INLINE_PARSE_BYTES = 1 << 20
+# A JSON body over this is parsed in the work pool, where the worker goes on answering other requests meanwhile (a
+# 19 MB /score body takes 130-180 ms; the worst 1 MiB bodies the checks let through, tens of ms). A body under it is
+# parsed where it is (a few ms at worst, ~0.5 ms for a one-image body): the thread hop would cost more.
+INLINE_PARSE_BYTES = 128 << 10
 # The same for a multipart body: python-multipart takes ~1 ms a MB of image data (~0.1 ms for a one-image body).
 INLINE_FORM_BYTES = 128 << 10
 # BentoML's OpenTelemetry middleware already traces every request (its trace ids are in the access log). FastAPI's own
@@ -68,6 +70,11 @@ ANSWERED_BY = {**REQUEST_ID,
                "x-lantern-deployment": {"description": "the deployment that answered", "schema": {"type": "string"}},
                "x-lantern-model-version": {"description": "its model version (models:/NAME/VERSION)",
                                            "schema": {"type": "string"}}}
+IGNORED_PARAMETERS = "x-lantern-ignored-parameters"
+SCORED_BY = {IGNORED_PARAMETERS: {
+    "description": "parameters in a row's xai_parameters that the row's xai_algorithm does not take (another "
+                   "algorithm's, such as xrai_fast with integrated_gradients): accepted and ignored, named here",
+    "schema": {"type": "string"}}}
 EXPLAINED_BY = {**ANSWERED_BY, "content-encoding": {
     "description": f"gzip when the JSON answer is over {MIN_COMPRESSED_BYTES // 1024} KiB and the request's "
                    "Accept-Encoding admits gzip (an explanation's attributions: megabytes as float lists)",
@@ -128,7 +135,11 @@ def deployment_headers(deployment: Deployment | None) -> dict[str, str]:
 async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awaitable[bool]] | bool,
                  work: Callable[[Endpoint, Context], Awaitable[Response]]) -> Response:
     """Auth, routing, admission, deadline, metrics and error answers around a route's `work`; `explains` says
-    (reading the body once it is in) whether the request takes an explanation slot rather than a prediction one."""
+    (reading the body once it is in) whether the request takes an explanation slot rather than a prediction one.
+
+    The request holds the deployment generation it was routed to until its answer is ready (an update retires the
+    old one only then). Its deadline runs from routing: the body's upload (counted in flight by the deployment's
+    admission, so slow uploaders are bounded too), the wait for a slot and the work all come out of it."""
     start = time.perf_counter()
     deployment: Deployment | None = None
     status = 500
@@ -137,15 +148,19 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         endpoint.authenticate(request.headers.get("authorization"))
         route = endpoint.route(request.headers)
         deployment = route.instance.deployment
-        await read_body(request, endpoint.config.limits.max_body_bytes)
-        context = Context(route)
-        wants_explanation = await explains(endpoint) if callable(explains) else explains
-        admission = endpoint.explain_admission if wants_explanation else route.instance.admission
-        wait = deployment.config.request_settings.max_queue_wait_ms / 1000
-        async with admission.enter(wait):
-            timeout = deployment.config.request_settings.request_timeout_ms / 1000
-            response = await within_deadline(request, work(endpoint, context), timeout, context.token,
-                                             f"{path} on deployment {deployment.name}")
+        settings = deployment.config.request_settings
+        deadline = Deadline(settings.request_timeout_ms / 1000)
+        what = f"{path} on deployment {deployment.name}"
+        with route.instance.serving():
+            with route.instance.admission.counted():
+                await read_body(request, endpoint.config.limits.max_body_bytes, deadline.remaining())
+                context = Context(route)
+                wants_explanation = await reading(explains(endpoint), deadline, what) if callable(explains) \
+                    else explains
+            admission = endpoint.explain_admission if wants_explanation else route.instance.admission
+            async with admission.enter(min(settings.max_queue_wait_ms / 1000, deadline.remaining())):
+                response = await within_deadline(request, work(endpoint, context), deadline.remaining(),
+                                                 context.token, what)
         response.headers.update(context.headers())
         status = response.status_code
         return response
@@ -169,6 +184,16 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         metrics().latency.labels(name, path).observe(time.perf_counter() - start)
 
 
+async def reading(parse: Awaitable[T], deadline: Deadline, what: str) -> T:
+    """`await parse` (a body's parse, in the work pool when it is large), or 408 once the deadline passes."""
+    try:
+        async with asyncio.timeout(deadline.remaining()):
+            return await parse
+    except TimeoutError:
+        raise timed_out(f"{what}: the body was not read within request_timeout_ms "
+                        f"({deadline.seconds * 1000:.0f} ms)") from None
+
+
 async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T],
                      inline_bytes: int = INLINE_PARSE_BYTES) -> T:
     """`parse()` of a body: in the work pool when the body is over `inline_bytes`, else where it is."""
@@ -184,17 +209,9 @@ async def read_uploads(endpoint: Endpoint, request: Request, body: bytes, field:
 
 # /score -------------------------------------------------------------------------------------------------------------
 
-def read_score_rows(body: bytes) -> list[ScoreRow]:
-    """The rows of a /score body (400 for malformed JSON, 422 naming each invalid field or column)."""
-    return parse_score_rows(parse_json_body(body, ScoreRequest, "score"))
-
-
 async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow]) -> list[ScoreItem]:
     deployment = context.deployment
     limits = endpoint.config.limits
-    if len(rows) > limits.max_images_per_request:
-        raise ApiError(413, "too_many_images", f"{len(rows)} images in one request; the limit is "
-                                               f"{limits.max_images_per_request}")
     sources = [partial(decode_base64, row.image_base64, f"input_data.data[{i}]", limits.max_image_pixels)
                for i, row in enumerate(rows)]
     prepared = await endpoint.prepare(context.instance, sources)
@@ -395,7 +412,8 @@ def build_app() -> FastAPI:
             return method_not_allowed(request.method, request.url.path, allowed, others).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
-    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": EXPLAINED_BY}, **ERRORS},
+    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": {**EXPLAINED_BY, **SCORED_BY}},
+                                   **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": inline_schema(ScoreRequest)}}}})
     async def score(request: Request) -> Response:
@@ -406,15 +424,21 @@ def build_app() -> FastAPI:
             nonlocal rows
             if media_type(request) not in ("application/json", ""):
                 raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
-            rows = await parse_body(endpoint, request._body, partial(read_score_rows, request._body))
+            rows = await parse_body(endpoint, request._body, partial(
+                read_score_rows, request._body, endpoint.config.limits.max_images_per_request))
             return any(row.wants_explanation for row in rows)
 
         async def work(endpoint: Endpoint, context: Context) -> Response:
             items = await score_rows(endpoint, context, rows)
             if any(row.wants_explanation for row in rows):  # megabytes of JSON with attributions: off the event loop
                 accepted = request.headers.get("accept-encoding")
-                return await endpoint.in_thread(lambda: compress_answer(json_response(items), accepted))
-            return json_response(items)
+                response = await endpoint.in_thread(lambda: compress_answer(json_response(items), accepted))
+            else:
+                response = json_response(items)
+            ignored = sorted({name for row in rows for name in row.xai_parameters.ignored})
+            if ignored:
+                response.headers[IGNORED_PARAMETERS] = ", ".join(ignored)
+            return response
 
         return await handle(request, "/score", wants_explanation, work)
 
@@ -450,6 +474,12 @@ def build_app() -> FastAPI:
             return error.response()
         return HTMLResponse(render_page(config), headers={
             "Content-Security-Policy": POLICY, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+    @app.get("/docs.json", include_in_schema=False)
+    async def document() -> Response:
+        """The OpenAPI document, as at /openapi.json: BentoML's own at this path declared OpenAPI 3.0.2 around JSON
+        Schema 2020-12 forms (pydantic's), which validators and client generators refuse; this one is 3.1."""
+        return JSONResponse(app.openapi())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -7,16 +7,17 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import Cors
 from serving.errors import ApiError
+from serving.manage_api import PREFIX as MANAGEMENT_PREFIX
 
 METHODS = ["GET", "POST"]  # scoring, health and metrics; the management API is never called cross-origin
 REQUEST_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept", "x-lantern-deployment",
                    "azureml-model-deployment", "traceparent"]
-ANSWER_HEADERS = ["x-lantern-deployment", "x-lantern-model-version", "x-lantern-explained-label", "x-request-id",
-                  "Retry-After"]
+ANSWER_HEADERS = ["x-lantern-deployment", "x-lantern-model-version", "x-lantern-explained-label",
+                  "x-lantern-ignored-parameters", "x-request-id", "Retry-After"]
 
 
 class LanternCors(CORSMiddleware):
@@ -34,6 +35,20 @@ class LanternCors(CORSMiddleware):
                          allow_headers=self.request_headers, expose_headers=ANSWER_HEADERS, max_age=cors.max_age)
         self.cors = cors
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The management API is never called cross-origin: its preflights are refused whatever they ask, and its
+        answers carry no CORS header (a browser then withholds them from another origin's page)."""
+        if scope["type"] == "http" and is_management_path(scope["path"]):
+            headers = Headers(scope=scope)
+            if scope["method"] == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
+                await ApiError(403, "cors_refused", f"cross-origin request refused: the management API "
+                                                    f"({MANAGEMENT_PREFIX}) is never called from a browser page on "
+                                                    "another origin").response()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)
         if answer.status_code < 400:
@@ -45,3 +60,7 @@ class LanternCors(CORSMiddleware):
                         f"cross-origin request refused: {reason} (this endpoint allows origins "
                         f"{', '.join(self.cors.allow_origins)}; methods {', '.join(METHODS)}; headers "
                         f"{', '.join(self.request_headers)})", cors_headers).response()
+
+
+def is_management_path(path: str) -> bool:
+    return path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")

@@ -411,8 +411,9 @@ class Endpoint:
             await self.predict(target, await self.prepare(target, sources))
 
         try:
-            async with target.admission.enter():
-                await asyncio.wait_for(copy(), timeout)
+            with target.serving():
+                async with target.admission.enter():
+                    await asyncio.wait_for(copy(), timeout)
             outcome = "completed"
         except ApiError as error:
             outcome = "dropped" if error.status in (429, 503) else "failed"

@@ -7,12 +7,13 @@ import binascii
 import re
 
 from PIL import Image
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
 from serving.content_coding import content_coding, inflate
-from serving.errors import ApiError, bad_request, too_large, unsupported_media
-from serving.form_files import FormError, form_parts
+from serving.errors import ApiError, bad_request, too_large, too_many_images, unsupported_media
+from serving.form_files import FormError, TooManyParts, form_parts
+from serving.limits import ClientGone
 
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
@@ -59,9 +60,10 @@ def decode(data: bytes, where: str, max_pixels: int, shorter_side: int | None = 
         raise unsupported_media(f"{where}: {error}") from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes; inflated (off the event loop,
-    within the same limit) when it came gzip- or deflate-compressed."""
+    within the same limit) when it came gzip- or deflate-compressed. 408 when it is not all in (and inflated) within
+    `timeout_s`; ClientGone when the client leaves before it is."""
     coding = content_coding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -70,15 +72,25 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise too_large(f"the request body is {int(declared)} bytes, over the limit of {limit}")
         except ValueError:
             raise bad_request("the Content-Length header is not a number") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if coding:
-        body = await asyncio.to_thread(inflate, body, coding, limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"the request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            if coding:
+                body = await asyncio.to_thread(inflate, body, coding, limit)
+    except TimeoutError:
+        came = f"{size} of {declared} bytes" if declared is not None else f"{size} bytes"
+        raise ApiError(408, "request_timeout", f"the request body did not arrive within request_timeout_ms "
+                                               f"({(timeout_s or 0) * 1000:.0f} ms): {came} came",
+                       {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
     request._body = body  # where the route handlers read it
     return body
 
@@ -92,6 +104,10 @@ def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) 
     files' place is a 400 saying so."""
     try:
         parts = form_parts(content_type, body, max_files, MAX_FORM_FIELDS)
+    except TooManyParts as error:
+        if error.kind == "files":  # the same limit as a /score body's rows, refused the same way
+            raise too_many_images(None, max_files) from None
+        raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     except FormError as error:
         raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     files = []

@@ -2,13 +2,15 @@
 other deployments of the same model), admission and probes.
 
 An update readies a new instance beside the serving one; the swap is one assignment, and the old instance retires
-once the requests it admitted are answered."""
+once every request routed to it is answered."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from serving.batching import BatchedPredictor, SharedBatchers
 from serving.config import DeploymentConfig
@@ -19,7 +21,8 @@ from serving.probes import Prober
 from serving.shared_models import SharedModels
 
 logger = logging.getLogger("lantern.serving")
-RETIRE_GRACE_S = 2.0  # a request routed just before the change may not be admitted yet
+RETIRE_GRACE_S = 2.0  # a request routed just before the swap holds the instance a moment later
+RETIRE_MARGIN_S = 30.0  # beyond the request timeout, how long a retiring instance waits for its last requests
 
 
 class DeploymentInstance:
@@ -37,6 +40,7 @@ class DeploymentInstance:
         self._batching: tuple[tuple, BatchedPredictor] | None = None  # (its key, the batcher), from the first request
         self._batching_lock = threading.Lock()
         self._stopped = False
+        self.requests = 0  # requests (and mirrored copies) routed here and not yet answered; the event loop counts
 
     @property
     def batcher(self) -> BatchedPredictor:
@@ -79,13 +83,27 @@ class DeploymentInstance:
         self.prober.stop()
         threading.Thread(target=self.stop, name=f"lantern-stop-{self.name}-{self.generation}", daemon=True).start()
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold this generation for one request, from routing until its answer is ready: it is not retired before."""
+        self.requests += 1
+        try:
+            yield
+        finally:
+            self.requests -= 1
+
     def retire(self) -> None:
-        """Stop after a grace period, once no admitted request is left (waiting at most its request timeout)."""
+        """Stop once no request routed here is left (after a grace period; waiting at most its request timeout and
+        a margin, then stopping anyway with a log line naming how many were left)."""
         def wait_then_stop() -> None:
             time.sleep(RETIRE_GRACE_S)
-            deadline = time.monotonic() + self.config.request_settings.request_timeout_ms / 1000
-            while self.admission.in_flight and time.monotonic() < deadline:
-                time.sleep(0.1)
+            bound = self.config.request_settings.request_timeout_ms / 1000 + RETIRE_MARGIN_S
+            deadline = time.monotonic() + bound
+            while self.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.requests:
+                logger.warning("deployment %s generation %d: %d request(s) still in flight %.0f s after it was "
+                               "replaced; retiring it anyway", self.name, self.generation, self.requests, bound)
             self.stop()
             logger.info("deployment %s generation %d retired", self.name, self.generation)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -28,14 +29,24 @@ class Admission:
         self.in_flight = 0
         self._slots = asyncio.Semaphore(active)
 
-    @contextlib.asynccontextmanager
-    async def enter(self, max_wait_s: float | None = None) -> AsyncIterator[None]:
-        wait = self.max_wait_s if max_wait_s is None else max_wait_s
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count a request in flight (429 at once beyond twice the concurrent limit) without taking a slot: a body
+        still uploading counts, so slow uploaders are bounded too."""
         if self.in_flight >= self.limit:
             raise too_many(f"{self.what} has {self.in_flight} requests in flight, its limit "
                            f"(2 x {self.active} concurrent); retry later")
         self.in_flight += 1
         try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def enter(self, max_wait_s: float | None = None) -> AsyncIterator[None]:
+        """Count the request in flight and take a slot to work in (429 when none frees within `max_wait_s`)."""
+        wait = self.max_wait_s if max_wait_s is None else max_wait_s
+        with self.counted():
             try:
                 if self._slots.locked():
                     await asyncio.wait_for(self._slots.acquire(), timeout=wait)
@@ -48,8 +59,18 @@ class Admission:
                 yield
             finally:
                 self._slots.release()
-        finally:
-            self.in_flight -= 1
+
+
+class Deadline:
+    """A request's time budget (`request_timeout_ms`), counted from the moment it is routed: the body's upload, the
+    wait for a slot and the work all come out of it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
 
 
 class ClientGone(Exception):

@@ -15,10 +15,13 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from serving.app import build_app
+from serving.auth import endpoint_dir
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
 from serving.cors import LanternCors
 from serving.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
 from serving.endpoint import Endpoint
+from serving.header_limit import bound_request_heads
+from serving.metrics_folder import use_own_metrics_folder
 from serving.request_ids import RequestIds
 from serving.request_timer import cancel_request_timers
 from serving.trace_spans import drop_message_spans
@@ -46,10 +49,12 @@ class ServeArguments(BaseModel):
 
 
 cancel_request_timers()  # before BentoML builds the app around ours
+bound_request_heads()  # before BentoML's worker configures uvicorn
 drop_message_spans()
 arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
+use_own_metrics_folder(endpoint_dir(endpoint_config.name))  # in the serving process, before BentoML prepares it
 app = build_app()
 drain = Drain(arguments.drain_seconds)
 

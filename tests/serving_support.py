@@ -166,3 +166,36 @@ def self_signed_certificate(folder: Path, password: bytes | None = None) -> tupl
     encryption = (serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
     return cert_path, key_path
+
+
+class SlowUpload:
+    """A request whose body the client sends in two parts, with a pause of the test's choosing between them (a slow
+    or stalled uploader), over a plain socket so that nothing buffers or times out on the client's side."""
+
+    def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], sent_first: int) -> None:
+        from urllib.parse import urlsplit
+
+        address = urlsplit(url)
+        self.body, self.sent = body, sent_first
+        self.socket = socket.create_connection((address.hostname, address.port), timeout=60)
+        head = [f"POST {path} HTTP/1.1", f"Host: {address.netloc}", f"Content-Length: {len(body)}",
+                *(f"{name}: {value}" for name, value in headers.items())]
+        self.socket.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body[:sent_first])
+
+    def finish(self) -> httpx.Response:
+        """Send the rest of the body and read the answer."""
+        self.socket.sendall(self.body[self.sent:])
+        return self.answer()
+
+    def answer(self, timeout: float = 60) -> httpx.Response:
+        """The server's answer (whole: the connection is closed after it), read within `timeout` seconds."""
+        import http.client
+
+        self.socket.settimeout(timeout)
+        reply = http.client.HTTPResponse(self.socket)
+        try:
+            reply.begin()
+            content = reply.read()
+        finally:
+            self.socket.close()
+        return httpx.Response(reply.status, headers=reply.getheaders(), content=content)

@@ -54,11 +54,14 @@ def test_uploaded_images_are_the_fields_files_in_order() -> None:
      "form field 'images' must be a file upload, not text"),
     ([("image", ("a.png", b"x"))], {"note": "n"}, "missing_images",
      "the multipart body has no 'images' files (it has note, image)"),
-    ([("images", ("a.png", b"x")), ("images", ("b.png", b"y"))], None, "invalid_multipart",
-     "the multipart body cannot be read: Too many files. Maximum number of files is 1."),
+    ([("images", ("a.png", b"x")), ("images", ("b.png", b"y"))], None, "too_many_images",
+     "more images in one request than the limit; the limit is 1"),
+    ([("images", ("a.png", b"x"))], {f"note{i}": "n" for i in range(101)}, "invalid_multipart",
+     "the multipart body cannot be read: Too many fields. Maximum number of fields is 100."),
 ])
 def test_multipart_refusals_say_what_is_wrong(files: list, data: dict | None, code: str, message: str) -> None:
     content_type, body = multipart_body(files, data)
     with pytest.raises(ApiError) as refused:
         uploaded_images(content_type, body, "images", 1)
-    assert (refused.value.status, refused.value.code, refused.value.message) == (400, code, message)
+    status = 413 if code == "too_many_images" else 400
+    assert (refused.value.status, refused.value.code, refused.value.message) == (status, code, message)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
-from serving_support import Server, png_bytes
+from serving_support import Server, SlowUpload, png_bytes
 
 FAST = {"request_timeout_ms": 30000, "max_concurrent_requests_per_instance": 16, "max_queue_wait_ms": 10000}
 PROBE = {"initial_delay": 0, "period": 0.5}
@@ -309,6 +309,60 @@ def test_update_readies_a_new_generation_while_the_old_one_serves(server: Server
     assert same["generation"] == 2  # no change, no new generation
     admin.applied(admin.http.patch("/deployments/blue", json={"model": "models:/mc/1", "settings": None}))
     assert admin.ready("blue", generation=3)["model_version"] == "models:/mc/1"
+
+
+def test_concurrent_updates_of_different_fields_both_hold(server: Server, admin: Admin) -> None:
+    """Two PATCHes at once, through either worker: each is merged on the record as it is when written, so neither
+    loses the other's change (the merge was made outside the state's lock: the last write won)."""
+    admin.add(deployment("patchy"))
+    for round_ in range(3):
+        patches = [{"settings": {"valid_crop_size": 28 + round_}},
+                   {"request_settings": {**FAST, "max_queue_wait_ms": 9000 - round_}}]
+        barrier = threading.Barrier(len(patches))
+        answers: list[httpx.Response] = []
+
+        def send(patch: dict) -> None:
+            with httpx.Client(base_url=admin.http.base_url, headers=admin.http.headers, timeout=60) as http:
+                barrier.wait()
+                answers.append(http.patch("/deployments/patchy", json=patch))
+
+        threads = [threading.Thread(target=send, args=(patch,)) for patch in patches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [answer.status_code for answer in answers] == [202, 202], [answer.text for answer in answers]
+        config = admin.http.get("/deployments/patchy").json()["config"]
+        assert config["settings"] == {"valid_crop_size": 28 + round_}
+        assert config["request_settings"]["max_queue_wait_ms"] == 9000 - round_
+
+
+def test_an_update_fails_no_upload_or_explanation_routed_before_it(server: Server, keys: dict[str, str],
+                                                                   admin: Admin) -> None:
+    """Requests routed to a generation keep it until they are answered: uploads still in progress when an update
+    swaps the generation (not yet admitted), an explanation among them (never counted by the deployment's
+    admission), finish on the old generation well after it was replaced; it retires only then."""
+    admin.add(deployment("canary"))
+    image = png_bytes()
+    score = json.dumps({"input_data": {"columns": ["image"], "data": [base64.b64encode(image).decode()]}}).encode()
+    pinned = {"Authorization": f"Bearer {keys['primary']}", "x-lantern-deployment": "canary"}
+    uploads = [SlowUpload(server.url, "/score", score, {**pinned, "Content-Type": "application/json"}, len(score) // 2)
+               for _ in range(4)]
+    uploads += [SlowUpload(server.url, "/explain?method=integrated_gradients&n_steps=64", image,
+                           {**pinned, "Content-Type": "image/png"}, len(image) // 2) for _ in range(2)]
+    time.sleep(0.5)  # routed to generation 1 in both workers
+    admin.applied(admin.http.patch("/deployments/canary", json={"model": "models:/mc/2"}))
+    admin.ready("canary", generation=2)
+    time.sleep(3)  # past the old generation's grace period: it retired here before
+    answers = [upload.finish() for upload in uploads]
+    assert [answer.status_code for answer in answers] == [200] * 6, [answer.text for answer in answers]
+    assert {answer.headers["x-lantern-model-version"] for answer in answers} == {"models:/mc/1"}
+    assert predict(server, keys["primary"], **{"x-lantern-deployment": "canary"}).headers[
+        "x-lantern-model-version"] == "models:/mc/2"
+    deadline = time.monotonic() + 30  # and the old generation retires once they are answered
+    while "deployment canary generation 1 retired" not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "generation 1 of canary did not retire"
+        time.sleep(0.2)
 
 
 def cli(server: Server, admin_key: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

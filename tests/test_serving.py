@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -29,7 +30,7 @@ from PIL import Image
 
 from conftest import LABELS, SMALL_SETTINGS, lantern_executable
 from explain.encoding import decode_npy_base64
-from serving_support import Server, png_bytes
+from serving_support import Server, SlowUpload, png_bytes
 
 # `slow` and `torchy` explain on the CPU at 448 px: 1024 steps take 15 s at 320 px on 2 cores, and still seconds on 16
 # (a GPU finished them within the tests' 1.5 s timeouts). `picky` runs on the CPU too: its out-of-bounds gather fails
@@ -134,6 +135,11 @@ def auth(key: str, **headers: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", **headers}
 
 
+def predict(server: Server, key: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=60,
+                      headers=auth(key, **{"Content-Type": "image/png"}))
+
+
 def score_body(*rows: dict | str) -> dict:
     data = [row if isinstance(row, str) else json.dumps(row) for row in rows]
     return {"input_data": {"columns": ["image"], "data": data}}
@@ -184,6 +190,26 @@ def test_cloud_client_snippet_works_unchanged(server: Server, key: str) -> None:
     assert grid.format == "PNG" and grid.width == grid.height
     attributions = np.asarray(item["attributions"])
     assert attributions.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("algorithm, ignored", [("xrai", None), ("integrated_gradients", "xrai_fast"),
+                                                ("guided_gradcam", "n_steps, xrai_fast"),
+                                                ("guided_backprop", "n_steps, xrai_fast")])
+def test_the_cloud_clients_one_parameter_dict_works_with_every_algorithm(server: Server, key: str, algorithm: str,
+                                                                       ignored: str | None) -> None:
+    """The cloud's client keeps one `xai_parameters` dict and changes only `xai_algorithm`: another algorithm's
+    parameters are accepted, ignored and named in x-lantern-ignored-parameters; a name no algorithm takes is a 422."""
+    xai = {"xai_algorithm": algorithm, "n_steps": 8, "xrai_fast": True, "visualizations": True, "attributions": True}
+    response = httpx.post(f"{server.url}/score", json=score_body(row(png_bytes(), model_explainability=True,
+                                                                     xai_parameters=xai)),
+                          headers=auth(key), timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers.get("x-lantern-ignored-parameters") == ignored
+    assert np.asarray(response.json()[0]["attributions"]).shape == (3, 32, 32)
+    unknown = httpx.post(f"{server.url}/score", json=score_body(row(png_bytes(), model_explainability=True,
+                                                                    xai_parameters={**xai, "n_stepz": 8})),
+                         headers=auth(key), timeout=60)
+    assert unknown.status_code == 422 and "n_stepz: not a parameter of" in unknown.json()["error"]["message"]
 
 
 def test_score_plain_base64_rows_and_row_lists(server: Server, key: str) -> None:
@@ -468,8 +494,79 @@ def test_a_web_app_on_an_allowed_origin_may_call_the_scoring_routes(server: Serv
         f"{server.url}/predict", content=png_bytes(),
         headers=auth(key, **{"Content-Type": "image/png", "Origin": "https://evil.example.org"})).headers
     manage = httpx.options(f"{server.url}/manage/traffic", headers={**asks, "Access-Control-Request-Method": "PUT"})
-    assert manage.status_code == 400 and "method" in manage.json()["error"]["message"]
+    assert manage.status_code == 403 and manage.json()["error"]["code"] == "cors_refused"
     assert httpx.options(f"{server.url}/predict").status_code == 405  # not a preflight: no route takes OPTIONS
+
+
+def test_the_management_api_is_never_called_cross_origin(server: Server, key: str) -> None:
+    """Even from the allowed origin, with a method the scoring routes take: the preflight is refused, and a simple
+    request's answer carries no CORS header, so the browser keeps it from the page."""
+    for path in ("/manage/endpoint", "/manage/deployments/blue", "/manage"):
+        preflight = httpx.options(f"{server.url}{path}", headers={
+            "Origin": WEB_APP, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 403, preflight.text
+        assert preflight.json()["error"]["code"] == "cors_refused" and "/manage" in preflight.json()["error"]["message"]
+        assert "access-control-allow-origin" not in preflight.headers
+    simple = httpx.get(f"{server.url}/manage/endpoint", headers={"Origin": WEB_APP, "Authorization": f"Bearer {key}"})
+    assert simple.status_code == 403 and "access-control-allow-origin" not in simple.headers  # a scoring key
+    scoring = httpx.options(f"{server.url}/score", headers={"Origin": WEB_APP, "Access-Control-Request-Method": "POST"})
+    assert scoring.status_code == 200 and scoring.headers["access-control-allow-origin"] == WEB_APP
+
+
+def test_a_stalled_upload_is_408_and_counts_in_flight_meanwhile(server: Server, key: str) -> None:
+    """Half a body, then silence: the deployment's request_timeout_ms (1.5 s on `slow`) covers the upload, and the
+    answer is Lantern's 408, not BentoML's 504 minutes later. While the uploads stall they count in flight (2 x its 1
+    concurrent request), so a third request is refused at once, and the worker answers /livez throughout."""
+    body = json.dumps(score_body(row(png_bytes()))).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "x-lantern-deployment": "slow"}
+    stalled = [SlowUpload(server.url, "/score", body, headers, sent_first=len(body) // 2) for _ in range(2)]
+    time.sleep(0.3)  # both are routed and counted
+    crowded = httpx.post(f"{server.url}/score", content=body, headers=headers, timeout=10)
+    assert crowded.status_code == 429 and "2 requests in flight" in crowded.json()["error"]["message"], crowded.text
+    assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+    for upload in stalled:
+        answer = upload.answer(timeout=30)
+        assert answer.status_code == 408, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "request_timeout" and "the request body did not arrive within request_timeout_ms " \
+            f"(1500 ms): {len(body) // 2} of {len(body)} bytes came" == error["message"]
+        assert answer.headers["connection"] == "close" and answer.headers["x-lantern-deployment"] == "slow"
+    after = httpx.post(f"{server.url}/score", content=body, headers=headers, timeout=30)
+    assert after.status_code == 200, after.text
+
+
+def test_an_oversized_request_head_is_431_before_any_work(server: Server, key: str) -> None:
+    """A header of 64 KiB (no key needed to send one) is refused in Lantern's format; the connection is closed and
+    the worker serves the next request as before."""
+    huge = httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=30,
+                      headers={"Content-Type": "image/png", "X-Filler": "a" * (64 << 10)})
+    assert huge.status_code == 431, huge.text
+    assert huge.json()["error"]["code"] == "headers_too_large" and "32768 bytes" in huge.json()["error"]["message"]
+    long_url = httpx.get(f"{server.url}/livez?{'q' * (40 << 10)}", timeout=30)
+    assert long_url.status_code == 431
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as trickle:  # a head sent 1 KiB at a time
+        trickle.sendall(b"POST /predict HTTP/1.1\r\nHost: lantern\r\nX-Filler: ")
+        answer = b""
+        for _ in range(64):
+            try:
+                trickle.sendall(b"a" * 1024)
+            except OSError:  # the server stopped reading: its answer is in
+                break
+        while chunk := trickle.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ") and b'"headers_too_large"' in answer, answer[:300]
+    usual = httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=30,
+                       headers=auth(key, **{"Content-Type": "image/png", "X-Filler": "a" * 4096}))
+    assert usual.status_code == 200, usual.text
+
+
+def test_a_json_body_in_utf16_is_400_naming_the_encoding(server: Server, key: str) -> None:
+    body = json.dumps(score_body(row(png_bytes()))).encode("utf-16")
+    response = httpx.post(f"{server.url}/score", content=body,
+                          headers=auth(key, **{"Content-Type": "application/json"}), timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"] == {"code": "invalid_json",
+                                        "message": "the score body is UTF-16-encoded; send JSON in UTF-8"}
 
 
 def test_pinning_unknown_and_unready_deployments(server: Server, key: str) -> None:
@@ -656,13 +753,17 @@ def test_odd_but_valid_images_are_answered(server: Server, key: str) -> None:
     assert explained.status_code == 200, explained.text
 
 
-def test_unreadable_multipart_bodies_are_400(server: Server, key: str) -> None:
+def test_unreadable_multipart_bodies_are_400_and_too_many_images_413(server: Server, key: str) -> None:
+    """65 images are over the limit however they come: multipart files get the answer /score rows get."""
     image = png_bytes(size=16)
     too_many = httpx.post(f"{server.url}/predict", files=[("images", (f"{i}.png", image)) for i in range(65)],
                           headers=auth(key))
-    assert too_many.status_code == 400
-    assert too_many.json()["error"] == {"code": "invalid_multipart", "message": "the multipart body cannot be read: "
-                                        "Too many files. Maximum number of files is 64."}
+    assert too_many.status_code == 413
+    assert too_many.json()["error"] == {"code": "too_many_images",
+                                        "message": "more images in one request than the limit; the limit is 64"}
+    rows = httpx.post(f"{server.url}/score", json=score_body(*[row(image)] * 65), headers=auth(key))
+    assert rows.status_code == 413
+    assert rows.json()["error"] == {"code": "too_many_images", "message": "65 images in one request; the limit is 64"}
     garbled = httpx.post(f"{server.url}/predict", content=b"garbage",
                          headers=auth(key, **{"Content-Type": "multipart/form-data; boundary=zzz"}))
     assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_multipart"
@@ -881,9 +982,15 @@ def references(node: object) -> list[str]:
     return []
 
 
-def test_openapi_describes_every_route(server: Server) -> None:
-    bentoml_document = httpx.get(f"{server.url}/docs.json").json()  # BentoML's document, with its own routes
+def test_openapi_describes_every_route_in_a_valid_document(server: Server) -> None:
+    """The document validates as OpenAPI 3.1 (client generators and schemathesis refused BentoML's: "3.0.2" around
+    JSON Schema 2020-12 forms such as a numeric exclusiveMinimum), at /docs.json as at /openapi.json."""
+    from openapi_spec_validator import validate
+
+    bentoml_document = httpx.get(f"{server.url}/docs.json").json()  # where BentoML serves its document
     document = httpx.get(f"{server.url}/openapi.json").json()  # the one /docs shows
+    assert bentoml_document == document and document["openapi"] == "3.1.0"
+    validate(document)
     for checked in (bentoml_document, document):
         for path in ("/score", "/predict", "/explain", "/manage/deployments"):
             assert path in checked["paths"]
@@ -936,3 +1043,47 @@ def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None
     dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     missing = {Requirement(line).name.lower() for line in dependencies} - required
     assert not missing, f"the bento would be installed without {missing}"
+
+
+def test_serve_over_https_beside_another_server_each_keeping_its_own_counts(server: Server, key: str,
+                                                                           tmp_path: Path) -> None:
+    """`--ssl-certfile/--ssl-keyfile`: a second endpoint on this host answers HTTPS only, and the management CLI
+    reaches it with the certificate in $SSL_CERT_FILE. Each server keeps its own metrics: BentoML gave every server
+    on a host one Prometheus folder and emptied it at each start, so this server's start wiped the first one's counts
+    (and `lantern endpoint show` then reported 0 requests to the rollout gates)."""
+    import ssl
+
+    from serving_support import self_signed_certificate
+
+    assert predict(server, key).status_code == 200
+    before = server.metric("lantern_requests_total", deployment="blue", route="/predict", status="200")
+    assert before >= 1
+    cert, tls_key = self_signed_certificate(tmp_path / "tls")
+    env = {**server.env, "LANTERN_API_KEY": "scoring-key", "LANTERN_ADMIN_KEY": "admin-key"}
+    blue = {"name": "blue", "model": "models:/mc/1", "readiness_probe": {"initial_delay": 0, "period": 0.5}}
+    other = Server({"name": "shop", "deployments": [blue], "traffic": {"blue": 100}}, tmp_path, env,
+                   options=("--ssl-certfile", str(cert), "--ssl-keyfile", str(tls_key)),
+                   tls=ssl.create_default_context(cafile=str(cert)))
+    other.start()
+    try:
+        assert f"Endpoint shop on {other.url}: POST {other.url}/score" in " ".join(other.log().split())
+        assert other.url.startswith("https://")
+        answer = httpx.post(f"{other.url}/predict", content=png_bytes(), verify=other.verify, timeout=60,
+                            headers={"Authorization": "Bearer scoring-key", "Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.json()["deployment"] == "blue", answer.text
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the port: no answer
+            httpx.get(other.url.replace("https://", "http://") + "/readyz", timeout=10)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # a client that does not trust it
+            httpx.get(f"{other.url}/readyz", timeout=10)
+        shown = subprocess.run([lantern_executable(), "endpoint", "show", "--json"], capture_output=True, text=True,
+                               timeout=60, env={**env, "LANTERN_URL": other.url, "SSL_CERT_FILE": str(cert)})
+        assert shown.returncode == 0, shown.stderr
+        view = json.loads(shown.stdout)
+        assert view["traffic"] == {"blue": 100}
+        assert view["deployments"][0]["counters"]["requests"] == 1  # its own request, not the first server's
+        assert other.metric("lantern_requests_total", deployment="blue", route="/predict", status="200") == 1
+        assert server.metric("lantern_requests_total", deployment="blue", route="/predict", status="200") == before
+    finally:
+        other.stop()
+    assert predict(server, key).status_code == 200  # the second server's end leaves the first one's folder alone
+    assert server.metric("lantern_requests_total", deployment="blue", route="/predict", status="200") == before + 1

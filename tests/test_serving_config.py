@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -83,6 +82,40 @@ def test_invalid_configurations_name_the_problem(changes: dict, message: str) ->
     with pytest.raises(ConfigError) as error:
         parse_endpoint_config(config(**changes))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("bad", ["blue\n", "blue\r\n", "blue\x00", "blu\u00e9", "\u0628lue", "blue\u2028",
+                                 " blue", "blue "])
+def test_names_and_references_are_checked_whole(bad: str) -> None:
+    """`$` matches before a final newline: "blue\n" was a valid name (and with traffic on it, every answer failed on
+    its header). Every name, model reference, device, origin and header name is matched whole, in ASCII."""
+    cases = [
+        ({"name": bad.replace("blue", "shop")}, "not a valid name"),
+        ({"deployments": [{"name": bad, "model": "models:/m/1"}], "traffic": {}}, "not a valid name"),
+        ({"deployments": [{"name": "blue", "model": "models:/m/1".replace("m", bad, 1)}]}, "models:/NAME/VERSION"),
+        ({"deployments": [{"name": "blue", "model": "models:/m@" + bad}]}, "models:/NAME/VERSION"),
+        ({"deployments": [{"name": "blue", "model": "models:/m/1", "device": bad.replace("blue", "cpu")}]},
+         "unknown device"),
+        ({"cors": {"allow_origins": [bad.replace("blue", "https://app.example.com")]}}, "is not an origin"),
+    ]
+    if bad.strip() == bad:  # a header name's spaces are refused by the same rule
+        cases.append(({"cors": {"allow_origins": ["*"], "allow_headers": [bad.replace("blue", "X-Client")]}},
+                      "is not a header name"))
+    for changes, message in cases:
+        with pytest.raises(ConfigError) as error:
+            parse_endpoint_config(config(**changes))
+        assert message in str(error.value), (changes, str(error.value))
+
+
+@pytest.mark.parametrize("text", ["models:/m/1\n", "models:/m\x00/1", "models:/m/\u0661", "m/1\n", "m@a\x00"])
+def test_model_references_with_control_characters_or_other_digits_are_refused(text: str) -> None:
+    from registry.errors import LanternError
+    from registry.resolve import parse_model_ref, validate_alias
+
+    with pytest.raises(LanternError, match="not a registered model reference"):
+        parse_model_ref(text)
+    with pytest.raises(LanternError, match="invalid alias"):
+        validate_alias("champion\n")
 
 
 def test_yaml_errors(tmp_path: Path) -> None:
@@ -201,39 +234,3 @@ def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
             (str(key), str(cert), f"the TLS certificate {key} and key {cert} do not load together")):
         with pytest.raises(LanternError, match=re.escape(message)):
             check_tls_files(certfile, keyfile)
-
-
-def test_serve_over_https(store: str, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    """`--ssl-certfile/--ssl-keyfile`: the endpoint answers HTTPS only, and the management CLI reaches it with the
-    certificate in $SSL_CERT_FILE."""
-    import ssl
-
-    import httpx
-
-    from registry.register import register_checkpoint
-    from serving_support import Server, png_bytes, self_signed_certificate
-
-    register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
-    cert, key = self_signed_certificate(tmp_path / "tls")
-    env = {**os.environ, "LANTERN_API_KEY": "scoring-key", "LANTERN_ADMIN_KEY": "admin-key"}
-    blue = {"name": "blue", "model": "models:/m/1", "readiness_probe": {"initial_delay": 0, "period": 0.5}}
-    server = Server(config(deployments=[blue]), tmp_path, env,
-                    options=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
-                    tls=ssl.create_default_context(cafile=str(cert)))
-    server.start()
-    try:
-        assert f"Endpoint shop on {server.url}: POST {server.url}/score" in " ".join(server.log().split())
-        assert server.url.startswith("https://")
-        answer = httpx.post(f"{server.url}/predict", content=png_bytes(), verify=server.verify, timeout=60,
-                            headers={"Authorization": "Bearer scoring-key", "Content-Type": "image/png"})
-        assert answer.status_code == 200 and answer.json()["deployment"] == "blue", answer.text
-        with pytest.raises(httpx.HTTPError):  # plain HTTP on the port: no answer
-            httpx.get(server.url.replace("https://", "http://") + "/readyz", timeout=10)
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # a client that does not trust it
-            httpx.get(f"{server.url}/readyz", timeout=10)
-        shown = subprocess.run([lantern_executable(), "endpoint", "show", "--json"], capture_output=True, text=True,
-                               timeout=60, env={**env, "LANTERN_URL": server.url, "SSL_CERT_FILE": str(cert)})
-        assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)["traffic"] == {"blue": 100}
-    finally:
-        server.stop()
