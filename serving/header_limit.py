@@ -1,4 +1,5 @@
-"""A bound on a request's head (request line and headers): 431 in Lantern's error format, before any work.
+"""A bound on a request's head (request line and headers): 431 in Lantern's error format, before any work; and
+uvicorn's 400 for bytes that are not HTTP in that format too.
 
 uvicorn's httptools protocol (the one BentoML's workers run) buffers a request's headers without a limit, so one
 unauthenticated request could make a worker hold megabytes of header before any route saw it. Its h11 protocol has a
@@ -15,12 +16,18 @@ MAX_HEAD_BYTES = 32 * 1024  # nginx's default allows 4 x 8 KiB; a bearer key and
 LINGER_S = 2.0  # after a 431, how long the rest of what the client sends is read and dropped
 
 
+def closing_answer(status: bytes, code: str, message: str) -> bytes:
+    """A whole HTTP answer with Lantern's JSON error, saying the connection closes after it."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
 def head_too_large_answer(limit: int = MAX_HEAD_BYTES) -> bytes:
-    """The whole HTTP answer: 431 with Lantern's JSON error, and the connection closed."""
-    body = json.dumps({"error": {"code": "headers_too_large", "message": (
-        f"the request line and headers are over the limit of {limit} bytes; send large data in the body")}}).encode()
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    """431 for a request line and headers over `limit` bytes."""
+    return closing_answer(b"431 Request Header Fields Too Large", "headers_too_large",
+                          f"the request line and headers are over the limit of {limit} bytes; send large data in the "
+                          "body")
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -60,6 +67,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             else:
                 self._head_bytes, self._tail = size, window[-3:]
         super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP (a NUL in a header, a malformed request line), in Lantern's
+        error format rather than plain text."""
+        self.transport.write(closing_answer(b"400 Bad Request", "invalid_http",
+                                            f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"))
+        self.transport.close()
 
     def _refuse(self) -> None:
         self._refused = True

@@ -555,6 +555,13 @@ def test_an_oversized_request_head_is_431_before_any_work(server: Server, key: s
         while chunk := trickle.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 431 ") and b'"headers_too_large"' in answer, answer[:300]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as garbled:  # not HTTP: uvicorn's 400
+        garbled.sendall(b"POST /predict HTTP/1.1\r\nHost: lantern\r\nX-Bad: a\x00b\r\n\r\n")
+        answer = b""
+        while chunk := garbled.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"]["code"] == "invalid_http", answer
     usual = httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=30,
                        headers=auth(key, **{"Content-Type": "image/png", "X-Filler": "a" * 4096}))
     assert usual.status_code == 200, usual.text
