@@ -27,7 +27,7 @@ from serving.endpoint import Endpoint, Route, endpoint_of
 from serving.errors import ApiError, bad_request, method_not_allowed, timed_out, unprocessable, unsupported_media
 from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
 from serving.json_answer import json_response
-from serving.limits import ClientGone, Deadline, within_deadline
+from serving.limits import CLIENT_CLOSED, ClientGone, Deadline, within_deadline
 from serving.manage_api import PREFIX, build_router
 from serving.metrics import metrics
 from serving.negotiation import prefers_png
@@ -51,7 +51,6 @@ from serving.schemas import (
 )
 
 logger = logging.getLogger("lantern.serving")
-CLIENT_CLOSED = 499
 T = TypeVar("T")
 # A JSON body over this is parsed in the work pool, where the worker goes on answering other requests meanwhile (a
 # 19 MB /score body takes 130-180 ms; the worst 1 MiB bodies the checks let through, tens of ms). A body under it is

@@ -73,6 +73,9 @@ class Deadline:
         return max(0.0, self.ends - time.monotonic())
 
 
+CLIENT_CLOSED = 499  # the status logged and counted for a request whose client left before its answer (nginx's)
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 

@@ -17,12 +17,14 @@ from serving.control import Control, DeploymentView, EndpointView, KeyRegenerate
 from serving.endpoint import endpoint_of
 from serving.errors import ApiError, conflict, unprocessable
 from serving.inputs import read_body
+from serving.limits import CLIENT_CLOSED, ClientGone
 from serving.schemas import inline_schema, parse_json_body
 from serving.state import InvalidChange
 
 logger = logging.getLogger("lantern.serving")
 PREFIX = "/manage"
 MAX_BODY_BYTES = 1_000_000
+BODY_TIMEOUT_S = 30.0  # a management body not all in by then is a 408
 SPLIT = TypeAdapter(dict[str, Percent])
 PATCH = TypeAdapter(dict[str, Any])
 ADMIN_ERRORS = {status: {"description": text} for status, text in [
@@ -45,6 +47,8 @@ async def admin_call(request: Request, work: Callable[[Control], Awaitable[Any]]
         return unprocessable(f"the change was refused, nothing changed: {error}", "invalid_change").response()
     except KeySourceError as error:
         return conflict(str(error), "key_from_environment").response()
+    except ClientGone:  # it left while its body was being read: nothing changed, and nobody to answer
+        return Response(status_code=CLIENT_CLOSED)
     except LanternError as error:
         return unprocessable(str(error), "invalid_change").response()
     except Exception:
@@ -53,7 +57,7 @@ async def admin_call(request: Request, work: Callable[[Control], Awaitable[Any]]
 
 
 async def body_of(request: Request, schema: Any, what: str) -> Any:
-    return parse_json_body(await read_body(request, MAX_BODY_BYTES), schema, what)
+    return parse_json_body(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S), schema, what)
 
 
 def in_thread(request: Request, func: Callable[..., Any], *args: Any) -> Awaitable[Any]:

@@ -172,15 +172,20 @@ class SlowUpload:
     """A request whose body the client sends in two parts, with a pause of the test's choosing between them (a slow
     or stalled uploader), over a plain socket so that nothing buffers or times out on the client's side."""
 
-    def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], sent_first: int) -> None:
+    def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], sent_first: int,
+                 method: str = "POST") -> None:
         from urllib.parse import urlsplit
 
         address = urlsplit(url)
         self.body, self.sent = body, sent_first
         self.socket = socket.create_connection((address.hostname, address.port), timeout=60)
-        head = [f"POST {path} HTTP/1.1", f"Host: {address.netloc}", f"Content-Length: {len(body)}",
+        head = [f"{method} {path} HTTP/1.1", f"Host: {address.netloc}", f"Content-Length: {len(body)}",
                 *(f"{name}: {value}" for name, value in headers.items())]
         self.socket.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body[:sent_first])
+
+    def abandon(self) -> None:
+        """Hang up without sending the rest."""
+        self.socket.close()
 
     def finish(self) -> httpx.Response:
         """Send the rest of the body and read the answer."""

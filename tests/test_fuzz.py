@@ -48,7 +48,7 @@ def schemathesis(server: Server, key: str, *selection: str) -> subprocess.Comple
                "--no-color", *selection]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_checks",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=server.folder)
 
 
 def generated(run: subprocess.CompletedProcess, server: Server) -> int:

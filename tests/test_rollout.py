@@ -365,6 +365,26 @@ def test_an_update_fails_no_upload_or_explanation_routed_before_it(server: Serve
         time.sleep(0.2)
 
 
+def test_clients_that_hang_up_mid_body_change_nothing_and_log_no_error(server: Server, keys: dict[str, str],
+                                                                        admin: Admin) -> None:
+    """A management change or a prediction whose client leaves while its body is uploading: nothing changes, and the
+    server's log says nothing of it (it was logged as an unexpected error, with a 500 counted)."""
+    before = admin.endpoint()["revision"]
+    body = json.dumps({"blue": 100}).encode()
+    uploads = [SlowUpload(server.url, "/manage/traffic", body,
+                          {"Authorization": f"Bearer {keys['admin']}", "Content-Type": "application/json"}, 5,
+                          method="PUT"),
+               SlowUpload(server.url, "/predict", png_bytes(),
+                          {"Authorization": f"Bearer {keys['primary']}", "Content-Type": "image/png"}, 20)]
+    time.sleep(0.5)
+    for upload in uploads:
+        upload.abandon()
+    time.sleep(1)
+    assert admin.endpoint()["revision"] == before
+    assert predict(server, keys["primary"]).status_code == 200
+    assert "unexpected error" not in server.log_path.read_text(errors="replace")
+
+
 def cli(server: Server, admin_key: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**server.env, "LANTERN_URL": server.url, "LANTERN_ADMIN_KEY": admin_key}
     result = subprocess.run([lantern_executable(), *args], capture_output=True, text=True, env=env, timeout=300)
