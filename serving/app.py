@@ -157,7 +157,7 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
                 wants_explanation = await reading(explains(endpoint), deadline, what) if callable(explains) \
                     else explains
             admission = endpoint.explain_admission if wants_explanation else route.instance.admission
-            async with admission.enter(min(settings.max_queue_wait_ms / 1000, deadline.remaining())):
+            async with admission.enter(settings.max_queue_wait_ms / 1000):
                 response = await within_deadline(request, work(endpoint, context), deadline.remaining(),
                                                  context.token, what)
         response.headers.update(context.headers())
