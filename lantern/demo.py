@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lantern.console import StepProgress, console, user_errors
+from registry.console import StepProgress, console, user_errors
 from registry.errors import ModelNotFoundError
 from training.callbacks import CSVLogger
 from training.progress import ProgressBar, describe_metrics

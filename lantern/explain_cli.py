@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from explain.params import METHODS
-from lantern.console import console, stdout, user_errors
+from registry.console import console, stdout, user_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import click
 from rich.table import Table
 
-from lantern.console import StepProgress, console, stdout, user_errors
 from registry.architectures import ARCHITECTURES
+from registry.console import StepProgress, console, stdout, user_errors
 from registry.labels import read_labels
 from registry.model_files import (
     DEFAULT_PARITY_TOLERANCE,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lantern.console import console, stdout, user_errors
+from registry.console import console, stdout, user_errors
 from serving.draining import MAX_DRAIN_SECONDS
 
 

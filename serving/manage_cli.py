@@ -12,7 +12,7 @@ import click
 import yaml
 from rich.table import Table
 
-from lantern.console import console, stdout, user_errors
+from registry.console import console, stdout, user_errors
 from serving.auth import ADMIN_ENV
 from serving.manage_client import DEFAULT_URL, URL_ENV, ManageClient
 

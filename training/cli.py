@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from lantern.console import StepProgress, console, stdout, user_errors
 from registry.architectures import ARCHITECTURES
+from registry.console import StepProgress, console, stdout, user_errors
 from registry.errors import LanternError
 from registry.model_files import TAG_TRAINING_RUN
 from registry.settings import TASKS

@@ -1,4 +1,5 @@
-"""Terminal output shared by the CLI groups: a rich console, step progress, and error reporting."""
+"""Terminal output shared by every package's CLI group: a rich console, step progress, and error reporting (here, beside
+Lantern's errors, where every package may import it)."""
 
 from __future__ import annotations
 
