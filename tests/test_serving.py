@@ -617,21 +617,27 @@ def test_score_bad_input_gets_a_clear_4xx(server: Server, key: str, body: bytes,
     assert error["code"] == code and error["message"]
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/score", b"[" * 100_000 + b"]" * 100_000),
-    ("/score", json.dumps(score_body('{"image_base64": ' + "[" * 5000 + "]" * 5000 + "}")).encode()),
-    ("/score", json.dumps(score_body('{"image_base64": ' + "[" * 65 + "]" * 65 + "}")).encode()),
-    ("/explain", b'{"image_base64": "", "params": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-    ("/explain?method=integrated_gradients&n_steps=" + "[" * 3000, b"\x89PNG"),
+DEEP = "nests its arrays or objects too deeply (more than 64 levels)"
+MANY = "holds more than 20000 arrays or objects"
+
+
+@pytest.mark.parametrize("path, body, named", [
+    ("/score", b"[" * 100_000 + b"]" * 100_000, MANY),
+    ("/score", json.dumps(score_body('{"image_base64": ' + "[" * 5000 + "]" * 5000 + "}")).encode(), DEEP),
+    ("/score", json.dumps(score_body('{"image_base64": ' + "[" * 65 + "]" * 65 + "}")).encode(), DEEP),
+    ("/explain", b'{"image_base64": "", "params": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", MANY),
+    ("/explain", b'{"image_base64": "", "params": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", DEEP),
+    ("/explain?method=integrated_gradients&n_steps=" + "[" * 3000, b"\x89PNG", DEEP),
 ])
-def test_json_nested_too_deeply_is_400(server: Server, key: str, path: str, body: bytes) -> None:
+def test_json_nested_too_deeply_is_400(server: Server, key: str, path: str, body: bytes, named: str) -> None:
     """Python's JSON parser raises RecursionError past about a thousand levels (that was a 500), or parses 5000
-    levels (Python 3.12): Lantern refuses more than 64, on every version."""
+    levels (Python 3.12): Lantern refuses more than 64, on every version, and more arrays or objects than any valid
+    body holds before looking any further."""
     kind = "image/png" if "?" in path else "application/json"
     response = httpx.post(f"{server.url}{path}", content=body, headers=auth(key, **{"Content-Type": kind}))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_json"
-    assert "nests its arrays or objects too deeply" in response.json()["error"]["message"]
+    assert named in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("method, path, status, code, named", [
