@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,13 +70,6 @@ class Explanation:
         return encode_attributions(self.attributions[index].numpy(), encoding)
 
 
-def predicted_targets(logits: Tensor, task: str, threshold: float) -> list[int]:
-    """The predicted class (multi-class) or every label at or above `threshold` (multi-label)."""
-    if task == "multilabel":
-        return [int(i) for i in torch.nonzero(torch.sigmoid(logits) >= threshold).flatten()]
-    return [int(logits.argmax())]
-
-
 def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """The [H, W, 3] uint8 image a normalised [3, H, W] tensor came from."""
     m = torch.tensor(mean, device=x.device).view(3, 1, 1)
@@ -91,9 +84,7 @@ def attribute(
     method: str,
     params: dict[str, Any] | BaseModel | None = None,
     *,
-    targets: Sequence[int] | None = None,
-    task: Literal["multiclass", "multilabel"] = "multiclass",
-    threshold: float = 0.5,
+    targets: Sequence[int] | Callable[[np.ndarray], Sequence[int]] | None = None,
     gradcam_layer: str | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -101,7 +92,8 @@ def attribute(
 ) -> Explanation:
     """Explain `model`'s output on one normalised image `x` [3, H, W] (or [1, 3, H, W]) with `method`.
 
-    Targets default to the prediction (every predicted label for multi-label); a target given twice is
+    `targets`: the classes to explain, or a function choosing them from the logits (the caller's prediction rule:
+    every label over its threshold for a multi-label model); by default the top class. A target given twice is
     explained once, in the order first given. `image` is the cropped uint8 input for the visualisation
     (default: `x` de-normalised with `mean`/`std`, which are also what the black baseline of integrated
     gradients is made from)."""
@@ -116,9 +108,10 @@ def attribute(
         both = model(torch.cat([x, black])) if method == "integrated_gradients" else model(x)
     logits = both[0]
     if targets is None:
-        chosen = predicted_targets(logits, task, threshold)
+        chosen = [int(logits.argmax())]
     else:
-        chosen = list(dict.fromkeys(int(t) for t in targets))  # a label named twice is explained once
+        picked = targets(logits.detach().float().cpu().numpy()) if callable(targets) else targets
+        chosen = list(dict.fromkeys(int(t) for t in picked))  # a label named twice is explained once
         bad = [t for t in chosen if not 0 <= t < logits.numel()]
         if bad:
             raise ExplainError(f"target class {bad[0]} does not exist; the model has classes 0..{logits.numel() - 1}")
@@ -127,7 +120,8 @@ def attribute(
     picture = image if image is not None else denormalize(x[0], mean, std)
     if not chosen:
         attributions = torch.zeros(0, *x.shape[1:])
-        report["notes"].append(f"no label reached the threshold {threshold}; nothing to explain")
+        report["notes"].append("no target was chosen (no label over a multi-label model's threshold); nothing to "
+                               "explain")
     elif method == "xrai":
         assert isinstance(typed, XRAIParams)
         result = xrai(model, x[0], chosen, typed.n_steps, typed.xrai_fast, mean, std, picture,

@@ -130,20 +130,15 @@ class Explainer:
         self.bundle, self.method, self.params, self.targets = bundle, method, params, targets
         self.preprocess = Preprocess.for_model(bundle.spec, bundle.settings)
         self.device = next(bundle.module.parameters()).device
-        self.threshold = getattr(bundle.settings, "confidence_score_threshold_multilabel", 0.5)
 
     def __call__(self, path: Path) -> Any:
-        import numpy as np
-
-        from explain.attribute import attribute
         from registry.images import decode_image
+        from serving.deployment import explain_version
 
         cropped = self.preprocess.crop(decode_image(path.read_bytes(), shorter_side=self.preprocess.resize_size))
         x = self.preprocess.normalize(cropped).to(self.device)
-        spec = self.bundle.spec
-        return attribute(self.bundle.module, x, self.method, self.params, targets=self.targets, task=spec.task,
-                         threshold=self.threshold, gradcam_layer=spec.gradcam_layer, mean=spec.normalize_mean,
-                         std=spec.normalize_std, image=np.asarray(cropped))
+        return explain_version(self.bundle.module, self.bundle.spec, self.bundle.settings, x, cropped, self.method,
+                               self.params, self.targets)
 
 
 def explain_into(explainer: Explainer, paths: list[Path], folder: Path) -> dict[str, Any]:

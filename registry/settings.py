@@ -12,6 +12,9 @@ Task = Literal["multiclass", "multilabel"]
 TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 
 
+DEFAULT_MULTILABEL_THRESHOLD = 0.5  # SPEC.md section 3: confidence_score_threshold_multilabel
+
+
 class ClassificationSettings(BaseModel):
     """Image classification: resize the shorter side, center-crop, normalise."""
 
@@ -32,7 +35,7 @@ class ClassificationSettings(BaseModel):
 class MultilabelSettings(ClassificationSettings):
     """Multi-label classification adds the per-label score threshold."""
 
-    confidence_score_threshold_multilabel: float = Field(0.5, ge=0.0, le=1.0)
+    confidence_score_threshold_multilabel: float = Field(DEFAULT_MULTILABEL_THRESHOLD, ge=0.0, le=1.0)
 
 
 SETTINGS_SCHEMAS: dict[str, type[ClassificationSettings]] = {

@@ -17,10 +17,11 @@ from explain.attribute import Explanation, attribute
 from explain.layout import fastest_layout
 from registry.devices import device_key, torch_device
 from registry.errors import LanternError
-from registry.postprocess import predicted_indices, probabilities
+from registry.postprocess import predicted_from_logits, predicted_indices, probabilities
 from registry.preprocess import Preprocess
 from registry.resolve import DownloadedVersion, ModelBundle, bundle_of, download_version
 from registry.settings import ClassificationSettings, with_overrides
+from registry.spec import ModelSpec
 from registry.store import open_client
 from serving.abandon import make_abandonable
 from serving.config import DeploymentConfig
@@ -51,9 +52,19 @@ class LoadedModel:
     explain_device: torch.device
     guided: GuidedCopy  # the module's copy that guided methods hook
 
-    @property
-    def threshold(self) -> float:
-        return float(getattr(self.settings, "confidence_score_threshold_multilabel", 0.5))
+
+def explain_version(module: torch.nn.Module, spec: ModelSpec, settings: ClassificationSettings, x: torch.Tensor,
+                    cropped: Image.Image, method: str, params: dict[str, Any], targets: list[int] | None = None,
+                    threshold: float | None = None) -> Explanation:
+    """Explain one normalised image `x` (the crop `cropped`) with a version's module, as its spec and settings say:
+    its Grad-CAM layer and normalisation, and by default its prediction by the registry's rule (every label over
+    the threshold for multi-label). The server and `lantern explain` both explain through here."""
+    def predicted(logits: np.ndarray) -> list[int]:
+        return predicted_from_logits(logits, spec.task, settings, threshold)
+
+    return attribute(module, x, method, params, targets=predicted if targets is None else targets,
+                     gradcam_layer=spec.gradcam_layer, mean=spec.normalize_mean, std=spec.normalize_std,
+                     image=np.asarray(cropped))
 
 
 def freeze_long_lived_objects() -> None:
@@ -230,10 +241,7 @@ class Deployment:
         spec = model.bundle.spec
 
         def run(module: torch.nn.Module) -> Explanation:
-            return attribute(module, x, method, params, targets=targets, task=spec.task,
-                             threshold=model.threshold if threshold is None else threshold,
-                             gradcam_layer=spec.gradcam_layer, mean=spec.normalize_mean, std=spec.normalize_std,
-                             image=np.asarray(cropped))
+            return explain_version(module, spec, model.settings, x, cropped, method, params, targets, threshold)
 
         if method in GUIDED_METHODS:
             with model.guided.hold() as module:

@@ -86,9 +86,16 @@ def test_pair_integrated_gradients_equals_the_reference_for_any_batch_size(pictu
         np.testing.assert_allclose(ours[index].permute(1, 2, 0).numpy(), expected, rtol=1e-5, atol=1e-9)
 
 
-def test_xrai_gives_one_map_per_predicted_label(model: SmallCNN, picture: np.ndarray) -> None:
+def test_xrai_gives_one_map_per_chosen_label(model: SmallCNN, picture: np.ndarray) -> None:
+    """Targets chosen from the logits by the caller's rule (a multi-label prediction): one map each."""
     pixels = torch.from_numpy(picture).permute(2, 0, 1).double() / 255
-    explanation = attribute(model, (pixels - MEAN) / STD, "xrai", {"n_steps": 4}, task="multilabel", threshold=0.0,
-                            image=picture)
+    seen: list[np.ndarray] = []
+
+    def every_label(logits: np.ndarray) -> list[int]:
+        seen.append(logits)
+        return list(range(len(logits)))
+
+    explanation = attribute(model, (pixels - MEAN) / STD, "xrai", {"n_steps": 4}, targets=every_label, image=picture)
+    assert len(seen) == 1 and seen[0].shape == (3,)
     assert explanation.targets == [0, 1, 2] and explanation.attributions.shape == (3, 3, 64, 64)
     assert not torch.equal(explanation.attributions[0], explanation.attributions[1])
