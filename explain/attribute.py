@@ -66,7 +66,7 @@ class Explanation:
     def visualization_base64(self, index: int = 0) -> str:
         return png_base64(self.visualization_png(index))
 
-    def encoded_attributions(self, index: int = 0, encoding: AttributionEncoding = "float32") -> list | str | None:
+    def encoded_attributions(self, index: int = 0, encoding: AttributionEncoding = "float32") -> list | str:
         return encode_attributions(self.attributions[index].numpy(), encoding)
 
 

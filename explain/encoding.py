@@ -8,14 +8,12 @@ from typing import Literal
 
 import numpy as np
 
-AttributionEncoding = Literal["float32", "float16", "npy_base64", "none"]
+AttributionEncoding = Literal["float32", "float16", "npy_base64"]
 
 
-def encode_attributions(array: np.ndarray, encoding: AttributionEncoding) -> list | str | None:
+def encode_attributions(array: np.ndarray, encoding: AttributionEncoding) -> list | str:
     """`array` [3, H, W] as JSON-ready data: lists of floats (rounded to float16 if asked), or a base64 .npy
     file (float16: 2 bytes a value, what `np.load(io.BytesIO(base64.b64decode(s)))` reads back)."""
-    if encoding == "none":
-        return None
     if encoding == "float32":
         return array.astype(np.float32).tolist()
     if encoding == "float16":

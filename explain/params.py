@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-METHODS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")
+Method = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
+METHODS: tuple[str, ...] = get_args(Method)  # the one list of methods: the API's enum, the CLI's choices, PARAMS' keys
+GUIDED_METHODS = ("guided_backprop", "guided_gradcam")  # those that hook the module they run on
 ApproximationMethod = Literal["riemann_middle", "gausslegendre"]
 
 
@@ -55,6 +57,7 @@ PARAMS: dict[str, type[BaseModel]] = {
     "guided_gradcam": GuidedParams,
     "guided_backprop": GuidedParams,
 }
+assert tuple(PARAMS) == METHODS and set(GUIDED_METHODS) <= set(METHODS)
 
 
 def check_method(method: str) -> str:

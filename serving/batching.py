@@ -23,7 +23,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, O
 from registry.devices import device_key
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
-from serving.errors import ApiError
+from serving.errors import ApiError, model_failed
 from serving.metrics import metrics
 from serving.predictors import submit_rows
 
@@ -316,5 +316,4 @@ def model_error(deployment: Deployment, error: Exception) -> ApiError:
                                               f"request; retry it later", {"Retry-After": "1"})
     if isinstance(error, NotAnswering):
         return ApiError(503, "not_answering", f"deployment {deployment.name}: {error}; retry it later")
-    return ApiError(424, "model_error", f"deployment {deployment.name} failed on this input: "
-                                        f"{type(error).__name__}: {error}")
+    return model_failed(f"deployment {deployment.name} failed on this input: {type(error).__name__}: {error}")

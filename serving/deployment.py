@@ -15,6 +15,7 @@ from PIL import Image
 
 from explain.attribute import Explanation, attribute
 from explain.layout import fastest_layout
+from explain.params import GUIDED_METHODS
 from registry.devices import device_key, torch_device
 from registry.errors import LanternError
 from registry.postprocess import predicted_from_logits, predicted_indices, probabilities
@@ -30,7 +31,6 @@ from serving.shared_models import GuidedCopy, ModelCore, SharedModels
 
 logger = logging.getLogger("lantern.serving")
 State = Literal["loading", "ready", "unready", "failed"]
-GUIDED_METHODS = ("guided_backprop", "guided_gradcam")
 
 
 @dataclass

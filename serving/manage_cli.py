@@ -43,7 +43,7 @@ def applied(client: ManageClient, result: dict[str, Any], description: str) -> d
     return result
 
 
-def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, Any]:
+def parse_nested_fields(values: tuple[str, ...], what: str) -> dict[str, Any]:
     """`k=v` pairs (YAML values: numbers, booleans, strings); dotted keys make nested mappings."""
     result: dict[str, Any] = {}
     for item in values:
@@ -61,7 +61,7 @@ def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, Any]:
 def deployment_fields(assignments: tuple[str, ...]) -> dict[str, Any]:
     """`--set` values: deployment fields (`device=cuda`, `request_settings.request_timeout_ms=90000`), anything
     else a settings override (`valid_crop_size=224`)."""
-    fields = parse_assignments(assignments, "--set")
+    fields = parse_nested_fields(assignments, "--set")
     settings = {k: fields.pop(k) for k in list(fields) if k not in TOP_LEVEL}
     if settings:
         fields.setdefault("settings", {}).update(settings)

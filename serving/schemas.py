@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from explain.params import ExplainError, inapplicable_params, parse_params
+from explain.encoding import AttributionEncoding
+from explain.params import ExplainError, Method, inapplicable_params, parse_params
 from registry.errors import describe_validation_error
-from serving.config import CLOUD_KEY_HINTS
+from serving.config import CLOUD_KEY_HINTS, Strict
 from serving.errors import bad_request, too_many_images, unprocessable
 
-AttributionEncoding = Literal["float32", "float16", "npy_base64"]
 # Sizes no valid request reaches: a body's lists and objects are refused past them before their items are validated
 # (pydantic builds an error per item, and 350 000 bad `targets` took a second to describe in a 17 MB message).
 MAX_ROWS = 4096  # limits.max_images_per_request's highest value
@@ -21,7 +21,6 @@ MAX_COLUMNS = 16
 MAX_PARAMETERS = 64
 MAX_TARGETS = 64  # labels explained in one request (each one an explanation)
 MAX_JSON_MEMBERS = 1024  # names in one JSON object
-XaiAlgorithm = Literal["xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -44,16 +43,12 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class XaiParameters(BaseModel):
     """`xai_parameters` of a scoring row: the algorithm, what to return, and the algorithm's own parameters."""
 
     model_config = ConfigDict(extra="allow")
 
-    xai_algorithm: XaiAlgorithm = "xrai"
+    xai_algorithm: Method = "xrai"
     visualizations: bool = True
     attributions: bool = False
     attributions_encoding: AttributionEncoding = Field(
@@ -160,7 +155,7 @@ class ExplainRequest(Strict):
     """`POST /explain` as JSON; the same fields are accepted as query parameters with a raw or multipart image."""
 
     image_base64: str
-    method: XaiAlgorithm = "xrai"
+    method: Method = "xrai"
     params: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS,
                                    description="the method's parameters, e.g. {\"n_steps\": 50}")
     targets: list[str] | None = Field(None, max_length=MAX_TARGETS,

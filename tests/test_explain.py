@@ -276,16 +276,15 @@ def test_functional_relu_calls_are_guided_too(cnn: SmallCNN) -> None:
     assert not torch.allclose(GuidedBackprop(functional).attribute(x, target=0), reference, atol=1e-7)
 
 
-def test_targets_multilabel_and_errors(cnn: SmallCNN) -> None:
+def test_targets_chosen_named_and_errors(cnn: SmallCNN) -> None:
     x = image_tensor(2)
     logits = cnn(x[None])[0]
-    everything = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=0.0)
-    assert everything.targets == [i for i in range(3) if torch.sigmoid(logits[i]) >= 0.0]
-    assert everything.attributions.shape == (3, 3, 32, 32)
-    some = attribute(cnn, x, "guided_backprop", task="multilabel",
-                     threshold=float(torch.sigmoid(logits.detach()).max()))
-    assert some.targets == [int(logits.argmax())]
-    none = attribute(cnn, x, "guided_backprop", task="multilabel", threshold=1.0)
+    assert attribute(cnn, x, "guided_backprop").targets == [int(logits.argmax())]  # the top class by default
+    everything = attribute(cnn, x, "guided_backprop", targets=lambda scores: list(range(len(scores))))
+    assert everything.targets == [0, 1, 2] and everything.attributions.shape == (3, 3, 32, 32)
+    top = attribute(cnn, x, "guided_backprop", targets=lambda scores: [int(scores.argmax())])
+    assert top.targets == [int(logits.argmax())]
+    none = attribute(cnn, x, "guided_backprop", targets=lambda scores: [])  # no label over a multi-label threshold
     assert none.targets == [] and none.attributions.shape[0] == 0 and "nothing to explain" in none.fidelity.notes[0]
     named = attribute(cnn, x, "integrated_gradients", {"n_steps": 4}, targets=[2])
     assert named.targets == [2]
@@ -310,7 +309,6 @@ def test_encodings_and_the_two_by_two_png(cnn: SmallCNN) -> None:
     assert np.allclose(half, values.astype(np.float16).astype(np.float32))
     npy = decode_npy_base64(explanation.encoded_attributions(0, "npy_base64"))
     assert npy.dtype == np.float16 and np.array_equal(npy, values.astype(np.float16))
-    assert explanation.encoded_attributions(0, "none") is None
 
     png = Image.open(io.BytesIO(explanation.visualization_png()))
     assert png.format == "PNG" and png.size == (2 * 224, 2 * 224)  # 32 px panels enlarged 7x
