@@ -19,12 +19,10 @@ from explain.params import IntegratedGradientsParams
 
 # Path points per forward/backward pass when the caller does not say: bounded by an activation-memory budget
 # estimated from one forward pass (parameters are not counted, they are shared by every point), then evened out so
-# every pass is as full as the others (50 steps in passes of 8 leave a last pass of 2). On the CPU, 3 GiB gives
-# resnet50 at 224 px 12 points a pass, so 50 steps run as 5 passes of 10, the fastest captum batch measured (50 steps,
-# 2 cores: 4 points 1.04x the time of 8-10, 16 points 1.05x, 25 points 1.6x, where the working set no longer fits).
-# On a GPU the budget is a quarter of the memory free when the explanation starts (the rest stays for other
-# deployments and explanations sharing it): on an 80 GB H100, resnet50's 50 steps run in one pass, 2x faster than
-# in passes of 13 points that a fixed 4 GiB allowed (43 vs 88 ms).
+# every pass is as full as the others (50 steps in passes of 8 leave a last pass of 2). On the CPU the budget is 3 GiB,
+# which keeps a pass's working set in the caches (resnet50 at 224 px: 50 steps in 5 passes of 10). On a GPU it is a
+# quarter of the memory free when the explanation starts (the rest stays for other deployments and explanations
+# sharing it), so large steps counts run in one pass.
 PATH_MEMORY_BUDGET = {"cpu": 3 * 1024**3}
 CUDA_FREE_MEMORY_SHARE = 0.25
 MAX_PATH_BATCH = 256

@@ -60,11 +60,8 @@ def make_session(path: str | Path, device: str = "auto", threads: int | None = N
     fixes the model's batch dimension (one session per batch size, see serving/predictors.py).
 
     Intra-op threads do not spin while they wait for work. On the CUDA provider they have next to no work, and spinning
-    only burnt the cores that decode and preprocess the images (a tiny model: 8.2 instead of 5.8 ms of CPU per
-    request). On the CPU, once torch's OpenMP threads stopped spinning too (serving/__init__.py), served resnet50 on 2
-    cores took 38-41 instead of 40-43 ms of CPU per request, at the same or higher throughput (c32: 48.7-49.5 vs
-    45.7-48.5 images/s, two alternated rounds); in-process, batches of 8 and 32 run as fast, batch 1 5 % slower.
-    (Before that fix, turning spinning off here had cost 17-22 %: the threads lost their cores to torch's.)"""
+    only burns the cores that decode and preprocess the images; on the CPU, with torch's OpenMP threads not spinning
+    either (serving/__init__.py), a served model takes less CPU per request at the same throughput (bench/README.md)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -52,15 +52,14 @@ from serving.schemas import (
 
 logger = logging.getLogger("lantern.serving")
 T = TypeVar("T")
-# A JSON body over this is parsed in the work pool, where the worker goes on answering other requests meanwhile (a
-# 19 MB /score body takes 130-180 ms; the worst 1 MiB bodies the checks let through, tens of ms). A body under it is
-# parsed where it is (a few ms at worst, ~0.5 ms for a one-image body): the thread hop would cost more.
+# A JSON body over this is parsed in the work pool, where the worker goes on answering other requests meanwhile; a
+# body under it is parsed where it is (milliseconds at worst): the thread hop would cost more than the parse.
 INLINE_PARSE_BYTES = 128 << 10
-# The same for a multipart body: python-multipart takes ~1 ms a MB of image data (~0.1 ms for a one-image body).
+# The same for a multipart body (python-multipart's parse grows with the image data).
 INLINE_FORM_BYTES = 128 << 10
-# BentoML's OpenTelemetry middleware already traces every request (its trace ids are in the access log). FastAPI's own
-# telemetry (0.16x) traced each one a second time: a tiny model served at 4-7 % fewer requests/s, with 4-6 % more CPU
-# per request (3 alternated runs on 2 cores). Older FastAPI versions have no such option.
+# BentoML's OpenTelemetry middleware already traces every request (its trace ids are in the access log); FastAPI's own
+# telemetry (0.16x) would trace each one a second time, at a cost in CPU per request. Older FastAPI versions have no
+# such option.
 NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
                 if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 REQUEST_ID = {"x-request-id": {"description": "the request's trace id, as the server's log lines name it (trace=...)",

@@ -96,10 +96,8 @@ class PromptDispatcher(CorkDispatcher):
     next of its 1 ms polls.
 
     While the device is busy, BentoML's controller sleeps `TICKET_INTERVAL` (1 ms) and looks again, so the device
-    stood idle ~0.9 ms between batches whenever requests arrived during a batch (as they do, each after its own
-    decoding). With a 2 ms model call (small GPU batches) that was 30 % of the device's time. The real dispatcher with
-    a fake 2 ms model, 8 clients each preparing for 0-2 ms: 1440 requests/s with the device busy 69 % of the time
-    before, 1800 and 96 % now; 10 ms calls at concurrency 32: busy 92 % before, 97 % now. Deployments sharing the
+    would stand idle up to a poll between batches whenever requests arrive during a batch (as they do, each after its
+    own decoding): with millisecond model calls (small GPU batches), a large share of its time. Deployments sharing the
     device take turns (the one waiting longest runs next). The rest is BentoML's controller: its training phases, its
     latency model's drops past max_latency_ms (checked at least every `RECHECK_S` while the device is busy), and its
     optimizer's hold-back (which `SendWhenFree` turns off)."""

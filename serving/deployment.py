@@ -68,9 +68,9 @@ def explain_version(module: torch.nn.Module, spec: ModelSpec, settings: Classifi
 
 
 def freeze_long_lived_objects() -> None:
-    """Leave what is loaded by now (the libraries, the models: ~700k objects in a worker) out of Python's full garbage
-    collections, which requests' short-lived objects trigger every few seconds under load: walking it all took 350 ms
-    on 2 cores, a stall of every request in flight. Frozen objects are never collected, so each call first collects
+    """Leave what is loaded by now (the libraries, the models: hundreds of thousands of objects in a worker) out of
+    Python's full garbage collections, which requests' short-lived objects trigger every few seconds under load:
+    walking it all stalls every request in flight. Frozen objects are never collected, so each call first collects
     everything, also what an earlier freeze kept (a retired model in a reference cycle)."""
     gc.unfreeze()
     gc.collect()

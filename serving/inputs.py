@@ -34,7 +34,7 @@ def decode_base64_image(text: str, where: str) -> bytes:
     compact = text.strip()
     if compact[:5].lower() == "data:":
         compact = DATA_URL_PATTERN.sub("", compact, count=1)
-    compact = "".join(compact.split())  # str methods and binascii: a regex pass over 28 KB took 0.5 ms
+    compact = "".join(compact.split())  # str methods and binascii: faster than a regex pass over the text
     if "-" in compact or "_" in compact:
         compact = compact.translate(URL_SAFE_TO_STANDARD)
     unpadded = compact.rstrip("=")

@@ -83,10 +83,8 @@ class OwnThread:
 
     ONNX Runtime's CUDA provider creates a cuBLAS and a cuDNN handle for every thread that runs a session (torch's CUDA
     handles are per thread too): with one thread, the handles the warm-up created serve every batch, rather than each
-    thread of the server's pool making its own. This did not cure the stalls served resnet50 shows on an H100 at
-    concurrency 8 (about 300 ms a request, 22-27 images/s, where one client gets 120-130; measured before and after
-    this thread, and with a tiny model too; the likely cause is the shape changes, see `shape_buckets`). Served batches
-    come here straight from the event loop (`submit_rows`), with no pool thread in between."""
+    thread of the server's pool making its own. Served batches come here straight from the event loop
+    (`submit_rows`), with no pool thread in between."""
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
