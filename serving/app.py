@@ -112,9 +112,11 @@ SERVER_ROUTES = {path: {"get": {"summary": summary, "description": description, 
 
 
 class Context:
-    """The routed deployment instance (and mirror) and the cancellation token of one request."""
+    """One request's routed deployment instance (and mirror), its body (read, within the limits, by `handle`) and its
+    cancellation token."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, body: bytes) -> None:
+        self.body = body
         self.instance = route.instance
         self.mirror = route.mirror
         self.deployment = route.instance.deployment
@@ -130,7 +132,7 @@ def deployment_headers(deployment: Deployment | None) -> dict[str, str]:
     return {"x-lantern-deployment": deployment.name, "x-lantern-model-version": deployment.model_version or ""}
 
 
-async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awaitable[bool]] | bool,
+async def handle(request: Request, path: str, explains: Callable[[Endpoint, bytes], Awaitable[bool]] | bool,
                  work: Callable[[Endpoint, Context], Awaitable[Response]]) -> Response:
     """Auth, routing, admission, deadline, metrics and error answers around a route's `work`; `explains` says
     (reading the body once it is in) whether the request takes an explanation slot rather than a prediction one.
@@ -151,9 +153,9 @@ async def handle(request: Request, path: str, explains: Callable[[Endpoint], Awa
         what = f"{path} on deployment {deployment.name}"
         with route.instance.serving():
             with route.instance.admission.counted():
-                await read_body(request, endpoint.config.limits.max_body_bytes, deadline.remaining())
-                context = Context(route)
-                wants_explanation = await reading(explains(endpoint), deadline, what) if callable(explains) \
+                body = await read_body(request, endpoint.config.limits.max_body_bytes, deadline.remaining())
+                context = Context(route, body)
+                wants_explanation = await reading(explains(endpoint, body), deadline, what) if callable(explains) \
                     else explains
             admission = endpoint.explain_admission if wants_explanation else route.instance.admission
             async with admission.enter(settings.max_queue_wait_ms / 1000):
@@ -314,8 +316,7 @@ def query_explain_options(request: Request) -> ExplainRequest:
 
 async def explain_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
     limits = endpoint.config.limits
-    body = request._body  # read (with the size limit) by `handle`
-    parsed, blob = await explain_request(endpoint, request, body)
+    parsed, blob = await explain_request(endpoint, request, context.body)
     options = parsed or query_explain_options(request)
     if "internal_batch_size" in options.params:
         raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
@@ -362,7 +363,7 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
                             "invalid_query") from None
     limits = endpoint.config.limits
     kind = media_type(request)
-    body = request._body
+    body = context.body
     if kind == "multipart/form-data":
         named = await read_uploads(endpoint, request, body, "images", limits.max_images_per_request)
         if not named:
@@ -418,12 +419,12 @@ def build_app() -> FastAPI:
         """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request."""
         rows: list[ScoreRow] = []
 
-        async def wants_explanation(endpoint: Endpoint) -> bool:
+        async def wants_explanation(endpoint: Endpoint, body: bytes) -> bool:
             nonlocal rows
             if media_type(request) not in ("application/json", ""):
                 raise unsupported_media(f"/score takes application/json, not {media_type(request)}")
-            rows = await parse_body(endpoint, request._body, partial(
-                read_score_rows, request._body, endpoint.config.limits.max_images_per_request))
+            rows = await parse_body(endpoint, body, partial(
+                read_score_rows, body, endpoint.config.limits.max_images_per_request))
             return any(row.wants_explanation for row in rows)
 
         async def work(endpoint: Endpoint, context: Context) -> Response:

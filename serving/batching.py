@@ -25,7 +25,7 @@ from serving.config import DeploymentConfig
 from serving.deployment import Deployment
 from serving.errors import ApiError, model_failed
 from serving.metrics import metrics
-from serving.predictors import submit_rows
+from serving.predictors import Predictor, submit_rows
 
 logger = logging.getLogger("lantern.serving")
 RECHECK_S = 0.05  # while the device is busy, the queue's max_latency_ms check runs at least this often
@@ -42,10 +42,12 @@ class NotAnswering(Exception):
 
 @dataclass
 class Job:
-    """One image for a deployment; `abandoned` is set when its request is gone, so the batch skips it."""
+    """One image for a deployment, with the predictor of the generation that admitted its request (the batch it leads
+    runs on it); `abandoned` is set when its request is gone, so the batch skips it."""
 
     pixels: np.ndarray  # [3, H, W] float32, normalised
-    deployment: Deployment  # the one the image was sent to (its metrics; its model runs the batch it leads)
+    deployment: str  # the name of the deployment the image was sent to (its metrics)
+    predictor: Predictor
     abandoned: bool = field(default=False)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -149,7 +151,7 @@ class BatchedPredictor:
     """`await predictor.logits(job)` -> that image's logits, computed in an adaptive batch.
 
     The jobs of one batcher may come for several deployments, which all serve the same model: a batch runs on the
-    model of its first live job's deployment (a deployment is not unloaded while a request of its own is in flight)."""
+    predictor its first live job carries (a generation is not unloaded while a request routed to it is in flight)."""
 
     def __init__(self, config: DeploymentConfig, semaphore: DeviceSemaphore) -> None:
         self.dispatcher = PromptDispatcher(
@@ -165,11 +167,11 @@ class BatchedPredictor:
         results: list[np.ndarray | Exception | None] = [None] * len(jobs)
         if not live:
             return results
-        predictor = jobs[live[0]].deployment.require_model().predictor
+        predictor = jobs[live[0]].predictor
         started = time.monotonic()
         for i in live:
-            metrics().queue_seconds.labels(jobs[i].deployment.name).observe(started - jobs[i].queued_at)
-        names = sorted({jobs[i].deployment.name for i in live})
+            metrics().queue_seconds.labels(jobs[i].deployment).observe(started - jobs[i].queued_at)
+        names = sorted({jobs[i].deployment for i in live})
         try:
             logits = await self._model_call(predictor, [jobs[i].pixels for i in live], names)
         except NotAnswering as error:  # not an input's fault: no retry one by one
@@ -189,8 +191,7 @@ class BatchedPredictor:
         for i in live:
             try:
                 job = jobs[i]
-                results[i] = (await self._model_call(job.deployment.require_model().predictor, [job.pixels],
-                                                     [job.deployment.name]))[0]
+                results[i] = (await self._model_call(job.predictor, [job.pixels], [job.deployment]))[0]
             except Exception as error:  # noqa: BLE001 - this input is the caller's 424
                 results[i] = error
         return results

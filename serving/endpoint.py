@@ -381,7 +381,9 @@ class Endpoint:
         deployment = instance.deployment
         pixels = prepared.pixels
         try:
-            logits = await asyncio.gather(*(instance.batcher.logits(Job(p, deployment)) for p in pixels))
+            predictor = deployment.require_model().predictor
+            logits = await asyncio.gather(*(instance.batcher.logits(Job(p, deployment.name, predictor))
+                                            for p in pixels))
         except Overloaded:
             raise ApiError(503, "overloaded", f"deployment {deployment.name} could not batch this request within its "
                                               f"max_latency_ms ({deployment.config.max_latency_ms} ms)") from None

@@ -91,7 +91,6 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                        {"Connection": "close"}) from None
     except ClientDisconnect:
         raise ClientGone() from None
-    request._body = body  # where the route handlers read it
     return body
 
 

@@ -19,6 +19,11 @@ from serving.deployment import Deployment
 from tests.conftest import LABELS, SMALL_SETTINGS
 
 
+def job_for(image: np.ndarray, deployment: Deployment) -> Job:
+    """One image for `deployment`, with the predictor of its loaded model (as the endpoint admits it)."""
+    return Job(image, deployment.name, deployment.require_model().predictor)
+
+
 def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waited(store: str,
                                                                                   checkpoints: dict[str, Path]) -> None:
     """After a burst, batches had waited 0.5 s in the queue behind the device. BentoML's optimizer then holds a lone
@@ -44,9 +49,9 @@ def test_batches_are_sent_when_the_device_is_free_whatever_earlier_batches_waite
 
     async def pairs_apart() -> None:
         for _ in range(8):  # the last pairs come after the dispatcher's training requests (11)
-            first = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
+            first = asyncio.ensure_future(batcher.logits(job_for(image, deployment)))
             await asyncio.sleep(0.05)
-            await asyncio.gather(first, batcher.logits(Job(image, deployment)))
+            await asyncio.gather(first, batcher.logits(job_for(image, deployment)))
         batcher.shutdown()
 
     try:
@@ -75,13 +80,13 @@ def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_
 
     async def scenario() -> None:
         for _ in range(14):  # the dispatcher's training requests (11), one at a time
-            await batcher.logits(Job(image, deployment))
+            await batcher.logits(job_for(image, deployment))
         calls = len(batcher.dispatcher.optimizer.o_stat)
         batcher.dispatcher.TICKET_INTERVAL = 30
         monkeypatch.setattr(batching, "RECHECK_S", 30)
 
         assert semaphore.acquire()  # another deployment's batch is running on the device
-        queued = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
+        queued = asyncio.ensure_future(batcher.logits(job_for(image, deployment)))
         await asyncio.sleep(0.2)
         assert not queued.done()
         semaphore.release()
@@ -91,7 +96,7 @@ def test_a_queued_batch_starts_when_the_device_is_released_and_a_lone_one_still_
 
         monkeypatch.setattr(batching, "RECHECK_S", 0.05)
         assert semaphore.acquire()
-        expired = asyncio.ensure_future(batcher.logits(Job(image, deployment)))
+        expired = asyncio.ensure_future(batcher.logits(job_for(image, deployment)))
         with pytest.raises(Overloaded):
             await asyncio.wait_for(expired, 10)  # dropped once it has waited max_latency_ms (0.4 s)
         semaphore.release()
@@ -119,7 +124,7 @@ def test_max_batch_size_1_turns_batching_off(store: str, checkpoints: dict[str, 
 
     async def at_once() -> list[np.ndarray]:
         try:
-            jobs = (batcher.logits(Job(image, deployment)) for image in images)
+            jobs = (batcher.logits(job_for(image, deployment)) for image in images)
             return await asyncio.wait_for(asyncio.gather(*jobs), 60)
         finally:
             batcher.shutdown()
@@ -168,10 +173,10 @@ def test_deployments_of_one_model_share_a_batcher_and_a_batch_mixes_their_reques
 
     async def mixed() -> list[np.ndarray]:
         for i in range(14):  # the dispatcher's training requests (11), one at a time, from both deployments
-            await shared.logits(Job(images[0], blue if i % 2 else green))
+            await shared.logits(job_for(images[0], blue if i % 2 else green))
         calls = len(shared.dispatcher.optimizer.o_stat)
         assert semaphore.acquire()  # another batch holds the device while both images queue
-        queued = [asyncio.ensure_future(shared.logits(Job(image, deployment)))
+        queued = [asyncio.ensure_future(shared.logits(job_for(image, deployment)))
                   for image, deployment in zip(images, (blue, green))]
         await asyncio.sleep(0.2)
         semaphore.release()
@@ -213,9 +218,9 @@ def test_a_stuck_model_call_frees_the_device_and_the_reloaded_model_serves(store
 
     async def stuck_then_reloaded() -> np.ndarray:
         with pytest.raises(NotAnswering):
-            await asyncio.wait_for(batcher.logits(Job(image, deployment)), 30)
+            await asyncio.wait_for(batcher.logits(job_for(image, deployment)), 30)
         assert await asyncio.to_thread(deployment.load, True), deployment.reason  # what failed liveness probes do
-        logits = await asyncio.wait_for(batcher.logits(Job(image, deployment)), 30)
+        logits = await asyncio.wait_for(batcher.logits(job_for(image, deployment)), 30)
         batcher.shutdown()
         return logits
 
