@@ -42,7 +42,6 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench.serve import Process, free_port, register_tiny  # noqa: E402
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +9,9 @@ import pytest
 import torch
 
 from registry.small_cnn import SmallCNN
-
-LABELS = ["circle", "square", "triangle"]
-SMALL_SETTINGS = {"valid_resize_size": 40, "valid_crop_size": 32}
+from support.common import LABELS, MINUTE_ITERATIONS
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def lantern_executable() -> str:
-    """The `lantern` console script installed beside this interpreter."""
-    return str(Path(sys.executable).with_name("lantern"))
 
 
 @pytest.fixture()
@@ -73,11 +64,6 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def env_without_store() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LANTERN_HOME")}
-
-
-MINUTE_ITERATIONS = 1000  # about a minute of training on a 2-core CPU
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from serving import batching
 from serving.batching import BatchedPredictor, DeviceSemaphore, Job, NotAnswering, Overloaded, SharedBatchers
 from serving.config import DeploymentConfig
 from serving.deployment import Deployment
-from tests.conftest import LABELS, SMALL_SETTINGS
+from support.common import LABELS, SMALL_SETTINGS
 
 
 def job_for(image: np.ndarray, deployment: Deployment) -> Job:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import env_without_store, lantern_executable
+from support.common import env_without_store, lantern_executable
 
 
 def lantern(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -115,7 +115,7 @@ def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
     import httpx
     import yaml
 
-    from tests.serving_support import Server
+    from support.servers import Server
 
     env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / ".lantern")}
     out = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), "--count", "60", "--iterations", "5",

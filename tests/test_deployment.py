@@ -17,7 +17,7 @@ from PIL import Image
 from serving.config import DeploymentConfig, Probe
 from serving.deployment import Deployment
 from serving.probes import Prober
-from tests.conftest import LABELS, SMALL_SETTINGS
+from support.common import LABELS, SMALL_SETTINGS
 
 
 def test_a_stopped_deployment_frees_its_model_although_loading_froze_it(store: str,

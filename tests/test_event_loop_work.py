@@ -22,8 +22,8 @@ import explain.attribute
 import serving.app
 from serving.config import DeploymentConfig, EndpointConfig, Probe
 from serving.endpoint import Endpoint
-from tests.conftest import LABELS, SMALL_SETTINGS
-from tests.serving_support import in_process_client, png_bytes
+from support.common import LABELS, SMALL_SETTINGS
+from support.servers import in_process_client, png_bytes
 
 
 @pytest.fixture(scope="module")

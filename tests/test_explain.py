@@ -404,7 +404,7 @@ def test_explain_command_writes_the_png_and_the_report(trained_shapes: TrainResu
     import subprocess
 
     from registry.register import register_session_checkpoint
-    from tests.conftest import lantern_executable
+    from support.common import lantern_executable
 
     registered = register_session_checkpoint("explained", trained_shapes.session_dir, alias="champion")
     _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
@@ -441,7 +441,7 @@ def test_explain_command_explains_a_folder_into_out_dir(trained_shapes: TrainRes
     import subprocess
 
     from registry.register import register_session_checkpoint
-    from tests.conftest import lantern_executable
+    from support.common import lantern_executable
 
     register_session_checkpoint("batch-explained", trained_shapes.session_dir, alias="champion")
     _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)

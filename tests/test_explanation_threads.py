@@ -18,8 +18,8 @@ import serving.deployment
 from explain.cpu_threads import limit_this_thread, region_threads
 from serving.config import DeploymentConfig, EndpointConfig, Limits, Probe
 from serving.endpoint import Endpoint
-from tests.conftest import LABELS, SMALL_SETTINGS
-from tests.serving_support import in_process_client, png_bytes
+from support.common import LABELS, SMALL_SETTINGS
+from support.servers import in_process_client, png_bytes
 
 DEFAULT_THREADS = torch.get_num_threads()
 needs_two_cores = pytest.mark.skipif(DEFAULT_THREADS < 2, reason="torch runs on one thread here: nothing to limit")

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from serving.form_files import FormError, FormPart, form_parts
-from serving_support import multipart_body
+from support.servers import multipart_body
 
 
 def test_files_and_fields_come_back_whole_and_in_order() -> None:

@@ -1,6 +1,6 @@
 """Schemathesis over the served OpenAPI document, all phases (examples, coverage, fuzzing, stateful), a bounded number
 of examples: once with a scoring key on the scoring, health and metrics routes, then with the admin key on the
-management routes. No answer may be a 5xx, and every 4xx must be in Lantern's error format (tests/fuzz_checks.py)."""
+management routes. No answer may be a 5xx, and every 4xx must be in Lantern's error format (tests/support/fuzz_checks.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LABELS, SMALL_SETTINGS
-from serving_support import Server
+from support.common import LABELS, SMALL_SETTINGS
+from support.servers import Server
 
 SCORING_KEY, ADMIN_KEY = "fuzz-scoring-key", "fuzz-admin-key"  # from the environment: regenerating them is refused
 MAX_EXAMPLES = 100
@@ -46,7 +46,7 @@ def schemathesis(server: Server, key: str, *selection: str) -> subprocess.Comple
                "--header", f"Authorization: Bearer {key}", "--checks", "not_a_server_error,lantern_error_format",
                "--phases", PHASES, "--max-examples", str(MAX_EXAMPLES), "--request-timeout", "60", "--workers", "1",
                "--no-color", *selection]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_checks",
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "support.fuzz_checks",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=server.folder)
 

@@ -9,7 +9,7 @@ import pytest
 
 from serving.errors import ApiError
 from serving.inputs import decode_base64_image, uploaded_images
-from serving_support import multipart_body
+from support.servers import multipart_body
 
 PAYLOAD = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, and a tail that base64 writes with '+', '/' and '='
 

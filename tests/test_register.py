@@ -19,7 +19,7 @@ from registry.images import decode_image
 from registry.preprocess import Preprocess
 from registry.register import register_checkpoint, register_settings_update
 from registry.resolve import load_bundle, parse_model_ref
-from tests.conftest import LABELS, SMALL_SETTINGS
+from support.common import LABELS, SMALL_SETTINGS
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])

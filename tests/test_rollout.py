@@ -17,8 +17,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import LABELS, SMALL_SETTINGS, lantern_executable
-from serving_support import Server, SlowUpload, png_bytes
+from support.common import LABELS, SMALL_SETTINGS, lantern_executable
+from support.servers import Server, SlowUpload, png_bytes
 
 FAST = {"request_timeout_ms": 30000, "max_concurrent_requests_per_instance": 16, "max_queue_wait_ms": 10000}
 PROBE = {"initial_delay": 0, "period": 0.5}

@@ -28,9 +28,9 @@ import torch
 from packaging.requirements import Requirement
 from PIL import Image
 
-from conftest import LABELS, SMALL_SETTINGS, lantern_executable
+from support.common import LABELS, SMALL_SETTINGS, lantern_executable
 from explain.encoding import decode_npy_base64
-from serving_support import Server, SlowUpload, png_bytes
+from support.servers import Server, SlowUpload, png_bytes
 
 # `slow` and `torchy` explain on the CPU at 448 px: 1024 steps take 15 s at 320 px on 2 cores, and still seconds on 16
 # (a GPU finished them within the tests' 1.5 s timeouts). `picky` runs on the CPU too: its out-of-bounds gather fails
@@ -1066,7 +1066,7 @@ def test_serve_over_https_beside_another_server_each_keeping_its_own_counts(serv
     (and `lantern endpoint show` then reported 0 requests to the rollout gates)."""
     import ssl
 
-    from serving_support import self_signed_certificate
+    from support.servers import self_signed_certificate
 
     assert predict(server, key).status_code == 200
     before = server.metric("lantern_requests_total", deployment="blue", route="/predict", status="200")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LABELS, SMALL_SETTINGS, lantern_executable
+from support.common import LABELS, SMALL_SETTINGS, lantern_executable
 from serving.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
 from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
 
@@ -216,7 +216,7 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
 def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
     from registry.errors import LanternError
     from serving.checks import check_tls_files
-    from serving_support import self_signed_certificate
+    from support.servers import self_signed_certificate
 
     cert, key = self_signed_certificate(tmp_path / "one")
     _, other_key = self_signed_certificate(tmp_path / "two")

@@ -18,7 +18,7 @@ from registry.errors import LanternError
 from registry.model_files import WEIGHTS, ModelFiles
 from registry.register import register_session_checkpoint
 from registry.resolve import load_bundle
-from tests.conftest import MINUTE_ITERATIONS
+from support.common import MINUTE_ITERATIONS
 from training.callbacks import Callback, EarlyStopping, TrainState
 from training.loop import RunOptions, TrainResult, train
 from training.schedule import LRSchedule, Segment, parse_schedule

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from registry.model_files import TAG_TRAINING_ITERATION, TAG_TRAINING_RUN, WEIGHTS
 from registry.store import open_client
-from tests.conftest import lantern_executable
+from support.common import lantern_executable
 from training.session import Session
 from training.shapes import ShapesConfig, write_shapes_dataset
 

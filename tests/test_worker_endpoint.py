@@ -14,7 +14,7 @@ from serving.deployment import Deployment
 from serving.endpoint import Endpoint
 from serving.state import DeploymentRecord, EndpointState
 from serving.workers import WorkerStatus
-from tests.conftest import LABELS, SMALL_SETTINGS
+from support.common import LABELS, SMALL_SETTINGS
 
 QUICK_PROBE = Probe(initial_delay=0, period=0.05)
 

@@ -1,4 +1,4 @@
-"""Schemathesis checks for tests/test_fuzz.py, loaded as its hooks module (SCHEMATHESIS_HOOKS=fuzz_checks)."""
+"""Schemathesis checks for tests/test_fuzz.py, loaded as its hooks module (SCHEMATHESIS_HOOKS=support.fuzz_checks)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import httpx
 import yaml
 from PIL import Image, ImageDraw
 
-from conftest import lantern_executable
+from support.common import lantern_executable
 
 
 @contextmanager
