@@ -39,11 +39,17 @@ def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+# Test tools the GPU run does not use (the fuzz, OpenAPI and import tests run on the CPU), nor their dependencies.
+NOT_FOR_THE_GPU_RUN = {"schemathesis", "openapi-spec-validator", "import-linter"}
+
+
 def lantern_requirements() -> list[str]:
-    """pyproject's dependencies and test extras, less torch and torchvision (the device brings its own)."""
+    """pyproject's dependencies and test extras, less torch and torchvision (the device brings its own) and the test
+    tools the GPU run does not use."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
-    return [req for req in wanted if not NEVER_CARRIED.match(normalized(re.split(r"[<>=!~;\[ ]", req, 1)[0]))]
+    names = [(req, normalized(re.split(r"[<>=!~;\[ ]", req, 1)[0])) for req in wanted]
+    return [req for req, name in names if not NEVER_CARRIED.match(name) and name not in NOT_FOR_THE_GPU_RUN]
 
 
 def device_packages() -> set[str]:
