@@ -58,6 +58,7 @@ PARAMS: dict[str, type[BaseModel]] = {
     "guided_backprop": GuidedParams,
 }
 assert tuple(PARAMS) == METHODS and set(GUIDED_METHODS) <= set(METHODS)
+KNOWN_PARAMS = frozenset(name for schema in PARAMS.values() for name in schema.model_fields)  # of any method
 
 
 def check_method(method: str) -> str:
@@ -70,8 +71,7 @@ def inapplicable_params(method: str, names: Iterable[str]) -> list[str]:
     """Those of `names` that are parameters of another method but not of `method` (a client that keeps one parameter
     dict for every method sends them); names of no method at all are not among them."""
     accepted = PARAMS[check_method(method)].model_fields
-    known = {name for schema in PARAMS.values() for name in schema.model_fields}
-    return [name for name in names if name in known and name not in accepted]
+    return [name for name in names if name in KNOWN_PARAMS and name not in accepted]
 
 
 def parse_params(method: str, values: dict[str, Any] | BaseModel | None = None) -> BaseModel:

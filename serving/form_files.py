@@ -40,7 +40,6 @@ class TooManyParts(FormError):
     def __init__(self, kind: str, limit: int) -> None:
         super().__init__(f"Too many {kind}. Maximum number of {kind} is {limit}.")
         self.kind = kind
-        self.limit = limit
 
 
 def form_parts(content_type: str, body: bytes, max_files: int, max_fields: int) -> list[FormPart]:

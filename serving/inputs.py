@@ -103,11 +103,9 @@ def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) 
     files' place is a 400 saying so."""
     try:
         parts = form_parts(content_type, body, max_files, MAX_FORM_FIELDS)
-    except TooManyParts as error:
-        if error.kind == "files":  # the same limit as a /score body's rows, refused the same way
-            raise too_many_images(None, max_files) from None
-        raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     except FormError as error:
+        if isinstance(error, TooManyParts) and error.kind == "files":  # the limit of /score's rows, refused alike
+            raise too_many_images(None, max_files) from None
         raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     files = []
     for part in parts:

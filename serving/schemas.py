@@ -206,12 +206,18 @@ _BRACKETS = {str: re.compile(r'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"?)*+([
              bytes: re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"?)*+([\[\]{}]|\Z)')}
 
 
-def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+def opening_brackets(text: str | bytes) -> int:
+    """How many `[` and `{` `text` holds, in strings too (a count in C: cheap on megabytes)."""
+    return text.count("[" if isinstance(text, str) else b"[") + text.count("{" if isinstance(text, str) else b"{")
+
+
+def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH, openings: int | None = None) -> bool:
     """Whether `text` opens more than `limit` arrays or objects inside each other (brackets in strings do not count;
-    only texts with more than `limit` opening brackets are scanned), in time linear in its length."""
-    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
-    if text.count(opening[0]) + text.count(opening[1]) <= limit:
+    only texts with more than `limit` opening brackets, `openings` when the caller counted them, are scanned), in time
+    linear in its length."""
+    if (opening_brackets(text) if openings is None else openings) <= limit:
         return False
+    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
     depth = 0
     for match in _BRACKETS[type(text)].finditer(text):
         bracket = match.group(1)
@@ -227,10 +233,10 @@ def nests_too_deeply(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
 def refuse_deep_nesting(text: str | bytes, what: str) -> None:
     """A 400 naming `what` when `text` nests more than MAX_JSON_DEPTH levels, or holds more than MAX_JSON_CONTAINERS
     opening brackets (in strings too: counting is what makes this check cheap), before any parsing."""
-    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
-    if text.count(opening[0]) + text.count(opening[1]) > MAX_JSON_CONTAINERS:
+    openings = opening_brackets(text)
+    if openings > MAX_JSON_CONTAINERS:
         raise bad_request(f"{what} holds more than {MAX_JSON_CONTAINERS} arrays or objects", "invalid_json")
-    if nests_too_deeply(text):
+    if nests_too_deeply(text, openings=openings):
         raise bad_request(f"{what} nests its arrays or objects too deeply (more than {MAX_JSON_DEPTH} levels)",
                           "invalid_json")
 
