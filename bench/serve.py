@@ -116,7 +116,7 @@ def served_predictor(uri: str, device: str, backend: str) -> tuple:
     from registry.devices import torch_device
     from registry.preprocess import Preprocess
     from registry.resolve import load_bundle
-    from serving.predictors import OnnxPredictor, TorchPredictor
+    from serving.runtime.predictors import OnnxPredictor, TorchPredictor
 
     bundle = load_bundle(uri)
     chosen = torch_device(device)
@@ -128,7 +128,7 @@ def served_predictor(uri: str, device: str, backend: str) -> tuple:
 def in_process(uri: str, image: bytes, device: str, backend: str, quick: bool) -> dict:
     """The limit and the in-process latency, on the backend the served deployment uses (the same predictor class)."""
     from registry.images import decode_image
-    from serving.predictors import OnnxPredictor, shape_buckets
+    from serving.runtime.predictors import OnnxPredictor, shape_buckets
 
     bundle, preprocess, chosen, predictor = served_predictor(uri, device, backend)
     x = preprocess(decode_image(image, shorter_side=preprocess.resize_size))[None].numpy()

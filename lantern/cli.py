@@ -17,10 +17,10 @@ COMMANDS = {
     "explain": "lantern.explain_cli:explain_command",
     "serve": "serving.cli:serve",
     "endpoint": "serving.cli:endpoint_group",
-    "deploy": "serving.manage_cli:deploy_group",
-    "traffic": "serving.manage_cli:traffic_group",
-    "keys": "serving.manage_cli:keys_group",
-    "rollout": "serving.manage_cli:rollout_command",
+    "deploy": "serving.client.manage_cli:deploy_group",
+    "traffic": "serving.client.manage_cli:traffic_group",
+    "keys": "serving.client.manage_cli:keys_group",
+    "rollout": "serving.client.manage_cli:rollout_command",
 }
 HELP = {
     "register": "Check a checkpoint (weights fit, ONNX parity) and register it as a model version.",
@@ -51,7 +51,7 @@ class LazyGroup(click.Group):
         module, _, attribute = target.partition(":")
         command = getattr(importlib.import_module(module), attribute)
         if cmd_name == "endpoint":
-            from serving.manage_cli import endpoint_show
+            from serving.client.manage_cli import endpoint_show
 
             command.add_command(endpoint_show)
         return command

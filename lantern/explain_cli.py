@@ -133,7 +133,7 @@ class Explainer:
 
     def __call__(self, path: Path) -> Any:
         from registry.images import decode_image
-        from serving.deployment import explain_version
+        from serving.runtime.deployment import explain_version
 
         cropped = self.preprocess.crop(decode_image(path.read_bytes(), shorter_side=self.preprocess.resize_size))
         x = self.preprocess.normalize(cropped).to(self.device)

@@ -57,7 +57,7 @@ def onnx_providers(device: str = "auto") -> list[str]:
 def make_session(path: str | Path, device: str = "auto", threads: int | None = None,
                  batch_size: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session tuned for throughput on `device` (`auto`, `cpu`, `cuda` or `cuda:N`); `batch_size`
-    fixes the model's batch dimension (one session per batch size, see serving/predictors.py).
+    fixes the model's batch dimension (one session per batch size, see serving/runtime/predictors.py).
 
     Intra-op threads do not spin while they wait for work. On the CUDA provider they have next to no work, and spinning
     only burns the cores that decode and preprocess the images; on the CPU, with torch's OpenMP threads not spinning

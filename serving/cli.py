@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from registry.console import console, stdout, user_errors
-from serving.draining import MAX_DRAIN_SECONDS
+from serving.http.draining import MAX_DRAIN_SECONDS
 
 
 @click.command("serve")
@@ -40,10 +40,10 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     file."""
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
-    from serving.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
-    from serving.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
+    from serving.control.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
+    from serving.control.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
-    from serving.state import StateStore
+    from serving.control.state import StateStore
 
     config = load_endpoint_config(config_path)
     uri = resolve_uri(tracking_uri)
@@ -96,7 +96,7 @@ def endpoint_group() -> None:
 @user_errors
 def get_credentials(endpoint: str, which: str | None) -> None:
     """Print the endpoint's scoring keys and admin key as JSON (generated and stored on first use)."""
-    from serving.auth import admin_key, scoring_keys
+    from serving.control.auth import admin_key, scoring_keys
     from serving.config import load_endpoint_config
 
     name = load_endpoint_config(endpoint).name if Path(endpoint).is_file() else endpoint

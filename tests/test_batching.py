@@ -1,4 +1,4 @@
-"""Adaptive batching (serving/batching.py) in-process: BentoML's dispatcher, sending batches as soon as the device is
+"""Adaptive batching (serving/runtime/batching.py) in-process: BentoML's dispatcher, sending batches as soon as the device is
 free: not held back by the mean of past waits, and not waiting for a poll once the device's batch before it ends."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from bentoml._internal.marshal.dispatcher import Optimizer
 
-from serving import batching
-from serving.batching import BatchedPredictor, DeviceSemaphore, Job, NotAnswering, Overloaded, SharedBatchers
+from serving.runtime import batching
+from serving.runtime.batching import BatchedPredictor, DeviceSemaphore, Job, NotAnswering, Overloaded, SharedBatchers
 from serving.config import DeploymentConfig
-from serving.deployment import Deployment
+from serving.runtime.deployment import Deployment
 from support.common import LABELS, SMALL_SETTINGS
 
 

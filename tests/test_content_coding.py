@@ -1,4 +1,4 @@
-"""Content codings (serving/content_coding.py): compressed request bodies (what is inflated, within which limit, and
+"""Content codings (serving/http/content_coding.py): compressed request bodies (what is inflated, within which limit, and
 each refusal) and gzip'd answers."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from starlette.responses import JSONResponse, Response
 
-from serving.content_coding import MAX_GZIP_MEMBERS, MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate
-from serving.errors import ApiError
+from serving.http.content_coding import MAX_GZIP_MEMBERS, MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate
+from serving.http.errors import ApiError
 
 BODY = b'{"input_data": {"columns": ["image"], "data": ["' + b"QUJD" * 5000 + b'"]}}'
 

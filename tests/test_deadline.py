@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
-from serving.abandon import CancelToken
-from serving.errors import ApiError
-from serving.limits import ClientGone, within_deadline
+from serving.runtime.abandon import CancelToken
+from serving.http.errors import ApiError
+from serving.runtime.limits import ClientGone, within_deadline
 
 
 def request_with(disconnect: asyncio.Event) -> Request:

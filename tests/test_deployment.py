@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from serving.config import DeploymentConfig, Probe
-from serving.deployment import Deployment
-from serving.probes import Prober
+from serving.runtime.deployment import Deployment
+from serving.runtime.probes import Prober
 from support.common import LABELS, SMALL_SETTINGS
 
 
@@ -90,7 +90,7 @@ def test_a_guided_explanation_leaves_the_shared_module_to_others(store: str, che
     ReLUs. Here the guided explanation is held mid-forward while green loads and blue explains with integrated
     gradients."""
     from registry.register import register_checkpoint
-    from serving.shared_models import SharedModels
+    from serving.runtime.shared_models import SharedModels
 
     register_checkpoint("hooked", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     models = SharedModels()
@@ -163,7 +163,7 @@ def test_deployments_of_one_model_share_it_until_the_last_lets_go(store: str, ch
     own. A reload after failed liveness probes (`fresh`) does not take back the model it had (it may be stuck) but
     shares one another deployment already reloaded; a shared model's backend thread ends with its last user."""
     from registry.register import register_checkpoint
-    from serving.shared_models import SharedModels
+    from serving.runtime.shared_models import SharedModels
 
     for alias in ("champion", None):
         register_checkpoint("twins", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
@@ -218,7 +218,7 @@ def test_a_deployment_stopped_while_it_loads_lets_its_model_go(stage: str, store
     then lets that model go (its backend thread ends) and reports False. Before, the model stayed in the worker's
     shared models with a user that was gone: never closed, and shared with the next deployment of that model."""
     from registry.register import register_checkpoint
-    from serving.shared_models import SharedModels
+    from serving.runtime.shared_models import SharedModels
 
     register_checkpoint("ghosts", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     models = SharedModels()
@@ -269,7 +269,7 @@ def test_a_model_that_fails_its_warm_up_is_let_go(store: str, checkpoints: dict[
     failed with the reason, and the model it loaded is released (its backend thread ends) rather than held, shared,
     until the deployment is removed."""
     from registry.register import register_checkpoint
-    from serving.shared_models import SharedModels
+    from serving.runtime.shared_models import SharedModels
 
     register_checkpoint("tiny", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     cores = []

@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.draining import CloseWhileDraining, Drain
+from serving.http.draining import CloseWhileDraining, Drain
 
 
 @pytest.fixture()

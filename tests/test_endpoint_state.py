@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from registry.errors import LanternError
-from serving.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
+from serving.control.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
 from serving.config import DeploymentConfig, parse_endpoint_config
-from serving.control import _aggregate, merge_patch
-from serving.counters import quantile_ms
-from serving.manage_cli import deployment_fields
-from serving.rollout import Thresholds, Window, parse_duration, parse_steps, shifted_split
-from serving.state import DeploymentRecord, InvalidChange, StateStore
-from serving.workers import InstanceStatus, StatusBoard, WorkerStatus
+from serving.control.control import _aggregate, merge_patch
+from serving.control.counters import quantile_ms
+from serving.client.manage_cli import deployment_fields
+from serving.client.rollout import Thresholds, Window, parse_duration, parse_steps, shifted_split
+from serving.control.state import DeploymentRecord, InvalidChange, StateStore
+from serving.control.workers import InstanceStatus, StatusBoard, WorkerStatus
 
 
 @pytest.fixture()

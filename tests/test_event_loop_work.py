@@ -19,9 +19,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import explain.attribute
-import serving.app
+import serving.http.app
 from serving.config import DeploymentConfig, EndpointConfig, Probe
-from serving.endpoint import Endpoint
+from serving.runtime.endpoint import Endpoint
 from support.common import LABELS, SMALL_SETTINGS
 from support.servers import in_process_client, png_bytes
 
@@ -66,7 +66,7 @@ def renderers(watch: Watch) -> dict[str, list[str]]:
     """The threads that encode PNGs, attribution lists and JSON answers."""
     return {"png": watch(explain.attribute, "png_bytes"),
             "attributions": watch(explain.attribute, "encode_attributions"),
-            "json": watch(serving.app, "json_response")}
+            "json": watch(serving.http.app, "json_response")}
 
 
 def off_the_event_loop(threads: list[str]) -> bool:
@@ -115,10 +115,10 @@ def noise_png(side: int = 640) -> bytes:
 
 
 def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: TestClient, watch: Watch) -> None:
-    threads = {"score": watch(serving.app, "read_score_rows"), "explain": watch(serving.app, "parse_json_body"),
-               "base64": watch(serving.app, "decode_base64_image")}
+    threads = {"score": watch(serving.http.app, "read_score_rows"), "explain": watch(serving.http.app, "parse_json_body"),
+               "base64": watch(serving.http.app, "decode_base64_image")}
     image = base64.b64encode(noise_png()).decode()
-    assert len(image) > serving.app.INLINE_PARSE_BYTES
+    assert len(image) > serving.http.app.INLINE_PARSE_BYTES
     score = client.post("/score", json={"input_data": {"columns": ["image"], "data": [image, image]}})
     assert score.status_code == 200, score.text
     assert [len(item["probs"]) for item in score.json()] == [3, 3]
@@ -145,15 +145,15 @@ def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: Test
 ])
 def test_a_large_bad_body_parsed_in_the_pool_is_answered_as_a_small_one_is(client: TestClient, route: str,
                                                                            body: bytes, status: int, code: str) -> None:
-    assert len(body) > serving.app.INLINE_PARSE_BYTES
+    assert len(body) > serving.http.app.INLINE_PARSE_BYTES
     answer = client.post(route, content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == status and answer.json()["error"]["code"] == code, answer.text
 
 
 def test_a_large_multipart_body_is_parsed_off_the_event_loop(client: TestClient, watch: Watch) -> None:
-    threads = watch(serving.app, "uploaded_images")
+    threads = watch(serving.http.app, "uploaded_images")
     large, small = noise_png(240), png_bytes(48, "square")
-    assert len(large) > serving.app.INLINE_FORM_BYTES > len(small)
+    assert len(large) > serving.http.app.INLINE_FORM_BYTES > len(small)
     predicted = client.post("/predict", files=[("images", ("a.png", large)), ("images", ("b.png", small))])
     assert predicted.status_code == 200, predicted.text
     assert len(predicted.json()["predictions"]) == 2

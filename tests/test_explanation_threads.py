@@ -14,10 +14,10 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-import serving.deployment
+import serving.runtime.deployment
 from explain.cpu_threads import limit_this_thread, region_threads
 from serving.config import DeploymentConfig, EndpointConfig, Limits, Probe
-from serving.endpoint import Endpoint
+from serving.runtime.endpoint import Endpoint
 from support.common import LABELS, SMALL_SETTINGS
 from support.servers import in_process_client, png_bytes
 
@@ -62,13 +62,13 @@ def test_explanations_run_on_the_configured_threads_and_other_threads_keep_their
         endpoint: tuple[Endpoint, TestClient], monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     served, client = endpoint
     seen: list[tuple[str, int, int]] = []
-    attribute = serving.deployment.attribute
+    attribute = serving.runtime.deployment.attribute
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         seen.append((threading.current_thread().name, torch.get_num_threads(), region_threads(6)))
         return attribute(*args, **kwargs)
 
-    monkeypatch.setattr(serving.deployment, "attribute", counting)
+    monkeypatch.setattr(serving.runtime.deployment, "attribute", counting)
     steps = "" if method == "guided_backprop" else "&n_steps=4"
     explained = client.post(f"/explain?method={method}{steps}", content=png_bytes(32, "circle"),
                             headers={"Content-Type": "image/png"})

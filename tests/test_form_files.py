@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from serving.form_files import FormError, FormPart, form_parts
+from serving.http.form_files import FormError, FormPart, form_parts
 from support.servers import multipart_body
 
 

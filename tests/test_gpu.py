@@ -108,7 +108,7 @@ def test_onnx_runtime_on_cuda_does_not_spin_its_cpu_threads(model: SmallCNN, tmp
 def test_a_gpu_deployment_pads_batches_to_buckets_it_warmed_up(model: SmallCNN, tmp_path: Path) -> None:
     """ONNX Runtime's CUDA provider builds cuDNN plans per input shape, again whenever the shape changes: each bucket
     has a CUDA session of its own, which only ever sees its batch size."""
-    from serving.predictors import OnnxPredictor, shape_buckets, submit_rows
+    from serving.runtime.predictors import OnnxPredictor, shape_buckets, submit_rows
 
     path = export_onnx(model, 32, tmp_path / "model.onnx")
     buckets = shape_buckets(torch.device("cuda"), "onnxruntime", 8)

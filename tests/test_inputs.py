@@ -1,4 +1,4 @@
-"""Images as clients send them (serving/inputs.py): base64 text and multipart files, what is accepted, and what each
+"""Images as clients send them (serving/http/inputs.py): base64 text and multipart files, what is accepted, and what each
 refusal says."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import base64
 
 import pytest
 
-from serving.errors import ApiError
-from serving.inputs import decode_base64_image, uploaded_images
+from serving.http.errors import ApiError
+from serving.http.inputs import decode_base64_image, uploaded_images
 from support.servers import multipart_body
 
 PAYLOAD = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, and a tail that base64 writes with '+', '/' and '='

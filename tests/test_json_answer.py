@@ -1,4 +1,4 @@
-"""JSON answers (serving/json_answer.py): the same content as the standard encoder's, and 424 for non-finite numbers."""
+"""JSON answers (serving/http/json_answer.py): the same content as the standard encoder's, and 424 for non-finite numbers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from serving.errors import ApiError
-from serving.json_answer import all_finite, json_response
-from serving.schemas import ScoreItem
+from serving.http.errors import ApiError
+from serving.http.json_answer import all_finite, json_response
+from serving.http.schemas import ScoreItem
 
 
 def item(**fields) -> ScoreItem:

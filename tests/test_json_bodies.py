@@ -1,4 +1,4 @@
-"""JSON request bodies (serving/schemas.py): nesting, encodings, sizes and /score's row limit, refused before the work
+"""JSON request bodies (serving/http/schemas.py): nesting, encodings, sizes and /score's row limit, refused before the work
 they would cost."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from registry.errors import MAX_PROBLEMS
-from serving.errors import ApiError
-from serving.schemas import (
+from serving.http.errors import ApiError
+from serving.http.schemas import (
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     MAX_JSON_MEMBERS,

@@ -12,7 +12,7 @@ from PIL import Image
 from registry.postprocess import predicted_from_logits, predicted_indices, probabilities
 from registry.settings import DEFAULT_MULTILABEL_THRESHOLD, build_settings
 from registry.spec import make_spec
-from serving.deployment import explain_version
+from serving.runtime.deployment import explain_version
 
 LOGITS = np.array([0.0, 2.0, -2.0, 1e-9])  # sigmoid(0) is the default threshold exactly
 

@@ -1,10 +1,10 @@
-"""What a client accepts (serving/negotiation.py): gzip'd answers, and the PNG rather than JSON from /explain."""
+"""What a client accepts (serving/http/negotiation.py): gzip'd answers, and the PNG rather than JSON from /explain."""
 
 from __future__ import annotations
 
 import pytest
 
-from serving.negotiation import accepts_gzip, prefers_png, qualities
+from serving.http.negotiation import accepts_gzip, prefers_png, qualities
 
 
 def test_qualities_read_each_item_and_its_q() -> None:

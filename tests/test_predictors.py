@@ -14,7 +14,7 @@ import torch
 
 from registry.onnx_export import export_onnx
 from registry.small_cnn import SmallCNN
-from serving.predictors import OnnxPredictor, TorchPredictor, padded_size, shape_buckets, submit_rows
+from serving.runtime.predictors import OnnxPredictor, TorchPredictor, padded_size, shape_buckets, submit_rows
 
 
 @pytest.mark.parametrize(("device", "backend", "max_batch_size", "expected"), [
@@ -81,9 +81,9 @@ def test_running_out_of_device_memory_is_a_503_to_retry_not_the_inputs_fault() -
     answer 503 `out_of_memory` with Retry-After; any other failure stays the input's 424."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
-    from serving.batching import model_error
+    from serving.runtime.batching import model_error
     from serving.config import DeploymentConfig
-    from serving.deployment import Deployment
+    from serving.runtime.deployment import Deployment
 
     deployment = Deployment(DeploymentConfig(name="blue", model="models:/shapes/1"))
     arena = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "

@@ -9,7 +9,7 @@ import asyncio
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from starlette.types import Message, Receive, Scope, Send
 
-from serving.request_timer import cancel_request_timers
+from serving.http.request_timer import cancel_request_timers
 
 SCOPE: Scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.errors import ApiError
-from serving.schemas import ScoreRequest, parse_score_rows
+from serving.http.errors import ApiError
+from serving.http.schemas import ScoreRequest, parse_score_rows
 
 IMAGE = "iVBORw0KGgo="  # the rows are parsed, not decoded: any base64 text does
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from support.common import LABELS, SMALL_SETTINGS, lantern_executable
-from serving.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
+from serving.control.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
 from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
 
 
@@ -169,7 +169,7 @@ def test_serve_checks_the_registry_before_starting(store: str, tmp_path: Path, c
 def test_a_restart_says_which_version_a_pinned_alias_serves_and_whether_it_moved(store: str,
                                                                                checkpoints: dict[str, Path]) -> None:
     from registry.register import register_checkpoint
-    from serving.checks import check_against_registry
+    from serving.control.checks import check_against_registry
 
     register_checkpoint("pin", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
                         alias="champion")
@@ -193,7 +193,7 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
     import socket
 
     from registry.register import register_checkpoint
-    from serving.state import state_path
+    from serving.control.state import state_path
 
     register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     path = tmp_path / "endpoint.yaml"
@@ -215,7 +215,7 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
 
 def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
     from registry.errors import LanternError
-    from serving.checks import check_tls_files
+    from serving.control.checks import check_tls_files
     from support.servers import self_signed_certificate
 
     cert, key = self_signed_certificate(tmp_path / "one")

@@ -12,7 +12,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from starlette.types import Message, Receive, Scope, Send
 
-from serving.trace_spans import drop_message_spans
+from serving.http.trace_spans import drop_message_spans
 
 SCOPE: Scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/predict", "raw_path": b"/predict",
                 "query_string": b"", "scheme": "http", "headers": [(b"host", b"127.0.0.1")],

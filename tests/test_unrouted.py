@@ -9,7 +9,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.unrouted import UnroutedRequests
+from serving.http.unrouted import UnroutedRequests
 
 
 async def ok(_: Request) -> PlainTextResponse:

@@ -1,4 +1,4 @@
-"""A worker's endpoint in-process (serving/endpoint.py): following the state while deployments load and stop."""
+"""A worker's endpoint in-process (serving/runtime/endpoint.py): following the state while deployments load and stop."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from serving.config import DeploymentConfig, EndpointConfig, Probe
-from serving.deployment import Deployment
-from serving.endpoint import Endpoint
-from serving.state import DeploymentRecord, EndpointState
-from serving.workers import WorkerStatus
+from serving.runtime.deployment import Deployment
+from serving.runtime.endpoint import Endpoint
+from serving.control.state import DeploymentRecord, EndpointState
+from serving.control.workers import WorkerStatus
 from support.common import LABELS, SMALL_SETTINGS
 
 QUICK_PROBE = Probe(initial_delay=0, period=0.05)
@@ -142,7 +142,7 @@ def test_an_alias_is_resolved_once_so_every_worker_serves_the_same_version(store
     from mlflow import MlflowClient
 
     from registry.register import register_checkpoint
-    from serving.control import Control
+    from serving.control.control import Control
 
     register_checkpoint("aliased", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
                         alias="champion")
@@ -181,7 +181,7 @@ def test_an_alias_is_resolved_once_so_every_worker_serves_the_same_version(store
 def test_a_state_written_before_versions_were_pinned_is_pinned_when_restored(store: str,
                                                                            checkpoints: dict[str, Path]) -> None:
     from registry.register import register_checkpoint
-    from serving.state import StateStore
+    from serving.control.state import StateStore
 
     register_checkpoint("restored", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
                         alias="champion")

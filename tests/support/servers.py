@@ -24,12 +24,12 @@ from support.common import lantern_executable
 
 @contextmanager
 def in_process_client(endpoint) -> Iterator:
-    """A TestClient on the HTTP app serving `endpoint` (a real serving.endpoint.Endpoint) in-process, once every
+    """A TestClient on the HTTP app serving `endpoint` (a real serving.runtime.endpoint.Endpoint) in-process, once every
     deployment is ready; the endpoint is stopped after. Use one client for the endpoint's life: its batchers belong to
     the client's event loop."""
     from starlette.testclient import TestClient
 
-    from serving.app import build_app
+    from serving.http.app import build_app
 
     app = build_app()
     app.state.endpoint = endpoint

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from registry.errors import LanternError
-from serving.auth import ADMIN_ENV
+from serving.control.auth import ADMIN_ENV
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 URL_ENV = "LANTERN_URL"

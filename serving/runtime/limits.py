@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from serving.abandon import CancelToken
-from serving.errors import timed_out, too_many
+from serving.runtime.abandon import CancelToken
+from serving.http.errors import timed_out, too_many
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25

@@ -13,8 +13,8 @@ import yaml
 from rich.table import Table
 
 from registry.console import console, stdout, user_errors
-from serving.auth import ADMIN_ENV
-from serving.manage_client import DEFAULT_URL, URL_ENV, ManageClient
+from serving.control.auth import ADMIN_ENV
+from serving.client.manage_client import DEFAULT_URL, URL_ENV, ManageClient
 
 TOP_LEVEL = {"model", "settings", "device", "backend", "max_batch_size", "max_latency_ms", "request_settings",
              "readiness_probe", "liveness_probe"}
@@ -270,7 +270,7 @@ def rollout_command(name: str, model_uri: str, steps: str, interval: str, max_er
                     min_requests: int, assignments: tuple[str, ...], url: str, admin_key: str | None) -> None:
     """Roll MODEL_URI out as a new deployment NAME: add it, wait until ready, shift live traffic to it step by step,
     and roll the traffic back when its error rate or p99 latency goes past a threshold."""
-    from serving.rollout import RolloutFailed, Thresholds, parse_duration, parse_steps, rollout
+    from serving.client.rollout import RolloutFailed, Thresholds, parse_duration, parse_steps, rollout
 
     client = ManageClient(url, admin_key)
     config = {"name": name, "model": model_uri, **deployment_fields(assignments)}

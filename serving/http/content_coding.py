@@ -8,8 +8,8 @@ import zlib
 
 from starlette.responses import Response
 
-from serving.errors import ApiError, bad_request, too_large
-from serving.negotiation import accepts_gzip
+from serving.http.errors import ApiError, bad_request, too_large
+from serving.http.negotiation import accepts_gzip
 
 IDENTITY = {"", "identity"}
 WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}

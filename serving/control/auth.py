@@ -16,7 +16,7 @@ from typing import Literal
 from filelock import FileLock
 
 from registry.errors import LanternError
-from serving.private_files import replace_private
+from serving.control.private_files import replace_private
 
 PRIMARY_ENV = "LANTERN_API_KEY"
 SECONDARY_ENV = "LANTERN_API_KEY_SECONDARY"

@@ -20,19 +20,19 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from explain.attribute import Explanation
 from registry.errors import describe_validation_error
-from serving.abandon import CancelToken
-from serving.content_coding import MIN_COMPRESSED_BYTES, compress_answer
-from serving.deployment import Deployment
-from serving.endpoint import Endpoint, Route, endpoint_of
-from serving.errors import ApiError, bad_request, method_not_allowed, timed_out, unprocessable, unsupported_media
-from serving.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
-from serving.json_answer import json_response
-from serving.limits import CLIENT_CLOSED, ClientGone, Deadline, within_deadline
-from serving.manage_api import PREFIX, build_router
-from serving.metrics import metrics
-from serving.negotiation import prefers_png
-from serving.page import POLICY, render_page
-from serving.schemas import (
+from serving.runtime.abandon import CancelToken
+from serving.http.content_coding import MIN_COMPRESSED_BYTES, compress_answer
+from serving.runtime.deployment import Deployment
+from serving.runtime.endpoint import Endpoint, Route, endpoint_of
+from serving.http.errors import ApiError, bad_request, method_not_allowed, timed_out, unprocessable, unsupported_media
+from serving.http.inputs import decode, decode_base64_image, media_type, read_body, uploaded_images
+from serving.http.json_answer import json_response
+from serving.runtime.limits import CLIENT_CLOSED, ClientGone, Deadline, within_deadline
+from serving.http.manage_api import PREFIX, build_router
+from serving.runtime.metrics import metrics
+from serving.http.negotiation import prefers_png
+from serving.http.page import POLICY, render_page
+from serving.http.schemas import (
     ExplainRequest,
     ExplainResponse,
     PredictItem,

@@ -25,19 +25,19 @@ from explain.attribute import Explanation
 from explain.cpu_threads import limit_this_thread
 from explain.params import ExplainError
 from registry.devices import cuda_memory
-from serving.abandon import Abandoned, CancelToken, running_under
-from serving.auth import KeyCheck, bearer_token
-from serving.batching import Job, Overloaded, SharedBatchers, model_error
-from serving.checks import pinned_version
+from serving.runtime.abandon import Abandoned, CancelToken, running_under
+from serving.control.auth import KeyCheck, bearer_token
+from serving.runtime.batching import Job, Overloaded, SharedBatchers, model_error
+from serving.control.checks import pinned_version
 from serving.config import EndpointConfig
-from serving.deployment import Prediction
-from serving.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
-from serving.instance import DeploymentInstance
-from serving.limits import Admission
-from serving.metrics import metrics
-from serving.shared_models import SharedModels
-from serving.state import DeploymentRecord, EndpointState, StateStore
-from serving.workers import HEARTBEAT_S, GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
+from serving.runtime.deployment import Prediction
+from serving.http.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
+from serving.runtime.instance import DeploymentInstance
+from serving.runtime.limits import Admission
+from serving.runtime.metrics import metrics
+from serving.runtime.shared_models import SharedModels
+from serving.control.state import DeploymentRecord, EndpointState, StateStore
+from serving.control.workers import HEARTBEAT_S, GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
 
 logger = logging.getLogger("lantern.serving")
 PIN_HEADERS = ("x-lantern-deployment", "azureml-model-deployment")

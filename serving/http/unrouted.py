@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import ApiError, method_not_allowed
+from serving.http.errors import ApiError, method_not_allowed
 
 SCORING_ROUTES = "POST /score, /predict and /explain"
 

@@ -16,9 +16,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 
 from serving.config import Probe
-from serving.deployment import Deployment
-from serving.metrics import metrics
-from serving.predictors import submit_rows
+from serving.runtime.deployment import Deployment
+from serving.runtime.metrics import metrics
+from serving.runtime.predictors import submit_rows
 
 logger = logging.getLogger("lantern.serving")
 

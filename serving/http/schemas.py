@@ -12,7 +12,7 @@ from explain.encoding import AttributionEncoding
 from explain.params import ExplainError, Method, inapplicable_params, parse_params
 from registry.errors import describe_validation_error
 from serving.config import CLOUD_KEY_HINTS, Strict
-from serving.errors import bad_request, too_many_images, unprocessable
+from serving.http.errors import bad_request, too_many_images, unprocessable
 
 # Sizes no valid request reaches: a body's lists and objects are refused past them before their items are validated
 # (pydantic builds an error per item, and 350 000 bad `targets` took a second to describe in a 17 MB message).

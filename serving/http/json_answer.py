@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from serving.errors import ApiError
+from serving.http.errors import ApiError
 
 
 def all_finite(value: Any) -> bool:

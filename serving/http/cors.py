@@ -10,8 +10,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import Cors
-from serving.errors import ApiError
-from serving.manage_api import PREFIX as MANAGEMENT_PREFIX
+from serving.http.errors import ApiError
+from serving.http.manage_api import PREFIX as MANAGEMENT_PREFIX
 
 METHODS = ["GET", "POST"]  # scoring, health and metrics; the management API is never called cross-origin
 REQUEST_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept", "x-lantern-deployment",

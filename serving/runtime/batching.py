@@ -22,10 +22,10 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, O
 
 from registry.devices import device_key
 from serving.config import DeploymentConfig
-from serving.deployment import Deployment
-from serving.errors import ApiError, model_failed
-from serving.metrics import metrics
-from serving.predictors import Predictor, submit_rows
+from serving.runtime.deployment import Deployment
+from serving.http.errors import ApiError, model_failed
+from serving.runtime.metrics import metrics
+from serving.runtime.predictors import Predictor, submit_rows
 
 logger = logging.getLogger("lantern.serving")
 RECHECK_S = 0.05  # while the device is busy, the queue's max_latency_ms check runs at least this often

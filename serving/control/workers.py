@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from serving.private_files import replace_private
+from serving.control.private_files import replace_private
 
 HEARTBEAT_S = 1.0
 STALE_S = 5.0

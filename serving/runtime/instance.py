@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-from serving.batching import BatchedPredictor, SharedBatchers
+from serving.runtime.batching import BatchedPredictor, SharedBatchers
 from serving.config import DeploymentConfig
-from serving.deployment import Deployment
-from serving.errors import not_ready
-from serving.limits import Admission
-from serving.probes import Prober
-from serving.shared_models import SharedModels
+from serving.runtime.deployment import Deployment
+from serving.http.errors import not_ready
+from serving.runtime.limits import Admission
+from serving.runtime.probes import Prober
+from serving.runtime.shared_models import SharedModels
 
 logger = logging.getLogger("lantern.serving")
 RETIRE_GRACE_S = 2.0  # a request routed just before the swap holds the instance a moment later

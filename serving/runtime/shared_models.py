@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from registry.resolve import ModelBundle
-from serving.predictors import Predictor
+from serving.runtime.predictors import Predictor
 
 
 class GuidedCopy:

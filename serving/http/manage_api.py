@@ -11,15 +11,15 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.responses import JSONResponse, Response
 
 from registry.errors import LanternError
-from serving.auth import KeyKind, KeySourceError
+from serving.control.auth import KeyKind, KeySourceError
 from serving.config import DeploymentConfig, Percent
-from serving.control import Control, DeploymentView, EndpointView, KeyRegenerated
-from serving.endpoint import endpoint_of
-from serving.errors import ApiError, conflict, unprocessable
-from serving.inputs import read_body
-from serving.limits import CLIENT_CLOSED, ClientGone
-from serving.schemas import inline_schema, parse_json_body
-from serving.state import InvalidChange
+from serving.control.control import Control, DeploymentView, EndpointView, KeyRegenerated
+from serving.runtime.endpoint import endpoint_of
+from serving.http.errors import ApiError, conflict, unprocessable
+from serving.http.inputs import read_body
+from serving.runtime.limits import CLIENT_CLOSED, ClientGone
+from serving.http.schemas import inline_schema, parse_json_body
+from serving.control.state import InvalidChange
 
 logger = logging.getLogger("lantern.serving")
 PREFIX = "/manage"

@@ -10,10 +10,10 @@ from PIL import Image
 from starlette.requests import ClientDisconnect, Request
 
 from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
-from serving.content_coding import content_coding, inflate
-from serving.errors import ApiError, bad_request, too_large, too_many_images, unsupported_media
-from serving.form_files import FormError, TooManyParts, form_parts
-from serving.limits import ClientGone
+from serving.http.content_coding import content_coding, inflate
+from serving.http.errors import ApiError, bad_request, too_large, too_many_images, unsupported_media
+from serving.http.form_files import FormError, TooManyParts, form_parts
+from serving.runtime.limits import ClientGone
 
 URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)

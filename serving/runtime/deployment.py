@@ -24,10 +24,10 @@ from registry.resolve import DownloadedVersion, ModelBundle, bundle_of, download
 from registry.settings import ClassificationSettings, with_overrides
 from registry.spec import ModelSpec
 from registry.store import open_client
-from serving.abandon import make_abandonable
+from serving.runtime.abandon import make_abandonable
 from serving.config import DeploymentConfig
-from serving.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
-from serving.shared_models import GuidedCopy, ModelCore, SharedModels
+from serving.runtime.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
+from serving.runtime.shared_models import GuidedCopy, ModelCore, SharedModels
 
 logger = logging.getLogger("lantern.serving")
 State = Literal["loading", "ready", "unready", "failed"]

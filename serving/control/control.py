@@ -10,15 +10,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from registry.errors import LanternError
-from serving.auth import KeyKind, key_digest, regenerate_key
-from serving.checks import check_deployment
+from serving.control.auth import KeyKind, key_digest, regenerate_key
+from serving.control.checks import check_deployment
 from serving.config import DeploymentConfig
-from serving.counters import DeploymentCounters, deployment_counters
-from serving.endpoint import Endpoint
-from serving.errors import ApiError, conflict, not_found, unprocessable
-from serving.schemas import describe_fields
-from serving.state import DeploymentRecord, EndpointState
-from serving.workers import GpuMemory, InstanceStatus, WorkerStatus
+from serving.control.counters import DeploymentCounters, deployment_counters
+from serving.runtime.endpoint import Endpoint
+from serving.http.errors import ApiError, conflict, not_found, unprocessable
+from serving.http.schemas import describe_fields
+from serving.control.state import DeploymentRecord, EndpointState
+from serving.control.workers import GpuMemory, InstanceStatus, WorkerStatus
 
 UPDATE_ATTEMPTS = 5  # merges of one PATCH on a record other changes keep replacing, before it is refused with 409
 AggregateState = Literal["loading", "ready", "unready", "failed", "updating"]
