@@ -40,7 +40,8 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     file."""
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
-    from serving.control.auth import ADMIN_ENV, PRIMARY_ENV, admin_key, credentials_path, scoring_keys
+    from serving.control.auth import admin_key, credentials_path, scoring_keys
+    from serving.environment import ADMIN_ENV, PRIMARY_ENV
     from serving.control.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.control.state import StateStore

@@ -51,6 +51,12 @@ CLOUD_KEY_HINTS = {
 }
 
 
+def describe_fields(error: ValidationError, what: str) -> str:
+    """One readable line per problem of a request body; extra keys are called unknown fields (with what to use
+    instead of a key of the cloud's deployment YAML)."""
+    return describe_validation_error(error, what, "unknown field", CLOUD_KEY_HINTS)
+
+
 class ConfigError(LanternError):
     """The endpoint configuration is invalid; the message names each problem."""
 

@@ -13,7 +13,8 @@ import pytest
 from bentoml._internal.marshal.dispatcher import Optimizer
 
 from serving.runtime import batching
-from serving.runtime.batching import BatchedPredictor, DeviceSemaphore, Job, NotAnswering, Overloaded, SharedBatchers
+from serving.runtime.batching import BatchedPredictor, DeviceSemaphore, Job, SharedBatchers
+from serving.runtime.errors import NotAnswering, Overloaded
 from serving.config import DeploymentConfig
 from serving.runtime.deployment import Deployment
 from support.common import LABELS, SMALL_SETTINGS

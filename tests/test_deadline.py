@@ -9,8 +9,9 @@ import pytest
 from starlette.requests import Request
 
 from serving.runtime.abandon import CancelToken
-from serving.http.errors import ApiError
-from serving.runtime.limits import ClientGone, within_deadline
+from serving.http.errors import api_error
+from serving.http.deadline import ClientGone, within_deadline
+from serving.runtime.errors import TimedOut
 
 
 def request_with(disconnect: asyncio.Event) -> Request:
@@ -46,10 +47,10 @@ def test_work_that_finishes_in_time_answers_and_leaves_the_token_alone() -> None
 def test_work_past_its_deadline_is_cancelled_and_answers_408() -> None:
     async def run() -> None:
         token, cleanups = CancelToken(), []
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(TimedOut) as raised:
             await within_deadline(request_with(asyncio.Event()), cleaned_up_after(10, cleanups), 0.05, token,
                                   "/predict on deployment blue")
-        assert raised.value.status == 408 and "request_timeout_ms (50 ms)" in raised.value.message
+        assert api_error(raised.value).status == 408 and "request_timeout_ms (50 ms)" in raised.value.message
         assert token.reason == "request timeout" and cleanups == ["cancelled"]
 
     asyncio.run(run())

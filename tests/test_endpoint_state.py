@@ -14,7 +14,7 @@ from registry.errors import LanternError
 from serving.control.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
 from serving.config import DeploymentConfig, parse_endpoint_config
 from serving.control.control import _aggregate, merge_patch
-from serving.control.counters import quantile_ms
+from serving.histograms import quantile_ms
 from serving.client.manage_cli import deployment_fields
 from serving.client.rollout import Thresholds, Window, parse_duration, parse_steps, shifted_split
 from serving.control.state import DeploymentRecord, InvalidChange, StateStore

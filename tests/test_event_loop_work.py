@@ -19,7 +19,10 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import explain.attribute
-import serving.http.app
+import serving.http.explain
+import serving.http.guard
+import serving.http.score
+import serving.runtime.images
 from serving.config import DeploymentConfig, EndpointConfig, Probe
 from serving.runtime.endpoint import Endpoint
 from support.common import LABELS, SMALL_SETTINGS
@@ -45,17 +48,19 @@ Watch = Callable[[Any, str], list[str]]
 
 @pytest.fixture()
 def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
-    """`watch(module, name)`: the names of the threads that call `module.name` from now on (it still does its work)."""
+    """`watch(module, name)`: the names of the threads that call `module.name` from now on (it still does its work);
+    `module` may be a tuple of modules that each import `name`."""
 
     def watching(module: Any, name: str) -> list[str]:
         threads: list[str] = []
-        work = getattr(module, name)
+        for each in module if isinstance(module, tuple) else (module,):  # one list for every module given
+            work = getattr(each, name)
 
-        def run(*args: Any, **kwargs: Any) -> Any:
-            threads.append(threading.current_thread().name)
-            return work(*args, **kwargs)
+            def run(*args: Any, work: Callable[..., Any] = work, **kwargs: Any) -> Any:
+                threads.append(threading.current_thread().name)
+                return work(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, run)
+            monkeypatch.setattr(each, name, run)
         return threads
 
     return watching
@@ -66,7 +71,7 @@ def renderers(watch: Watch) -> dict[str, list[str]]:
     """The threads that encode PNGs, attribution lists and JSON answers."""
     return {"png": watch(explain.attribute, "png_bytes"),
             "attributions": watch(explain.attribute, "encode_attributions"),
-            "json": watch(serving.http.app, "json_response")}
+            "json": watch((serving.http.explain, serving.http.score), "json_response")}
 
 
 def off_the_event_loop(threads: list[str]) -> bool:
@@ -115,10 +120,11 @@ def noise_png(side: int = 640) -> bytes:
 
 
 def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: TestClient, watch: Watch) -> None:
-    threads = {"score": watch(serving.http.app, "read_score_rows"), "explain": watch(serving.http.app, "parse_json_body"),
-               "base64": watch(serving.http.app, "decode_base64_image")}
+    threads = {"score": watch(serving.http.score, "read_score_rows"),
+               "explain": watch(serving.http.explain, "parse_json_body"),
+               "base64": watch(serving.runtime.images, "decode_base64_image")}
     image = base64.b64encode(noise_png()).decode()
-    assert len(image) > serving.http.app.INLINE_PARSE_BYTES
+    assert len(image) > serving.http.guard.INLINE_PARSE_BYTES
     score = client.post("/score", json={"input_data": {"columns": ["image"], "data": [image, image]}})
     assert score.status_code == 200, score.text
     assert [len(item["probs"]) for item in score.json()] == [3, 3]
@@ -145,15 +151,15 @@ def test_a_large_json_body_is_parsed_and_decoded_off_the_event_loop(client: Test
 ])
 def test_a_large_bad_body_parsed_in_the_pool_is_answered_as_a_small_one_is(client: TestClient, route: str,
                                                                            body: bytes, status: int, code: str) -> None:
-    assert len(body) > serving.http.app.INLINE_PARSE_BYTES
+    assert len(body) > serving.http.guard.INLINE_PARSE_BYTES
     answer = client.post(route, content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == status and answer.json()["error"]["code"] == code, answer.text
 
 
 def test_a_large_multipart_body_is_parsed_off_the_event_loop(client: TestClient, watch: Watch) -> None:
-    threads = watch(serving.http.app, "uploaded_images")
+    threads = watch(serving.http.guard, "uploaded_images")
     large, small = noise_png(240), png_bytes(48, "square")
-    assert len(large) > serving.http.app.INLINE_FORM_BYTES > len(small)
+    assert len(large) > serving.http.guard.INLINE_FORM_BYTES > len(small)
     predicted = client.post("/predict", files=[("images", ("a.png", large)), ("images", ("b.png", small))])
     assert predicted.status_code == 200, predicted.text
     assert len(predicted.json()["predictions"]) == 2

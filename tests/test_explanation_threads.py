@@ -77,4 +77,4 @@ def test_explanations_run_on_the_configured_threads_and_other_threads_keep_their
     assert predicted.status_code == 200, predicted.text
     assert [(name.split("_")[0], threads, regions) for name, threads, regions in seen] == [("lantern-explain", 1, 1)]
     assert in_new_thread(torch.get_num_threads) == DEFAULT_THREADS
-    assert served.work_pool.submit(torch.get_num_threads).result() == DEFAULT_THREADS  # decoding threads
+    assert served.inference.work_pool.submit(torch.get_num_threads).result() == DEFAULT_THREADS  # decoding threads

@@ -7,8 +7,10 @@ import base64
 
 import pytest
 
-from serving.http.errors import ApiError
-from serving.http.inputs import decode_base64_image, uploaded_images
+from serving.http.errors import ApiError, api_error
+from serving.http.inputs import uploaded_images
+from serving.runtime.errors import BadImage
+from serving.runtime.images import decode_base64_image
 from support.servers import multipart_body
 
 PAYLOAD = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, and a tail that base64 writes with '+', '/' and '='
@@ -35,10 +37,11 @@ def test_accepted_spellings_of_base64_give_the_same_bytes(text: str) -> None:
     ("https://example.com/cat.png", 400, "url_not_accepted", "image_base64 holds a URL"),
 ])
 def test_refusals_say_what_is_wrong(text: str, status: int, code: str, message: str) -> None:
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(BadImage) as refused:
         decode_base64_image(text, "image_base64")
-    assert (refused.value.status, refused.value.code) == (status, code)
-    assert refused.value.message.startswith(message), refused.value.message
+    answer = api_error(refused.value)  # as the HTTP side answers it
+    assert (answer.status, answer.code) == (status, code)
+    assert answer.message.startswith(message), answer.message
 
 
 def test_uploaded_images_are_the_fields_files_in_order() -> None:
@@ -61,7 +64,8 @@ def test_uploaded_images_are_the_fields_files_in_order() -> None:
 ])
 def test_multipart_refusals_say_what_is_wrong(files: list, data: dict | None, code: str, message: str) -> None:
     content_type, body = multipart_body(files, data)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises((ApiError, BadImage)) as refused:
         uploaded_images(content_type, body, "images", 1)
+    answer = api_error(refused.value)
     status = 413 if code == "too_many_images" else 400
-    assert (refused.value.status, refused.value.code, refused.value.message) == (status, code, message)
+    assert (answer.status, answer.code, answer.message) == (status, code, message)

@@ -81,23 +81,21 @@ def test_running_out_of_device_memory_is_a_503_to_retry_not_the_inputs_fault() -
     answer 503 `out_of_memory` with Retry-After; any other failure stays the input's 424."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
-    from serving.runtime.batching import model_error
-    from serving.config import DeploymentConfig
-    from serving.runtime.deployment import Deployment
+    from serving.http.errors import api_error
+    from serving.runtime.errors import model_failure
 
-    deployment = Deployment(DeploymentConfig(name="blue", model="models:/shapes/1"))
     arena = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
                              "Conv node. Status Message: bfc_arena.cc:376 onnxruntime::BFCArena::AllocateRawInternal "
                              "Failed to allocate memory for requested buffer of size 285081600")
     for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), arena,
                   Fail("CUDA failure 2: out of memory ; GPU=0"), RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
                   RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")):
-        answer = model_error(deployment, error)
+        answer = api_error(model_failure("blue", error))
         assert (answer.status, answer.code, answer.headers) == (503, "out_of_memory", {"Retry-After": "1"}), error
         assert "blue ran out of device memory" in answer.message
     for error in (RuntimeError("out of memory"),  # neither CUDA's nor ONNX Runtime's: no telling what it means
                   RuntimeException("Non-zero status code returned while running Reshape node: invalid shape")):
-        answer = model_error(deployment, error)
+        answer = api_error(model_failure("blue", error))
         assert (answer.status, answer.code) == (424, "model_error")
         assert str(error) in answer.message
 

@@ -13,8 +13,8 @@ import yaml
 from rich.table import Table
 
 from registry.console import console, stdout, user_errors
-from serving.control.auth import ADMIN_ENV
-from serving.client.manage_client import DEFAULT_URL, URL_ENV, ManageClient
+from serving.client.manage_client import DEFAULT_URL, ManageClient
+from serving.environment import ADMIN_ENV, URL_ENV
 
 TOP_LEVEL = {"model", "settings", "device", "backend", "max_batch_size", "max_latency_ms", "request_settings",
              "readiness_probe", "liveness_probe"}

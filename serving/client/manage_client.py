@@ -10,10 +10,9 @@ from typing import Any
 import httpx
 
 from registry.errors import LanternError
-from serving.control.auth import ADMIN_ENV
+from serving.environment import ADMIN_ENV
 
 DEFAULT_URL = "http://127.0.0.1:3000"
-URL_ENV = "LANTERN_URL"
 POLL_S = 0.25
 
 

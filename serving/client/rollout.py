@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry.errors import LanternError
-from serving.control.counters import quantile_ms
 from serving.client.manage_client import ManageClient
+from serving.histograms import quantile_ms
 
 DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}

@@ -17,10 +17,8 @@ from filelock import FileLock
 
 from registry.errors import LanternError
 from serving.control.private_files import replace_private
+from serving.environment import ADMIN_ENV, PRIMARY_ENV, SECONDARY_ENV
 
-PRIMARY_ENV = "LANTERN_API_KEY"
-SECONDARY_ENV = "LANTERN_API_KEY_SECONDARY"
-ADMIN_ENV = "LANTERN_ADMIN_KEY"
 KEY_BYTES = 32
 KeyKind = Literal["primary", "secondary", "admin"]
 KEY_KINDS: tuple[KeyKind, ...] = ("primary", "secondary", "admin")

@@ -5,20 +5,19 @@ state in one step, or refused with nothing changed."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
 from registry.errors import LanternError
 from serving.control.auth import KeyKind, key_digest, regenerate_key
 from serving.control.checks import check_deployment
-from serving.config import DeploymentConfig
+from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.counters import DeploymentCounters, deployment_counters
-from serving.runtime.endpoint import Endpoint
-from serving.http.errors import ApiError, conflict, not_found, unprocessable
-from serving.http.schemas import describe_fields
-from serving.control.state import DeploymentRecord, EndpointState
-from serving.control.workers import GpuMemory, InstanceStatus, WorkerStatus
+from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, UnknownDeployment
+from serving.control.state import DeploymentRecord, EndpointState, StateStore
+from serving.control.workers import GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
 
 UPDATE_ATTEMPTS = 5  # merges of one PATCH on a record other changes keep replacing, before it is refused with 409
 AggregateState = Literal["loading", "ready", "unready", "failed", "updating"]
@@ -96,10 +95,33 @@ def _aggregate(record: DeploymentRecord, statuses: list[InstanceStatus | None]) 
     return "loading", None
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a deployment's generation serves in this worker, as the management views show it."""
+
+    settings: dict[str, Any]  # the version's settings with the deployment's overrides, as JSON
+    labels: list[str]
+
+
+class ServingWorker(Protocol):
+    """What the management operations need of the worker that serves them (`serving.runtime.endpoint.Endpoint`)."""
+
+    config: EndpointConfig
+    tracking_uri: str | None
+    store: StateStore
+    board: StatusBoard
+
+    def status(self) -> WorkerStatus: ...
+
+    def refresh(self) -> None: ...
+
+    def served_model(self, name: str, generation: int) -> ServedModel | None: ...
+
+
 class Control:
     """The management operations of one worker's endpoint (the state they change is shared by every worker)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: ServingWorker) -> None:
         self.endpoint = endpoint
         self.store = endpoint.store
 
@@ -107,7 +129,7 @@ class Control:
     def current(self) -> EndpointState:
         state = self.store.read()
         if state is None:
-            raise ApiError(503, "not_ready", "the endpoint state is missing; restart the server")
+            raise StateMissing("the endpoint state is missing; restart the server")
         return state
 
     def workers(self) -> list[WorkerStatus]:
@@ -122,15 +144,14 @@ class Control:
         aggregate, reason = _aggregate(record, statuses)
         version = next((s.model_version for s in statuses if s and s.generation == record.generation
                         and s.model_version), record.model_version)
-        instance = self.endpoint.instances.get(name)
-        model = instance.deployment.model if instance and instance.generation == record.generation else None
+        model = self.endpoint.served_model(name, record.generation)
         return DeploymentView(
             name=name, model=record.config.model, generation=record.generation, state=aggregate, reason=reason,
             ready_everywhere=bool(statuses) and all(s is not None and s.state == "ready" for s in statuses),
             model_version=version, traffic=state.traffic.get(name, 0),
             mirror_traffic=state.mirror_traffic.get(name, 0), config=record.config,
-            settings=model.settings.model_dump(mode="json") if model else None,
-            labels=list(model.bundle.labels) if model else None,
+            settings=model.settings if model else None,
+            labels=model.labels if model else None,
             workers={w.worker: s for w, s in zip(workers, statuses) if s is not None},
             counters=counters.get(name, DeploymentCounters()))
 
@@ -160,8 +181,8 @@ class Control:
     def _record(self, state: EndpointState, name: str) -> DeploymentRecord:
         record = state.record(name)
         if record is None:
-            raise not_found(f"endpoint {state.endpoint} has no deployment {name!r}; deployments: "
-                            f"{', '.join(state.names) or 'none'}", "unknown_deployment")
+            raise UnknownDeployment(f"endpoint {state.endpoint} has no deployment {name!r}; deployments: "
+                            f"{', '.join(state.names) or 'none'}")
         return record
 
     # changes ---------------------------------------------------------------------------------------------------------
@@ -170,7 +191,7 @@ class Control:
         try:
             return check_deployment(config, self.endpoint.tracking_uri, version).version
         except LanternError as error:
-            raise unprocessable(f"deployment {config.name}: {error}", "invalid_model") from None
+            raise InvalidDeployment(f"deployment {config.name}: {error}", "invalid_model") from None
 
     def _changed(self, state: EndpointState) -> EndpointState:
         self.endpoint.refresh()
@@ -179,13 +200,13 @@ class Control:
     def add(self, config: DeploymentConfig) -> DeploymentView:
         """A new deployment with 0 % traffic; it loads and warms up in every worker in the background."""
         if self.current().record(config.name) is not None:
-            raise conflict(f"deployment {config.name} exists; update it (PATCH) or choose another name",
-                           "deployment_exists")
+            raise ChangeConflict(f"deployment {config.name} exists; update it (PATCH) or choose another name",
+                             "deployment_exists")
         version = self._check_model(config)
 
         def mutate(state: EndpointState) -> EndpointState:
             if state.record(config.name) is not None:
-                raise conflict(f"deployment {config.name} exists", "deployment_exists")
+                raise ChangeConflict(f"deployment {config.name} exists", "deployment_exists")
             state.deployments.append(DeploymentRecord(config=config, model_version=version))
             state.traffic.setdefault(config.name, 0)
             return state
@@ -203,14 +224,14 @@ class Control:
         state is changed (a compare-and-set under the state's lock): an update that lost the race to another is
         merged again on the newer record, so concurrent patches of different fields both hold."""
         if "name" in patch and patch["name"] != name:
-            raise unprocessable("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
+            raise InvalidDeployment("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
         for _ in range(UPDATE_ATTEMPTS):
             record = self._record(self.current(), name)
             merged = merge_patch(record.config.model_dump(mode="json"), patch)
             try:
                 config = DeploymentConfig.model_validate(merged)
             except ValidationError as error:
-                raise unprocessable(describe_fields(error, f"deployment {name}")) from None
+                raise InvalidDeployment(describe_fields(error, f"deployment {name}")) from None
             resolve = "model" in patch or config.model != record.config.model
             if config == record.config and not resolve:
                 return self.deployment(name)
@@ -234,7 +255,7 @@ class Control:
             except _ChangedMeanwhile:
                 continue
             return self.deployment(name)
-        raise conflict(f"deployment {name} was changed by {UPDATE_ATTEMPTS} other requests while this update was "
+        raise ChangeConflict(f"deployment {name} was changed by {UPDATE_ATTEMPTS} other requests while this update was "
                        "being made; nothing changed: send it again", "concurrent_change")
 
     def remove(self, name: str) -> EndpointState:
@@ -243,10 +264,10 @@ class Control:
         def mutate(state: EndpointState) -> EndpointState:
             self._record(state, name)
             if state.traffic.get(name, 0) > 0:
-                raise conflict(f"deployment {name} has {state.traffic[name]} % of the live traffic; move it to other "
+                raise ChangeConflict(f"deployment {name} has {state.traffic[name]} % of the live traffic; move it to other "
                                "deployments first", "deployment_has_traffic")
             if state.mirror_traffic.get(name, 0) > 0:
-                raise conflict(f"deployment {name} gets {state.mirror_traffic[name]} % mirrored traffic; stop the "
+                raise ChangeConflict(f"deployment {name} gets {state.mirror_traffic[name]} % mirrored traffic; stop the "
                                "mirror first", "deployment_is_mirrored")
             state.deployments = [r for r in state.deployments if r.config.name != name]
             state.traffic.pop(name, None)
@@ -272,7 +293,7 @@ class Control:
                          if percent > before.get(name, 0) and name in ready
                          and not ready[name].ready_everywhere]
             if not_ready:
-                raise conflict(f"only ready deployments get live traffic; not ready in every worker: "
+                raise ChangeConflict(f"only ready deployments get live traffic; not ready in every worker: "
                                f"{', '.join(not_ready)}. Nothing changed", "deployment_not_ready")
             return state
 

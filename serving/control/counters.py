@@ -3,11 +3,12 @@ same numbers `/metrics` serves)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 
 from pydantic import BaseModel, Field
+
+from serving.histograms import quantile_ms
 
 FAILED_STATUSES = {"408", "424"}  # with every 5xx: what counts against a deployment (not the caller's mistakes)
 
@@ -25,24 +26,6 @@ class DeploymentCounters(BaseModel):
     p99_ms: float | None = Field(None, description="99th percentile latency, interpolated in its histogram bucket")
     images: int = 0
     mirrored: dict[str, int] = Field(default_factory=dict, description="mirrored copies by outcome")
-
-
-def quantile_ms(buckets: dict[str, int], q: float) -> float | None:
-    """The `q` quantile of the requests counted in cumulative `buckets`, in ms, interpolated linearly inside its
-    bucket as Prometheus' histogram_quantile does (the bucket's upper bound alone overstated a p99 by up to 2.5x).
-    None when nothing was counted, or when the quantile lies in the unbounded bucket."""
-    bounds = sorted((float(le), count) for le, count in buckets.items())
-    if not bounds or bounds[-1][1] == 0:
-        return None
-    wanted = q * bounds[-1][1]
-    lower, below = 0.0, 0
-    for bound, count in bounds:
-        if count >= wanted and count > below:
-            if not math.isfinite(bound):
-                return None
-            return 1000 * (lower + (bound - lower) * (wanted - below) / (count - below))
-        lower, below = bound, count
-    return None
 
 
 def _registry():

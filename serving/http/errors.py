@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+from serving.control import errors as control
+from serving.control.auth import KeySourceError
+from serving.control.state import InvalidChange
+from serving.runtime import errors as runtime
 
 
 class ApiError(Exception):
@@ -83,3 +89,61 @@ def too_many(message: str) -> ApiError:
 
 def not_ready(message: str) -> ApiError:
     return ApiError(503, "not_ready", message, {"Retry-After": "5"})
+
+
+RETRY_SOON = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How an error of the runtime or the control plane is answered: its status, its code (None: the error's own),
+    headers, and words put before its message."""
+
+    status: int
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    prefix: str = ""
+
+
+# The one table from the runtime's and the control plane's errors to status codes (the most specific class wins).
+ANSWERS: dict[type[Exception], Answer] = {
+    runtime.InvalidRequest: Answer(400),
+    runtime.BadImage: Answer(400),
+    runtime.NoRoute: Answer(404),
+    runtime.TimedOut: Answer(408),
+    runtime.ImageTooLarge: Answer(413),
+    runtime.UnreadableImage: Answer(415),
+    runtime.InvalidExplanation: Answer(422),
+    runtime.ModelFailed: Answer(424),
+    runtime.Busy: Answer(429, headers=RETRY_SOON),
+    runtime.NotReady: Answer(503, headers={"Retry-After": "5"}),
+    runtime.Overloaded: Answer(503),
+    runtime.NotAnswering: Answer(503),
+    runtime.OutOfMemory: Answer(503, headers=RETRY_SOON),
+    control.UnknownDeployment: Answer(404),
+    control.ChangeConflict: Answer(409),
+    KeySourceError: Answer(409, "key_from_environment"),
+    control.InvalidDeployment: Answer(422),
+    InvalidChange: Answer(422, "invalid_change", prefix="the change was refused, nothing changed: "),
+    control.StateMissing: Answer(503, headers={"Retry-After": "5"}),
+}
+
+
+def answer_of(error: Exception) -> Answer | None:
+    """The table's answer for `error`'s class or its nearest ancestor in the table; None for anything else."""
+    return next((ANSWERS[kind] for kind in type(error).__mro__ if kind in ANSWERS), None)
+
+
+def api_error(error: Exception) -> ApiError:
+    """The answer to a runtime or control-plane error (as the table says), or an ApiError as it is."""
+    if isinstance(error, ApiError):
+        return error
+    answer = answer_of(error)
+    if answer is None:
+        raise TypeError(f"no answer for {type(error).__name__}: add it to serving.http.errors.ANSWERS") from error
+    code = answer.code or getattr(error, "code", None) or "error"
+    return ApiError(answer.status, code, answer.prefix + str(error), answer.headers)
+
+
+# what every route answers from its table entry: the errors the guard catches and maps
+ANSWERED = tuple(ANSWERS)

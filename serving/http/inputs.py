@@ -1,63 +1,18 @@
-"""Turning request payloads into decoded images: base64 text, raw bodies and multipart files; URLs are refused."""
+"""Reading request bodies: within the size limit and the deadline, inflated, and the files of a multipart body."""
 
 from __future__ import annotations
 
 import asyncio
-import binascii
-import re
 
-from PIL import Image
 from starlette.requests import ClientDisconnect, Request
 
-from registry.images import ImageDecodeError, ImageTooLargeError, decode_image
 from serving.http.content_coding import content_coding, inflate
-from serving.http.errors import ApiError, bad_request, too_large, too_many_images, unsupported_media
+from serving.http.deadline import ClientGone
+from serving.http.errors import ApiError, bad_request, too_large, too_many_images
 from serving.http.form_files import FormError, TooManyParts, form_parts
-from serving.runtime.limits import ClientGone
+from serving.runtime.images import refuse_url
 
-URL_PATTERN = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
-DATA_URL_PATTERN = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
-NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
-URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 MAX_FORM_FIELDS = 100  # text fields beside the files: none is read, a few are tolerated
-
-
-def refuse_url(text: str, where: str, instead: str = "the image bytes, base64-encoded") -> None:
-    if URL_PATTERN.match(text):
-        raise bad_request(f"{where} holds a URL; Lantern never fetches URLs: send {instead}", "url_not_accepted")
-
-
-def decode_base64_image(text: str, where: str) -> bytes:
-    """Image bytes from base64 text: MIME line breaks (as `base64.encodebytes` writes them), data URLs, the URL-safe
-    alphabet and left-out `=` padding are all accepted; anything else is a 400 saying where the text went wrong."""
-    refuse_url(text, where)
-    compact = text.strip()
-    if compact[:5].lower() == "data:":
-        compact = DATA_URL_PATTERN.sub("", compact, count=1)
-    compact = "".join(compact.split())  # str methods and binascii: faster than a regex pass over the text
-    if "-" in compact or "_" in compact:
-        compact = compact.translate(URL_SAFE_TO_STANDARD)
-    unpadded = compact.rstrip("=")
-    try:
-        data = binascii.a2b_base64((unpadded + "=" * (-len(unpadded) % 4)).encode("ascii"), strict_mode=True)
-    except (binascii.Error, ValueError) as error:  # UnicodeEncodeError is a ValueError
-        stray = NOT_BASE64.search(compact)
-        reason = f"{stray.group()!r} at character {stray.start()}" if stray else str(error)
-        raise bad_request(f"{where} is not valid base64: {reason}", "invalid_base64") from None
-    if not data:
-        raise bad_request(f"{where} is empty", "empty_image")
-    return data
-
-
-def decode(data: bytes, where: str, max_pixels: int, shorter_side: int | None = None) -> Image.Image:
-    """An RGB image, or the 413 / 415 answer naming what was wrong; a large JPEG is decoded at a reduced scale no
-    smaller than 3 x `shorter_side` (registry/images.py)."""
-    try:
-        return decode_image(data, max_pixels=max_pixels, shorter_side=shorter_side)
-    except ImageTooLargeError as error:
-        raise too_large(f"{where}: {error}") from None
-    except ImageDecodeError as error:
-        raise unsupported_media(f"{where}: {error}") from None
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:

@@ -11,15 +11,14 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.responses import JSONResponse, Response
 
 from registry.errors import LanternError
-from serving.control.auth import KeyKind, KeySourceError
+from serving.control.auth import KeyKind
 from serving.config import DeploymentConfig, Percent
 from serving.control.control import Control, DeploymentView, EndpointView, KeyRegenerated
-from serving.runtime.endpoint import endpoint_of
-from serving.http.errors import ApiError, conflict, unprocessable
+from serving.http.deadline import CLIENT_CLOSED, ClientGone
+from serving.http.errors import ANSWERED, ApiError, api_error, unprocessable
+from serving.http.guard import authenticate_admin, endpoint_of
 from serving.http.inputs import read_body
-from serving.runtime.limits import CLIENT_CLOSED, ClientGone
 from serving.http.schemas import inline_schema, parse_json_body
-from serving.control.state import InvalidChange
 
 logger = logging.getLogger("lantern.serving")
 PREFIX = "/manage"
@@ -37,16 +36,12 @@ async def admin_call(request: Request, work: Callable[[Control], Awaitable[Any]]
     """Admin key, then `work`; a refused change answers 4xx naming why, and leaves the state untouched."""
     try:
         endpoint = endpoint_of(request)
-        endpoint.authenticate_admin(request.headers.get("authorization"))
+        authenticate_admin(endpoint, request.headers.get("authorization"))
         result = await work(Control(endpoint))
         body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         return JSONResponse(body, status_code=status)
-    except ApiError as error:
-        return error.response()
-    except InvalidChange as error:
-        return unprocessable(f"the change was refused, nothing changed: {error}", "invalid_change").response()
-    except KeySourceError as error:
-        return conflict(str(error), "key_from_environment").response()
+    except (ApiError, *ANSWERED) as error:
+        return api_error(error).response()
     except ClientGone:  # it left while its body was being read: nothing changed, and nobody to answer
         return Response(status_code=CLIENT_CLOSED)
     except LanternError as error:
@@ -62,7 +57,7 @@ async def body_of(request: Request, schema: Any, what: str) -> Any:
 
 def in_thread(request: Request, func: Callable[..., Any], *args: Any) -> Awaitable[Any]:
     """Changes take a file lock and may read the registry: never on the event loop."""
-    return endpoint_of(request).in_thread(func, *args)
+    return endpoint_of(request).inference.in_thread(func, *args)
 
 
 def state_summary(state: Any) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from explain.encoding import AttributionEncoding
 from explain.params import ExplainError, Method, inapplicable_params, parse_params
-from registry.errors import describe_validation_error
-from serving.config import CLOUD_KEY_HINTS, Strict
+from serving.config import Strict, describe_fields
 from serving.http.errors import bad_request, too_many_images, unprocessable
 
 # Sizes no valid request reaches: a body's lists and objects are refused past them before their items are validated
@@ -185,12 +184,6 @@ class ExplainResponse(BaseModel):
     method: str
     explanations: list[TargetExplanation]
     fidelity: dict[str, Any]
-
-
-def describe_fields(error: ValidationError, what: str) -> str:
-    """One readable line per problem of a request body; extra keys are called unknown fields (with what to use
-    instead of a key of the cloud's deployment YAML)."""
-    return describe_validation_error(error, what, "unknown field", CLOUD_KEY_HINTS)
 
 
 # Lantern's bodies nest a few levels; Python's parser gives up somewhere past a thousand (its limit differs between

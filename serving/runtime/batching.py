@@ -17,27 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, Optimizer
 
 from registry.devices import device_key
 from serving.config import DeploymentConfig
 from serving.runtime.deployment import Deployment
-from serving.http.errors import ApiError, model_failed
+from serving.runtime.errors import NotAnswering, Overloaded
 from serving.runtime.metrics import metrics
 from serving.runtime.predictors import Predictor, submit_rows
 
 logger = logging.getLogger("lantern.serving")
 RECHECK_S = 0.05  # while the device is busy, the queue's max_latency_ms check runs at least this often
-
-
-class Overloaded(Exception):
-    """BentoML's dispatcher dropped the job: it could not be served within max_latency_ms."""
-
-
-class NotAnswering(Exception):
-    """A model call did not answer within max_latency_ms: its images get a 503, and the device goes to the next batch
-    (the call itself goes on, or stays stuck, on the backend's thread until liveness probes reload the model)."""
 
 
 @dataclass
@@ -53,7 +43,7 @@ class Job:
 
 
 def _overloaded() -> None:
-    raise Overloaded()
+    raise Overloaded("BentoML's dispatcher dropped the job: it could not be served within max_latency_ms")
 
 
 class SendWhenFree(Optimizer):
@@ -292,27 +282,3 @@ class SharedBatchers:
             batcher = self._batchers.pop(key, None)
         if batcher is not None:
             batcher.shutdown()
-
-
-# ONNX Runtime has no exception type for it (its CUDA arena and cudaMalloc failures are RuntimeExceptions saying so),
-# and torch raises OutOfMemoryError only for its own allocator (cuDNN's and cuBLAS's failures are RuntimeErrors)
-ORT_OUT_OF_MEMORY = ("failed to allocate memory", "out of memory")
-CUDA_OUT_OF_MEMORY = ("cuda error: out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
-
-
-def out_of_memory(error: Exception) -> bool:
-    text = str(error).lower()
-    if isinstance(error, torch.OutOfMemoryError) or any(t in text for t in CUDA_OUT_OF_MEMORY):
-        return True
-    return type(error).__module__.startswith("onnxruntime") and any(t in text for t in ORT_OUT_OF_MEMORY)
-
-
-def model_error(deployment: Deployment, error: Exception) -> ApiError:
-    """The 424 answer when the model fails on an input, or a 503 when its device ran out of memory or the model did
-    not answer in time: that is not the input's fault, and a retry may succeed."""
-    if out_of_memory(error):
-        return ApiError(503, "out_of_memory", f"deployment {deployment.name} ran out of device memory for this "
-                                              f"request; retry it later", {"Retry-After": "1"})
-    if isinstance(error, NotAnswering):
-        return ApiError(503, "not_answering", f"deployment {deployment.name}: {error}; retry it later")
-    return model_failed(f"deployment {deployment.name} failed on this input: {type(error).__name__}: {error}")

@@ -1,69 +1,31 @@
-"""The running endpoint in one worker: its deployment instances, keys, routing (weighted split, pinning, mirror),
-admission and the work behind each route. It follows the persisted endpoint state, so every worker applies a change
-within a fraction of a second."""
+"""The running endpoint in one worker: its deployment instances by name, following the persisted endpoint state (so
+every worker applies a change within a fraction of a second), readying updated deployments beside the serving ones
+and swapping them in once ready; routing (routing.py) and the work (inference.py) run over its instances."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
-import numpy as np
-import psutil
-import torch
-from PIL import Image
-
-from explain.attribute import Explanation
-from explain.cpu_threads import limit_this_thread
-from explain.params import ExplainError
-from registry.devices import cuda_memory
-from serving.runtime.abandon import Abandoned, CancelToken, running_under
-from serving.control.auth import KeyCheck, bearer_token
-from serving.runtime.batching import Job, Overloaded, SharedBatchers, model_error
-from serving.control.checks import pinned_version
 from serving.config import EndpointConfig
-from serving.runtime.deployment import Prediction
-from serving.http.errors import ApiError, bad_request, forbidden, not_found, not_ready, unauthorized, unprocessable
-from serving.runtime.instance import DeploymentInstance
-from serving.runtime.limits import Admission
-from serving.runtime.metrics import metrics
-from serving.runtime.shared_models import SharedModels
+from serving.control.auth import KeyCheck
+from serving.control.checks import pinned_version
+from serving.control.control import ServedModel
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
-from serving.control.workers import HEARTBEAT_S, GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
+from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus
+from serving.runtime.batching import SharedBatchers
+from serving.runtime.inference import Inference
+from serving.runtime.instance import DeploymentInstance
+from serving.runtime.routing import Route, pick_route
+from serving.runtime.shared_models import SharedModels
+from serving.runtime.worker_status import StatusReporter
 
 logger = logging.getLogger("lantern.serving")
-PIN_HEADERS = ("x-lantern-deployment", "azureml-model-deployment")
 WATCH_S = 0.2
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A request's images as its deployment's model sees them: each one's center crop (what explanations are drawn
-    on) and the model input made from it ([3, crop, crop] float32, normalised)."""
-
-    crops: list[Image.Image]
-    pixels: list[np.ndarray]
-
-
-# decodes one image of a request (raising its 4xx answer) when called with the shorter side it will be resized to
-ImageSource = Callable[[int], Image.Image]
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one request goes: the instance that answers it, and the instance that gets a mirrored copy."""
-
-    instance: DeploymentInstance
-    mirror: DeploymentInstance | None = None
 
 
 class Endpoint:
@@ -85,19 +47,11 @@ class Endpoint:
         self.batchers = SharedBatchers()
         self.models = SharedModels()
         self._changes = threading.Lock()
-        self._process = psutil.Process()
-        self._gpu_memory_failed = False  # logged once
+        self.reporter = StatusReporter(self.worker)
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()
-        self._mirror_tasks: set[asyncio.Task] = set()
-        explain_limit = config.limits.max_concurrent_explanations
-        self.explain_admission = Admission("explanations", explain_limit, 0.5)
-        threads = config.limits.explanation_threads
-        limit_threads = None if threads is None else partial(limit_this_thread, threads)
-        self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain",
-                                               initializer=limit_threads)
-        self.work_pool = ThreadPoolExecutor(8, thread_name_prefix="lantern-decode")
+        self.inference = Inference(config.limits)
         self._apply(self.state, start=False)
 
     # following the state -------------------------------------------------------------------------------------------
@@ -113,8 +67,7 @@ class Endpoint:
         for instance in [*self.instances.values(), *self.next_instances.values()]:
             instance.stop(unload=False)  # the worker is ending
         self.board.withdraw(self.worker)
-        self.explain_pool.shutdown(wait=False, cancel_futures=True)
-        self.work_pool.shutdown(wait=False, cancel_futures=True)
+        self.inference.stop()
 
     def _new_instance(self, record: DeploymentRecord) -> DeploymentInstance:
         return DeploymentInstance(record.config, record.generation, self.tracking_uri, self.batchers, self.models,
@@ -216,48 +169,8 @@ class Endpoint:
                 tuple((n, i.generation, i.deployment.state) for n, i in self.next_instances.items()))
 
     def status(self) -> WorkerStatus:
-        deployments = {}
-        users: dict[int, list[str]] = {}  # a loaded model -> the serving deployments that share it
-        for name, instance in self.instances.items():
-            if instance.deployment.core is not None:
-                users.setdefault(id(instance.deployment.core), []).append(name)
-        for name, instance in self.instances.items():
-            upcoming = self.next_instances.get(name)
-            deployment = instance.deployment
-            model = deployment.model
-            deployments[name] = InstanceStatus(
-                generation=instance.generation, state=deployment.state, reason=deployment.reason,
-                model_version=deployment.model_version,
-                backend=model.predictor.description if model else None,
-                explain_device=str(model.explain_device) if model else None,
-                shares_model_with=[other for other in users.get(id(deployment.core), []) if other != name],
-                next_generation=upcoming.generation if upcoming else None,
-                next_state=upcoming.deployment.state if upcoming else None,
-                next_reason=upcoming.deployment.reason if upcoming else None)
-        return WorkerStatus(worker=self.worker, pid=os.getpid(), revision=self.state.revision,
-                            heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
-                            gpu_memory=self._gpu_memory(), deployments=deployments)
-
-    def _gpu_memory(self) -> list[GpuMemory]:
-        """Each GPU a loaded deployment (serving, or its next generation) runs on, and how full it is."""
-        devices = set()
-        for instance in [*self.instances.values(), *self.next_instances.values()]:
-            model = instance.deployment.model  # read once: an unload may clear it meanwhile
-            device = model.explain_device if model is not None else None
-            if device is not None and device.type == "cuda":
-                devices.add(device.index if device.index is not None else torch.cuda.current_device())
-        gpus = []
-        try:
-            for index in sorted(devices):
-                used, total, torch_reserved = cuda_memory(torch.device("cuda", index))
-                gpus.append(GpuMemory(device=f"cuda:{index}", used_bytes=used, total_bytes=total,
-                                      torch_reserved_bytes=torch_reserved))
-            return gpus
-        except Exception:  # noqa: BLE001 - the status (the heartbeat) is published without it
-            if not self._gpu_memory_failed:
-                logger.exception("reading the GPU's memory failed; the worker's status goes on without it")
-                self._gpu_memory_failed = True
-            return []
+        """This worker's status now, as the status board shows it."""
+        return self.reporter.status(self.state.revision, self.instances, self.next_instances)
 
     def publish(self) -> None:
         with self._publishing:  # one writer at a time (they share the temporary file), the freshest status last
@@ -272,197 +185,21 @@ class Endpoint:
             self._apply(state)
             self.publish()
 
-    # readiness, keys and routing -----------------------------------------------------------------------------------
+    # readiness and routing -----------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         """Ready when every deployment with live traffic is ready (or, with no traffic set, every deployment)."""
         instances = self.instances
         live = list(self.state.live()) or list(instances)
         return all(name in instances and instances[name].deployment.ready for name in live)
 
-    def authenticate(self, authorization: str | None) -> None:
-        """A scoring key (unless the endpoint's auth mode is none)."""
-        if self.config.auth_mode != "key":
-            return
-        token = bearer_token(authorization)
-        if token is None:
-            raise unauthorized("missing scoring key: send the header 'Authorization: Bearer <key>' "
-                               "(`lantern endpoint get-credentials` prints the keys)")
-        if not self.scoring_keys.accepts(token):
-            raise unauthorized("the scoring key is not valid for this endpoint")
+    def route(self, headers: Mapping[str, str]) -> Route:
+        """Where a request with `headers` goes now (routing.py)."""
+        return pick_route(self.config.name, self.instances, self.state, headers, self._random)
 
-    def authenticate_admin(self, authorization: str | None) -> None:
-        """The admin key, whatever the auth mode: a scoring key is refused with 403."""
-        token = bearer_token(authorization)
-        if token is None:
-            raise unauthorized("missing admin key: send 'Authorization: Bearer <admin key>' (`lantern endpoint "
-                               "get-credentials ENDPOINT --key admin` prints it; the CLI reads $LANTERN_ADMIN_KEY)")
-        admin, scoring = self.admin_keys.accepts(token), self.scoring_keys.accepts(token)
-        if admin:
-            return
-        if scoring:
-            raise forbidden("a scoring key cannot change the endpoint: the management API takes the admin key")
-        raise unauthorized("the admin key is not valid for this endpoint")
-
-    def route(self, headers: dict[str, str] | Any) -> Route:
-        """The pinned deployment (header; never mirrored), else a weighted pick over ready deployments with live
-        traffic, plus the mirror's share."""
-        instances, state = self.instances, self.state
-        pins = {header: headers[header].strip() for header in PIN_HEADERS if headers.get(header, "").strip()}
-        if len(set(pins.values())) > 1:
-            raise bad_request("the pinning headers disagree: " + ", ".join(f"{h}: {v}" for h, v in pins.items()) +
-                              "; send one of them", "conflicting_pins")
-        pinned = next(iter(pins.values()), None)
-        names = ", ".join(instances) or "none"
-        if pinned:
-            instance = instances.get(pinned)
-            if instance is None:
-                raise not_found(f"no deployment named {pinned!r} on endpoint {self.config.name}; deployments: {names}")
-            return Route(self._check_ready(instance))
-        weights = state.live()
-        if not weights:
-            raise not_found(f"endpoint {self.config.name} has no deployment with live traffic; set traffic, or pin "
-                            f"a deployment with the header x-lantern-deployment (deployments: {names})")
-        ready = [(name, percent) for name, percent in weights.items()
-                 if name in instances and instances[name].deployment.ready]
-        if not ready:
-            name = next(iter(weights))
-            if name not in instances:
-                raise not_ready(f"deployment {name} is starting; retry when /readyz answers 200")
-            self._check_ready(instances[name])
-        chosen = self._random.choices([n for n, _ in ready], weights=[p for _, p in ready])[0]
-        return Route(instances[chosen], self._mirror_pick(state, instances))
-
-    def _mirror_pick(self, state: EndpointState, instances: dict[str, DeploymentInstance]) -> DeploymentInstance | None:
-        for name, percent in state.mirror_traffic.items():
-            if percent > 0 and self._random.random() * 100 < percent:
-                instance = instances.get(name)
-                if instance is None or not instance.deployment.ready:
-                    metrics().mirrored.labels(name, "", "skipped_unready").inc()
-                    return None
-                return instance
-        return None
-
-    @staticmethod
-    def _check_ready(instance: DeploymentInstance) -> DeploymentInstance:
-        deployment = instance.deployment
-        if deployment.state == "failed":
-            raise not_ready(f"deployment {deployment.name} failed to load: {deployment.reason}")
-        if not deployment.ready:
-            why = f" ({deployment.reason})" if deployment.reason else ""
-            raise not_ready(f"deployment {deployment.name} is {deployment.state}{why}; retry when /readyz answers 200")
-        return instance
-
-    # the work ------------------------------------------------------------------------------------------------------
-    async def in_thread(self, func: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool or self.work_pool, func, *args)
-
-    async def prepare(self, instance: DeploymentInstance, sources: Sequence[ImageSource]) -> Prepared:
-        """A request's images decoded, cropped and normalised for `instance`'s model in one trip to the work pool.
-        One image at a time: only its crop is kept, so a request of 64 images of 40 M pixels holds one decoded image
-        (120 MB), not all 64."""
-        preprocess = instance.deployment.require_model().preprocess
-
-        def run() -> Prepared:
-            crops, pixels = [], []
-            for source in sources:
-                crop = preprocess.crop(source(preprocess.resize_size))
-                crops.append(crop)
-                pixels.append(preprocess.normalize(crop).numpy())
-            return Prepared(crops, pixels)
-
-        started = time.perf_counter()
-        prepared = await self.in_thread(run)
-        metrics().preprocess_seconds.labels(instance.deployment.name).observe(time.perf_counter() - started)
-        return prepared
-
-    async def predict(self, instance: DeploymentInstance, prepared: Prepared,
-                      threshold: list[float | None] | None = None) -> list[Prediction]:
-        """Predictions for prepared images, each batched adaptively with other requests' images."""
-        deployment = instance.deployment
-        pixels = prepared.pixels
-        try:
-            predictor = deployment.require_model().predictor
-            logits = await asyncio.gather(*(instance.batcher.logits(Job(p, deployment.name, predictor))
-                                            for p in pixels))
-        except Overloaded:
-            raise ApiError(503, "overloaded", f"deployment {deployment.name} could not batch this request within its "
-                                              f"max_latency_ms ({deployment.config.max_latency_ms} ms)") from None
-        except ApiError:
-            raise
-        except Exception as error:  # noqa: BLE001 - the model failed on this input
-            raise model_error(deployment, error) from None
-        metrics().images.labels(deployment.name).inc(len(pixels))
-        thresholds = threshold or [None] * len(pixels)
-        return [deployment.postprocess(row[None], t)[0] for row, t in zip(logits, thresholds)]
-
-    def mirror(self, target: DeploymentInstance | None, sources: Sequence[ImageSource], route: str) -> None:
-        """Send a copy of a request's images to the mirrored deployment in the background; its answer is only
-        counted (lantern_mirrored_requests_total), never returned, and the caller never waits for it. The copy
-        decodes the images again (the mirrored version may preprocess them differently)."""
-        if target is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._mirrored(target, list(sources), route))
-        self._mirror_tasks.add(task)
-        task.add_done_callback(self._mirror_tasks.discard)
-
-    async def _mirrored(self, target: DeploymentInstance, sources: list[ImageSource], route: str) -> None:
-        start, outcome = time.perf_counter(), "failed"
-        timeout = target.config.request_settings.request_timeout_ms / 1000
-
-        async def copy() -> None:  # its own preprocessing: the mirrored version may have other settings
-            await self.predict(target, await self.prepare(target, sources))
-
-        try:
-            with target.serving():
-                async with target.admission.enter():
-                    await asyncio.wait_for(copy(), timeout)
-            outcome = "completed"
-        except ApiError as error:
-            outcome = "dropped" if error.status in (429, 503) else "failed"
-        except TimeoutError:
-            outcome = "timeout"
-        except Exception:  # noqa: BLE001 - a mirrored copy never affects anything but its own count
-            logger.exception("mirrored copy to %s failed", target.name)
-        finally:
-            metrics().mirrored.labels(target.name, route, outcome).inc()
-            metrics().mirror_latency.labels(target.name, route).observe(time.perf_counter() - start)
-
-    async def explain(self, instance: DeploymentInstance, cropped: Image.Image, method: str, params: dict[str, Any],
-                      token: CancelToken, targets: list[int] | None = None,
-                      threshold: float | None = None) -> Explanation:
-        """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled)."""
-        deployment = instance.deployment
-
-        def run() -> Explanation:
-            outcome = "failed"
-            try:
-                with running_under(token):
-                    explanation = deployment.explain(cropped, method, params, targets, threshold)
-                outcome = "completed"
-                return explanation
-            except Abandoned:
-                outcome = "abandoned"
-                raise
-            finally:
-                metrics().explanation_runs.labels(deployment.name, method, outcome).inc()
-
-        start = time.perf_counter()
-        try:
-            explanation = await self.in_thread(run, pool=self.explain_pool)
-        except Abandoned:
-            raise asyncio.CancelledError() from None
-        except ExplainError as error:
-            raise unprocessable(str(error), "invalid_explanation") from None
-        except Exception as error:  # noqa: BLE001 - the model failed while being explained
-            logger.exception("explanation failed on deployment %s", deployment.name)
-            raise model_error(deployment, error) from None
-        metrics().explanation_seconds.labels(deployment.name, method).observe(time.perf_counter() - start)
-        return explanation
-
-
-def endpoint_of(request: Any) -> Endpoint:
-    """The worker's endpoint, kept on the ASGI app's state by the BentoML service."""
-    endpoint = getattr(request.app.state, "endpoint", None)
-    if endpoint is None:
-        raise ApiError(503, "not_ready", "the endpoint is starting")
-    return endpoint
+    def served_model(self, name: str, generation: int) -> ServedModel | None:
+        """The settings and labels `name`'s `generation` serves in this worker, once loaded there."""
+        instance = self.instances.get(name)
+        model = instance.deployment.model if instance and instance.generation == generation else None
+        if model is None:
+            return None
+        return ServedModel(settings=model.settings.model_dump(mode="json"), labels=list(model.bundle.labels))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from serving.runtime.batching import BatchedPredictor, SharedBatchers
 from serving.config import DeploymentConfig
 from serving.runtime.deployment import Deployment
-from serving.http.errors import not_ready
+from serving.runtime.errors import NotReady
 from serving.runtime.limits import Admission
 from serving.runtime.probes import Prober
 from serving.runtime.shared_models import SharedModels
@@ -49,7 +49,7 @@ class DeploymentInstance:
         with self._batching_lock:
             if self._batching is None:
                 if self._stopped:
-                    raise not_ready(f"deployment {self.name} generation {self.generation} has stopped; retry")
+                    raise NotReady(f"deployment {self.name} generation {self.generation} has stopped; retry")
                 self._batching = self._batchers.acquire(self, self.deployment)
             return self._batching[1]
 

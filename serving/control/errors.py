@@ -1,0 +1,41 @@
+"""Why a management operation was refused, free of HTTP: each carries the machine-readable `code` users see and a
+message saying what to do; `serving.http.errors` maps each class to its status code, in one table."""
+
+from __future__ import annotations
+
+
+class ControlError(Exception):
+    """A change (or a view) of the endpoint that cannot be made; `code` says why."""
+
+    code = "control_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class UnknownDeployment(ControlError):
+    """The change names a deployment the endpoint does not have."""
+
+    code = "unknown_deployment"
+
+
+class InvalidDeployment(ControlError):
+    """The deployment given is not valid: a field out of range, a model that does not resolve, a rename."""
+
+    code = "invalid_request"
+
+
+class ChangeConflict(ControlError):
+    """The change contradicts the endpoint's state: a deployment that exists, that has traffic, that is not ready, or
+    a concurrent change that kept winning."""
+
+    code = "conflict"
+
+
+class StateMissing(ControlError):
+    """The persisted state is gone (removed under a running server)."""
+
+    code = "not_ready"

@@ -1,0 +1,7 @@
+"""The environment variables Lantern's server and its operator's client read: one list for both sides (the client
+imports nothing else of the server)."""
+
+PRIMARY_ENV = "LANTERN_API_KEY"  # the endpoint's scoring keys, when they come from the environment (a Secret)
+SECONDARY_ENV = "LANTERN_API_KEY_SECONDARY"
+ADMIN_ENV = "LANTERN_ADMIN_KEY"  # the admin key: the server's when set, and what the CLI sends
+URL_ENV = "LANTERN_URL"  # the endpoint the management CLI talks to
