@@ -1049,7 +1049,7 @@ def test_bento_build_includes_the_endpoint_configuration(tmp_path: Path) -> None
     source = bentos[0].parent / "src"
     assert (source / "endpoint.yaml").read_text() == (root / "endpoint.yaml").read_text()
     assert (source / "serving" / "service.py").exists()
-    assert (source / "serving" / "page.html").read_text() == (root / "serving" / "page.html").read_text()
+    assert (source / "serving" / "http" / "page.html").read_text() == (root / "serving" / "http" / "page.html").read_text()
     assert "serving.service:Lantern" in bentos[0].read_text()
     required = {Requirement(line).name.lower() for line in
                 (bentos[0].parent / "env" / "python" / "requirements.txt").read_text().splitlines() if line.strip()}
