@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from registry.small_cnn import SmallCNN
-from support.common import LABELS, MINUTE_ITERATIONS
+from support.common import LABELS, MINUTE_ITERATIONS, own_store
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -27,11 +27,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Like `store`, shared by the tests of one module (for read-only checks on registered versions)."""
-    home = tmp_path_factory.mktemp("module-store") / "lantern-home"
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LANTERN_HOME", str(home))
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
+    with own_store(tmp_path_factory.mktemp("module-store")) as uri:
         yield uri
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support.common import LABELS, SMALL_SETTINGS
+from support.common import LABELS, SMALL_SETTINGS, TESTS_DIR
 from support.servers import Server
 
 SCORING_KEY, ADMIN_KEY = "fuzz-scoring-key", "fuzz-admin-key"  # from the environment: regenerating them is refused
@@ -47,7 +47,7 @@ def schemathesis(server: Server, key: str, *selection: str) -> subprocess.Comple
                "--phases", PHASES, "--max-examples", str(MAX_EXAMPLES), "--request-timeout", "60", "--workers", "1",
                "--no-color", *selection]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "support.fuzz_checks",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=server.folder)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from support.common import env_without_store, lantern_executable
+from support.common import PROJECT_ROOT, env_without_store, lantern_executable
 
 
 def lantern(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -126,7 +126,7 @@ def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
     sample = Path(shlex.split(command)[-1].lstrip("@"))
     assert sample.exists() and sample.name.startswith("sample-")
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "endpoint.yaml").read_text())
+    config = yaml.safe_load((PROJECT_ROOT / "endpoint.yaml").read_text())
     server = Server(config, tmp_path, env).start()
     try:
         key = lantern("endpoint", "get-credentials", str(server.config_path), "--key", "primary", env=env,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.common import LABELS, SMALL_SETTINGS, lantern_executable
+from support.common import LABELS, PROJECT_ROOT, SMALL_SETTINGS, lantern_executable
 from serving.control.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
 from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
 
@@ -36,7 +36,7 @@ def test_defaults_follow_the_spec() -> None:
 
 
 def test_the_shipped_example_is_valid() -> None:
-    example = load_endpoint_config(Path(__file__).resolve().parents[1] / "endpoint.yaml")
+    example = load_endpoint_config(PROJECT_ROOT / "endpoint.yaml")
     assert example.traffic == {"blue": 100} and example.deployments[0].model == "models:/shapes-demo@champion"
 
 

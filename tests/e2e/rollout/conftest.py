@@ -1,0 +1,52 @@
+"""One real two-worker endpoint (`lantern serve --workers 2`) shared by every test of this folder; each test starts
+and ends with blue serving 100 % and no other deployment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.common import LABELS, SMALL_SETTINGS, own_store
+from support.servers import Server
+from support.operations import Admin, credential, deployment
+
+
+@pytest.fixture(scope="package")
+def package_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The registry and Lantern home of this folder's server."""
+    with own_store(tmp_path_factory.mktemp("package-store")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="package")
+def registered(package_store: str, checkpoints: dict[str, Path]) -> str:
+    from registry.register import register_checkpoint
+
+    for _ in range(2):  # versions 1 and 2 (same weights)
+        register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    return package_store
+
+
+@pytest.fixture(scope="package")
+def server(registered: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LANTERN_API_KEY", "LANTERN_ADMIN_KEY"))}
+    config = {"name": "ops", "deployments": [deployment("blue")], "traffic": {"blue": 100}}
+    running = Server(config, tmp_path_factory.mktemp("ops"), env, workers=2).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="package")
+def keys(server: Server) -> dict[str, str]:
+    return {kind: credential(server, kind) for kind in ("primary", "secondary", "admin")}
+
+
+@pytest.fixture()
+def admin(server: Server, keys: dict[str, str]) -> Iterator[Admin]:
+    client = Admin(server, keys["admin"])
+    client.reset()
+    yield client
+    client.reset()

@@ -1,0 +1,52 @@
+"""One real scoring server (`lantern serve` on a free loopback port) shared by every test of this folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.common import LABELS, SMALL_SETTINGS, own_store, lantern_executable
+from support.servers import Server
+from support.scoring import endpoint_config, make_picky, Sick
+
+
+@pytest.fixture(scope="package")
+def package_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The registry and Lantern home of this folder's server."""
+    with own_store(tmp_path_factory.mktemp("package-store")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="package")
+def registered(package_store: str, checkpoints: dict[str, Path]) -> str:
+    from registry.register import register_checkpoint
+
+    register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                        alias="champion")
+    register_checkpoint("ml", checkpoints["safetensors"], "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
+    register_checkpoint("picky", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    make_picky("models:/picky/1")
+    register_checkpoint("sick", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    make_picky("models:/sick/1", Sick())
+    return package_store
+
+
+@pytest.fixture(scope="package")
+def server(registered: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANTERN_API_KEY")}
+    running = Server(endpoint_config(), tmp_path_factory.mktemp("endpoint"), env).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="package")
+def key(server: Server) -> str:
+    """The primary scoring key, as `lantern endpoint get-credentials` prints it."""
+    out = subprocess.run([lantern_executable(), "endpoint", "get-credentials", str(server.config_path)],
+                         capture_output=True, text=True, check=True, env=server.env)
+    return json.loads(out.stdout)["primary"]
