@@ -28,11 +28,12 @@ import torch  # noqa: E402
 from captum.attr import IntegratedGradients  # noqa: E402
 from saliency.core import xrai as reference  # noqa: E402
 
-from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.attribute import attribute
 from explain.layout import fastest_layout
 from explain.xrai_regions import segment_masks, select_regions
 from registry.architectures import ARCHITECTURES
 from registry.devices import torch_device
+from registry.spec import IMAGENET, IMAGENET_MEAN, IMAGENET_STD
 from training.shapes import ShapesConfig, make_sample
 
 RESULTS = Path(__file__).parent / "results" / "explain.json"
@@ -81,7 +82,7 @@ def methods_section(device: torch.device, quick: bool) -> dict:
     print(f"resnet50 at 224 on {device}, each method:")
     for method, params in METHODS:
         seconds, explanation = timed(lambda: attribute(model, x, method, params, gradcam_layer="layer4.2",
-                                                       image=picture), repeats=1 if quick else 2)
+                                                       image=picture, **IMAGENET), repeats=1 if quick else 2)
         key = method if method != "xrai" else f"xrai_{'fast' if params['xrai_fast'] else 'full'}"
         out[key] = {"seconds": seconds, "stage_seconds": explanation.fidelity.stage_seconds}
         stages = explanation.fidelity.stage_seconds
@@ -102,7 +103,7 @@ def integrated_gradients_section(device: torch.device, quick: bool) -> dict:
     black = normalise(np.zeros_like(picture), device)[None]
 
     def ours() -> object:
-        return attribute(served, x, "integrated_gradients", {"n_steps": 50}, targets=[target])
+        return attribute(served, x, "integrated_gradients", {"n_steps": 50}, targets=[target], **IMAGENET)
 
     def captum(on: torch.nn.Module, batch: int | None) -> object:
         return IntegratedGradients(on).attribute(x[None], baselines=black, target=target, n_steps=50,
@@ -179,14 +180,15 @@ def deletion_auc(model: torch.nn.Module, x: torch.Tensor, target: int, scores: n
 
 
 def deletion_section(images: int) -> dict:
+    from safetensors.torch import load_file
+
+    from registry.model_files import WEIGHTS, ModelFiles
+    from registry.preprocess import Preprocess
+    from registry.spec import build_module
+    from training.datasets import load_uint8
     from training.loop import RunOptions, train
     from training.session import Session
     from training.sources import load_data
-    from registry.preprocess import Preprocess
-    from registry.spec import build_module
-    from registry.model_files import WEIGHTS, ModelFiles
-    from safetensors.torch import load_file
-    from training.datasets import load_uint8
 
     with tempfile.TemporaryDirectory() as folder:
         config = {"data": "shapes:3000", "arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
@@ -211,7 +213,7 @@ def deletion_section(images: int) -> dict:
                 else:
                     attributions = attribute(model, x, method, params, targets=[target],
                                              gradcam_layer=meta.spec.gradcam_layer,
-                                             image=cropped.permute(1, 2, 0).numpy()).attributions[0].numpy()
+                                             image=cropped.permute(1, 2, 0).numpy(), **IMAGENET).attributions[0].numpy()
                     scores = attributions[0] if method == "xrai" else np.abs(attributions.sum(0))
                 results.setdefault(method, []).append(deletion_auc(model, x, target, scores))
     summary = {method: float(np.mean(values)) for method, values in results.items()}

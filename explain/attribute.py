@@ -19,8 +19,6 @@ from explain.params import ExplainError, IntegratedGradientsParams, XRAIParams, 
 from explain.visualize import pixel_scores, png_base64, png_bytes, render_grid
 from explain.xrai import xrai
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SANITY_NOTE = ("guided backprop and guided Grad-CAM fail the model-randomisation sanity check (Adebayo et al. 2018): "
                "their maps change little when the weights are randomised, so they show edges as much as evidence")
 
@@ -86,17 +84,17 @@ def attribute(
     *,
     targets: Sequence[int] | Callable[[np.ndarray], Sequence[int]] | None = None,
     gradcam_layer: str | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     image: np.ndarray | None = None,
 ) -> Explanation:
     """Explain `model`'s output on one normalised image `x` [3, H, W] (or [1, 3, H, W]) with `method`.
 
     `targets`: the classes to explain, or a function choosing them from the logits (the caller's prediction rule:
     every label over its threshold for a multi-label model); by default the top class. A target given twice is
-    explained once, in the order first given. `image` is the cropped uint8 input for the visualisation
-    (default: `x` de-normalised with `mean`/`std`, which are also what the black baseline of integrated
-    gradients is made from)."""
+    explained once, in the order first given. `mean`/`std`: the normalisation `x` was made with (the model spec's,
+    registry/spec.py: the black baseline of integrated gradients is made from them). `image` is the cropped uint8
+    input for the visualisation (default: `x` de-normalised with `mean`/`std`)."""
     typed = parse_params(method, params)
     x = x.unsqueeze(0) if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:

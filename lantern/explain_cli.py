@@ -175,8 +175,14 @@ def explain_into(explainer: Explainer, paths: list[Path], folder: Path) -> dict[
 
 def progress(paths: list[Path], names: list[str], method: str) -> Iterator[tuple[Path, str]]:
     """(path, output name) pairs, with a progress bar on a terminal, else one line per image."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not console.is_terminal:
         for number, (path, name) in enumerate(zip(paths, names), 1):

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the normalisation of torchvision's ImageNet weights, as `explain.attribute(..., **IMAGENET)` takes it
+IMAGENET = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def _known_arch(arch: str) -> str:

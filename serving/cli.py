@@ -40,11 +40,11 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     file."""
     from registry.errors import LanternError
     from registry.store import tracking_uri as resolve_uri
-    from serving.control.auth import admin_key, credentials_path, scoring_keys
-    from serving.environment import ADMIN_ENV, PRIMARY_ENV
-    from serving.control.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
+    from serving.control.auth import admin_key, credentials_path, scoring_keys
+    from serving.control.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
     from serving.control.state import StateStore
+    from serving.environment import ADMIN_ENV, PRIMARY_ENV
 
     config = load_endpoint_config(config_path)
     uri = resolve_uri(tracking_uri)
@@ -97,8 +97,8 @@ def endpoint_group() -> None:
 @user_errors
 def get_credentials(endpoint: str, which: str | None) -> None:
     """Print the endpoint's scoring keys and admin key as JSON (generated and stored on first use)."""
-    from serving.control.auth import admin_key, scoring_keys
     from serving.config import load_endpoint_config
+    from serving.control.auth import admin_key, scoring_keys
 
     name = load_endpoint_config(endpoint).name if Path(endpoint).is_file() else endpoint
     keys, admin = scoring_keys(name), admin_key(name)

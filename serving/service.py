@@ -14,18 +14,18 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel, Field
 
-from serving.http.app import build_app
-from serving.control.auth import endpoint_dir
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
+from serving.control.auth import endpoint_dir
+from serving.http.app import build_app
 from serving.http.cors import LanternCors
 from serving.http.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
-from serving.runtime.endpoint import Endpoint
 from serving.http.header_limit import bound_request_heads
-from serving.runtime.metrics_folder import use_own_metrics_folder
 from serving.http.request_ids import RequestIds
 from serving.http.request_timer import cancel_request_timers
 from serving.http.trace_spans import drop_message_spans
 from serving.http.unrouted import UnroutedRequests
+from serving.runtime.endpoint import Endpoint
+from serving.runtime.metrics_folder import use_own_metrics_folder
 
 logger = logging.getLogger("lantern.serving")
 logger.setLevel(logging.INFO)  # lifecycle lines (loaded, ready, serving generation N, retired) beside the access log

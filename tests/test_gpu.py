@@ -12,10 +12,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.attribute import attribute
 from registry.architectures import last_conv_layer
 from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, make_session
 from registry.small_cnn import SmallCNN
+from registry.spec import IMAGENET, IMAGENET_MEAN, IMAGENET_STD
 from training.shapes import ShapesConfig, make_sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -54,16 +55,16 @@ def test_gradient_methods_on_the_gpu_match_the_cpu(model: SmallCNN, picture: np.
     differ a little: measured on an H100, 0.14 % for integrated gradients and 2 % for the guided methods, whose
     zeroed negative gradients turn small rounding differences into sign flips."""
     x = normalised(picture)
-    cpu = attribute(model, x, method, params, gradcam_layer=last_conv_layer(model), image=picture)
+    cpu = attribute(model, x, method, params, gradcam_layer=last_conv_layer(model), image=picture, **IMAGENET)
     gpu_model = SmallCNN(3).eval().cuda()
     gpu_model.load_state_dict(model.state_dict())
-    tf32 = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture)
+    tf32 = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture, **IMAGENET)
     assert relative_difference(tf32.attributions, cpu.attributions) < 0.05
     assert tf32.targets == cpu.targets
     default = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        gpu = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture)
+        gpu = attribute(gpu_model, x.cuda(), method, params, gradcam_layer=last_conv_layer(model), image=picture, **IMAGENET)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = default
     assert gpu.fidelity.device.startswith("cuda") and cpu.fidelity.device == "cpu"
@@ -77,10 +78,10 @@ def test_gradient_methods_on_the_gpu_match_the_cpu(model: SmallCNN, picture: np.
 def test_xrai_on_the_gpu_matches_the_cpu(model: SmallCNN, picture: np.ndarray, fast: bool) -> None:
     x = normalised(picture)
     params = {"n_steps": 20, "xrai_fast": fast}
-    cpu = attribute(model, x, "xrai", params, image=picture)
+    cpu = attribute(model, x, "xrai", params, image=picture, **IMAGENET)
     gpu_model = SmallCNN(3).eval().cuda()
     gpu_model.load_state_dict(model.state_dict())
-    gpu = attribute(gpu_model, x.cuda(), "xrai", params, image=picture)
+    gpu = attribute(gpu_model, x.cuda(), "xrai", params, image=picture, **IMAGENET)
     assert gpu.fidelity.device.startswith("cuda")
     assert gpu.fidelity.segments == cpu.fidelity.segments
     correlation = spearmanr(gpu.attributions[0, 0].numpy().ravel(), cpu.attributions[0, 0].numpy().ravel())[0]

@@ -34,10 +34,10 @@ from registry.spec import ModelSpec, build_module, make_spec
 from training.callbacks import Callback, CallbackList, LRScheduler, TrainState, ValidationReason
 from training.config import TrainConfig, build_config, merge_with_session
 from training.datasets import ImageDataset
+from training.evaluation import MetricWindow, autocast, evaluate
 from training.session import CheckpointInfo, Session, SessionMeta, now, selection_metric
 from training.sources import TrainingData, load_data
 from training.tracking import MLflowTracking
-from training.augment import BatchAugment
 from training.transforms import TrainImage, batch_augment, valid_settings
 
 PRELOAD_BYTES = 2 * 1024**3
@@ -186,68 +186,6 @@ def prepare(session_dir: str | Path, given: dict[str, Any], tracking_uri: str | 
     return Prepared(session, meta, config, data, spec, labels, settings, initial_weights)
 
 
-def _metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> dict[str, torch.Tensor]:
-    """Per-batch sums: correct predictions, and true/false positives and false negatives for multi-label F1."""
-    if not multilabel:
-        return {"correct": (logits.argmax(1) == targets).sum()}
-    predicted = logits > 0
-    truth = targets > 0.5
-    return {"correct": (predicted == truth).all(dim=1).sum(), "tp": (predicted & truth).sum(),
-            "fp": (predicted & ~truth).sum(), "fn": (~predicted & truth).sum()}
-
-
-def _summarise(sums: dict[str, float], count: int, prefix: str) -> dict[str, float]:
-    out = {f"{prefix}_loss": sums["loss"] / max(count, 1), f"{prefix}_accuracy": sums["correct"] / max(count, 1)}
-    if "tp" in sums and prefix == "val":
-        denominator = 2 * sums["tp"] + sums["fp"] + sums["fn"]
-        out["val_f1"] = 2 * sums["tp"] / denominator if denominator else 1.0
-    return out
-
-
-class _Window:
-    """Running sums of the training metrics since the last report (kept on the device: no sync per batch)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> None:
-        batch = {"loss": loss.detach() * len(targets), **_metrics(logits.detach(), targets, multilabel)}
-        for key, value in batch.items():
-            self.sums[key] = self.sums.get(key, 0) + value.float()
-        self.count += len(targets)
-
-    def flush(self) -> dict[str, float]:
-        out = _summarise({k: float(v) for k, v in self.sums.items()}, self.count, "train") if self.count else {}
-        self.sums, self.count = {}, 0
-        return out
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, augment: BatchAugment, loss_fn: nn.Module, device: torch.device,
-             multilabel: bool) -> dict[str, float]:
-    """Validation loss, accuracy (exact match for multi-label) and, for multi-label, micro F1."""
-    model.eval()
-    sums: dict[str, float] = {}
-    count = 0
-    with torch.inference_mode(), _autocast(device):
-        for inputs, targets in loader:
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = model(augment.normalize(inputs.float() / 255.0)).float()
-            batch = {"loss": loss_fn(logits, targets) * len(targets), **_metrics(logits, targets, multilabel)}
-            for key, value in batch.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count += len(targets)
-    model.train()
-    return _summarise(sums, count, "val")
-
-
 @contextlib.contextmanager
 def _stop_on_signals(state: TrainState, enabled: bool) -> Iterator[list[int]]:
     """SIGINT/SIGTERM ask the loop to stop after the current batch; a second SIGINT interrupts at once."""
@@ -358,7 +296,7 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
 
     meta.iterations, meta.status, meta.stop_reason = total, "running", None
     session.write_meta(meta)
-    window = _Window()
+    window = MetricWindow()
 
     def validate_and_checkpoint(reason: ValidationReason) -> None:
         state.validation_reason = reason
@@ -392,7 +330,7 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
                 generator = torch.Generator().manual_seed(derived_seed(STREAM_SAMPLE, config.seed, state.iteration))
                 inputs = augment(inputs.to(device, non_blocking=True), generator)
                 targets = targets.to(device, non_blocking=True)
-                with _autocast(device):
+                with autocast(device):
                     logits = model(inputs).float()
                     loss = loss_fn(logits, targets)
                 optimizer.zero_grad(set_to_none=True)

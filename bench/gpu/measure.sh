@@ -45,8 +45,8 @@ for step in "${steps[@]}"; do
         # issue 5's goals: the limit, c1/c8/c32 and `mlflow models serve`, served by 4 workers
         serve) run serve 300 python3 bench/serve.py --device cuda --quick --workers 4 ;;
         # the CUDA paths of the tests, and the serving suites on a GPU machine
-        tests) run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_predictors.py \
-                   tests/test_serving.py tests/test_rollout.py ;;
+        tests) run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/serving/runtime/test_predictors.py \
+                   tests/e2e/scoring tests/e2e/rollout ;;
         # HTTP's per-request cost shared by 8 images (32 in flight in 4 requests)
         serve-multi) run serve-multi 200 python3 bench/serve.py --device cuda --quick --skip-mlflow --skip-overhead \
                          --workers 4 --images-per-request 8 ;;

@@ -11,9 +11,9 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field, ValidationError
 
 from registry.errors import LanternError
+from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.auth import KeyKind, key_digest, regenerate_key
 from serving.control.checks import check_deployment
-from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.counters import DeploymentCounters, deployment_counters
 from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, UnknownDeployment
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
@@ -182,7 +182,7 @@ class Control:
         record = state.record(name)
         if record is None:
             raise UnknownDeployment(f"endpoint {state.endpoint} has no deployment {name!r}; deployments: "
-                            f"{', '.join(state.names) or 'none'}")
+                                    f"{', '.join(state.names) or 'none'}")
         return record
 
     # changes ---------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Control:
         """A new deployment with 0 % traffic; it loads and warms up in every worker in the background."""
         if self.current().record(config.name) is not None:
             raise ChangeConflict(f"deployment {config.name} exists; update it (PATCH) or choose another name",
-                             "deployment_exists")
+                                 "deployment_exists")
         version = self._check_model(config)
 
         def mutate(state: EndpointState) -> EndpointState:
@@ -224,7 +224,8 @@ class Control:
         state is changed (a compare-and-set under the state's lock): an update that lost the race to another is
         merged again on the newer record, so concurrent patches of different fields both hold."""
         if "name" in patch and patch["name"] != name:
-            raise InvalidDeployment("a deployment cannot be renamed: add a new one and move the traffic", "invalid_change")
+            raise InvalidDeployment("a deployment cannot be renamed: add a new one and move the traffic",
+                                    "invalid_change")
         for _ in range(UPDATE_ATTEMPTS):
             record = self._record(self.current(), name)
             merged = merge_patch(record.config.model_dump(mode="json"), patch)
@@ -255,8 +256,8 @@ class Control:
             except _ChangedMeanwhile:
                 continue
             return self.deployment(name)
-        raise ChangeConflict(f"deployment {name} was changed by {UPDATE_ATTEMPTS} other requests while this update was "
-                       "being made; nothing changed: send it again", "concurrent_change")
+        raise ChangeConflict(f"deployment {name} was changed by {UPDATE_ATTEMPTS} other requests while this update "
+                             "was being made; nothing changed: send it again", "concurrent_change")
 
     def remove(self, name: str) -> EndpointState:
         """Remove a deployment that has no live traffic and is not mirrored to."""
@@ -264,11 +265,11 @@ class Control:
         def mutate(state: EndpointState) -> EndpointState:
             self._record(state, name)
             if state.traffic.get(name, 0) > 0:
-                raise ChangeConflict(f"deployment {name} has {state.traffic[name]} % of the live traffic; move it to other "
-                               "deployments first", "deployment_has_traffic")
+                raise ChangeConflict(f"deployment {name} has {state.traffic[name]} % of the live traffic; move it to "
+                                     "other deployments first", "deployment_has_traffic")
             if state.mirror_traffic.get(name, 0) > 0:
-                raise ChangeConflict(f"deployment {name} gets {state.mirror_traffic[name]} % mirrored traffic; stop the "
-                               "mirror first", "deployment_is_mirrored")
+                raise ChangeConflict(f"deployment {name} gets {state.mirror_traffic[name]} % mirrored traffic; stop "
+                                     "the mirror first", "deployment_is_mirrored")
             state.deployments = [r for r in state.deployments if r.config.name != name]
             state.traffic.pop(name, None)
             state.mirror_traffic.pop(name, None)
@@ -294,7 +295,7 @@ class Control:
                          and not ready[name].ready_everywhere]
             if not_ready:
                 raise ChangeConflict(f"only ready deployments get live traffic; not ready in every worker: "
-                               f"{', '.join(not_ready)}. Nothing changed", "deployment_not_ready")
+                                     f"{', '.join(not_ready)}. Nothing changed", "deployment_not_ready")
             return state
 
         split = ", ".join(f"{n}={p}" for n, p in traffic.items())

@@ -14,8 +14,8 @@ from filelock import FileLock
 from pydantic import Field, ValidationError
 
 from registry.errors import LanternError
-from serving.control.auth import admin_key, endpoint_dir, key_digest, scoring_keys
 from serving.config import DeploymentConfig, EndpointConfig, Percent, Strict, traffic_problems
+from serving.control.auth import admin_key, endpoint_dir, key_digest, scoring_keys
 from serving.control.private_files import replace_private
 
 STATE_FILE = "state.json"

@@ -17,7 +17,14 @@ from serving.http.manage_api import build_router
 from serving.http.openapi import ANSWERED_BY, ERRORS, EXPLAINED_BY, SCORED_BY, openapi_document
 from serving.http.page import POLICY, render_page
 from serving.http.predict import predict
-from serving.http.schemas import ExplainRequest, ExplainResponse, PredictResponse, ScoreItem, ScoreRequest, inline_schema
+from serving.http.schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    PredictResponse,
+    ScoreItem,
+    ScoreRequest,
+    inline_schema,
+)
 from serving.http.score import score
 
 # BentoML's OpenTelemetry middleware already traces every request (its trace ids are in the access log); FastAPI's own

@@ -1,4 +1,5 @@
-"""API errors: a status code, a short machine-readable code and a message a user can act on."""
+"""Error answers: a status code, a short machine-readable code and a message a user can act on; the HTTP side's own
+(ApiError and its constructors), and the ONE table that answers the runtime's and the control plane's errors."""
 
 from __future__ import annotations
 
@@ -42,18 +43,10 @@ def forbidden(message: str) -> ApiError:
     return ApiError(403, "forbidden", message)
 
 
-def not_found(message: str, code: str = "no_deployment") -> ApiError:
-    return ApiError(404, code, message)
-
-
 def method_not_allowed(method: str, path: str, allowed: str, headers: dict[str, str] | None = None) -> ApiError:
     """405 naming the methods the route takes (also in the Allow header)."""
     return ApiError(405, "method_not_allowed", f"{method} {path}: this route takes {allowed}",
                     {**(headers or {}), "Allow": allowed})
-
-
-def conflict(message: str, code: str = "conflict") -> ApiError:
-    return ApiError(409, code, message)
 
 
 def timed_out(message: str) -> ApiError:
@@ -77,18 +70,6 @@ def unsupported_media(message: str) -> ApiError:
 
 def unprocessable(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(422, code, message)
-
-
-def model_failed(message: str) -> ApiError:
-    return ApiError(424, "model_error", message)
-
-
-def too_many(message: str) -> ApiError:
-    return ApiError(429, "too_many_requests", message, {"Retry-After": "1"})
-
-
-def not_ready(message: str) -> ApiError:
-    return ApiError(503, "not_ready", message, {"Retry-After": "5"})
 
 
 RETRY_SOON = {"Retry-After": "1"}
@@ -120,6 +101,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     runtime.Overloaded: Answer(503),
     runtime.NotAnswering: Answer(503),
     runtime.OutOfMemory: Answer(503, headers=RETRY_SOON),
+    runtime.Unavailable: Answer(503, headers=RETRY_SOON),
     control.UnknownDeployment: Answer(404),
     control.ChangeConflict: Answer(409),
     KeySourceError: Answer(409, "key_from_environment"),
@@ -145,5 +127,5 @@ def api_error(error: Exception) -> ApiError:
     return ApiError(answer.status, code, answer.prefix + str(error), answer.headers)
 
 
-# what every route answers from its table entry: the errors the guard catches and maps
+# the classes the table answers, for `except (ApiError, *ANSWERED)`
 ANSWERED = tuple(ANSWERS)

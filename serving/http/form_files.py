@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
 
-
 # the usual cause: a client that sets `Content-Type: multipart/form-data` itself, without the boundary its HTTP library
 # writes into the body
 NO_HAND_MADE_HEADER = "let the HTTP library write the Content-Type of a multipart body"

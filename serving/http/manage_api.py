@@ -11,8 +11,8 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.responses import JSONResponse, Response
 
 from registry.errors import LanternError
-from serving.control.auth import KeyKind
 from serving.config import DeploymentConfig, Percent
+from serving.control.auth import KeyKind
 from serving.control.control import Control, DeploymentView, EndpointView, KeyRegenerated
 from serving.http.deadline import CLIENT_CLOSED, ClientGone
 from serving.http.errors import ANSWERED, ApiError, api_error, unprocessable

@@ -24,8 +24,9 @@ from registry.resolve import DownloadedVersion, ModelBundle, bundle_of, download
 from registry.settings import ClassificationSettings, with_overrides
 from registry.spec import ModelSpec
 from registry.store import open_client
-from serving.runtime.abandon import make_abandonable
 from serving.config import DeploymentConfig
+from serving.runtime.abandon import make_abandonable
+from serving.runtime.errors import NotReady
 from serving.runtime.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
 from serving.runtime.shared_models import GuidedCopy, ModelCore, SharedModels
 
@@ -221,9 +222,11 @@ class Deployment:
         return self._core
 
     def require_model(self) -> LoadedModel:
-        if self.model is None:
-            raise LanternError(f"deployment {self.name} is {self.state}")
-        return self.model
+        """The loaded model; NotReady while there is none (loading, failed, or unloaded by a retirement)."""
+        model = self.model
+        if model is None:
+            raise NotReady(f"deployment {self.name} is {self.state}; retry when /readyz answers 200")
+        return model
 
     def postprocess(self, logits: np.ndarray, threshold: float | None = None) -> list[Prediction]:
         model = self.require_model()

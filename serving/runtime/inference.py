@@ -170,6 +170,8 @@ class Inference:
             raise asyncio.CancelledError() from None
         except ExplainError as error:
             raise InvalidExplanation(str(error)) from None
+        except ServingError:
+            raise
         except Exception as error:  # noqa: BLE001 - the model failed while being explained
             logger.exception("explanation failed on deployment %s", deployment.name)
             raise model_failure(deployment.name, error) from None

@@ -12,8 +12,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from serving.runtime.batching import BatchedPredictor, SharedBatchers
 from serving.config import DeploymentConfig
+from serving.runtime.batching import BatchedPredictor, SharedBatchers
 from serving.runtime.deployment import Deployment
 from serving.runtime.errors import NotReady
 from serving.runtime.limits import Admission

@@ -22,6 +22,7 @@ from explain.layout import fastest_layout
 from explain.params import ExplainError
 from registry.architectures import ARCHITECTURES
 from registry.small_cnn import SmallCNN
+from registry.spec import IMAGENET
 from support.tensors import image_tensor, relative_difference
 
 
@@ -36,8 +37,8 @@ def test_guided_methods_on_real_architectures(arch: str, expected: dict[str, int
     model = ARCHITECTURES[arch].build(3).eval()
     x = torch.randn(3, 64, 64)
     inplace_before = {name for name, m in model.named_modules() if getattr(m, "inplace", False)}
-    backprop = attribute(model, x, "guided_backprop", targets=[1])
-    cam = attribute(model, x, "guided_gradcam", targets=[1], gradcam_layer=ARCHITECTURES[arch].gradcam_layer)
+    backprop = attribute(model, x, "guided_backprop", targets=[1], **IMAGENET)
+    cam = attribute(model, x, "guided_gradcam", targets=[1], gradcam_layer=ARCHITECTURES[arch].gradcam_layer, **IMAGENET)
     guided = backprop.fidelity.guided_activations["guided"]
     assert {k: guided[k] for k in expected} == expected
     assert guided["relu calls"] >= expected.get("ReLU modules", 0)
@@ -60,8 +61,8 @@ def test_channels_last_weights_give_the_same_maps(arch: str) -> None:
     layer = ARCHITECTURES[arch].gradcam_layer
     for method, params in [("integrated_gradients", {"n_steps": 8}), ("guided_backprop", None),
                            ("guided_gradcam", None), ("xrai", {"n_steps": 4})]:
-        expected = attribute(model, x, method, params, targets=[1], gradcam_layer=layer)
-        got = attribute(fast, x, method, params, targets=[1], gradcam_layer=layer)
+        expected = attribute(model, x, method, params, targets=[1], gradcam_layer=layer, **IMAGENET)
+        got = attribute(fast, x, method, params, targets=[1], gradcam_layer=layer, **IMAGENET)
         if method == "xrai":  # region ranks from gains: a float-rounding tie may swap two neighbours
             assert spearmanr(got.attributions[0, 0].flatten(), expected.attributions[0, 0].flatten())[0] > 0.999
         else:
@@ -111,29 +112,29 @@ def test_functional_relu_calls_are_guided_too(cnn: SmallCNN) -> None:
 def test_targets_chosen_named_and_errors(cnn: SmallCNN) -> None:
     x = image_tensor(2)
     logits = cnn(x[None])[0]
-    assert attribute(cnn, x, "guided_backprop").targets == [int(logits.argmax())]  # the top class by default
-    everything = attribute(cnn, x, "guided_backprop", targets=lambda scores: list(range(len(scores))))
+    assert attribute(cnn, x, "guided_backprop", **IMAGENET).targets == [int(logits.argmax())]  # the top class by default
+    everything = attribute(cnn, x, "guided_backprop", targets=lambda scores: list(range(len(scores))), **IMAGENET)
     assert everything.targets == [0, 1, 2] and everything.attributions.shape == (3, 3, 32, 32)
-    top = attribute(cnn, x, "guided_backprop", targets=lambda scores: [int(scores.argmax())])
+    top = attribute(cnn, x, "guided_backprop", targets=lambda scores: [int(scores.argmax())], **IMAGENET)
     assert top.targets == [int(logits.argmax())]
-    none = attribute(cnn, x, "guided_backprop", targets=lambda scores: [])  # no label over a multi-label threshold
+    none = attribute(cnn, x, "guided_backprop", targets=lambda scores: [], **IMAGENET)  # no label over a multi-label threshold
     assert none.targets == [] and none.attributions.shape[0] == 0 and "nothing to explain" in none.fidelity.notes[0]
-    named = attribute(cnn, x, "integrated_gradients", {"n_steps": 4}, targets=[2])
+    named = attribute(cnn, x, "integrated_gradients", {"n_steps": 4}, targets=[2], **IMAGENET)
     assert named.targets == [2]
-    twice = attribute(cnn, x, "guided_backprop", targets=[2, 0, 2])
+    twice = attribute(cnn, x, "guided_backprop", targets=[2, 0, 2], **IMAGENET)
     assert twice.targets == [2, 0] and twice.attributions.shape == (2, 3, 32, 32)
-    assert torch.allclose(twice.attributions[0], attribute(cnn, x, "guided_backprop", targets=[2]).attributions[0],
+    assert torch.allclose(twice.attributions[0], attribute(cnn, x, "guided_backprop", targets=[2], **IMAGENET).attributions[0],
                           atol=1e-6)
     with pytest.raises(ExplainError, match="target class 3 does not exist; the model has classes 0..2"):
-        attribute(cnn, x, "guided_backprop", targets=[3])
+        attribute(cnn, x, "guided_backprop", targets=[3], **IMAGENET)
     with pytest.raises(ExplainError, match="no layer 'features.9'"):
-        attribute(cnn, x, "guided_gradcam", gradcam_layer="features.9")
+        attribute(cnn, x, "guided_gradcam", gradcam_layer="features.9", **IMAGENET)
     with pytest.raises(ExplainError, match=r"\[3, H, W\]"):
-        attribute(cnn, torch.randn(2, 3, 32, 32), "guided_backprop")
+        attribute(cnn, torch.randn(2, 3, 32, 32), "guided_backprop", **IMAGENET)
 
 
 def test_encodings_and_the_two_by_two_png(cnn: SmallCNN) -> None:
-    explanation = attribute(cnn, image_tensor(4), "integrated_gradients", {"n_steps": 8})
+    explanation = attribute(cnn, image_tensor(4), "integrated_gradients", {"n_steps": 8}, **IMAGENET)
     values = explanation.attributions[0].numpy()
     as_list = np.array(explanation.encoded_attributions(0, "float32"))
     assert as_list.shape == (3, 32, 32) and np.allclose(as_list, values)

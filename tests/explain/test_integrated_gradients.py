@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.attribute import attribute
 from explain.integrated import PATH_MEMORY_BUDGET, activation_bytes, path_batch_size
 from explain.params import ExplainError, parse_params
 from registry.small_cnn import SmallCNN
+from registry.spec import IMAGENET, IMAGENET_MEAN, IMAGENET_STD
 from support.tensors import image_tensor, relative_difference
 
 
@@ -41,12 +41,12 @@ def test_parameters_are_validated_with_clear_messages() -> None:
 
 def test_integrated_gradients_equals_captum_and_is_batch_invariant(cnn: SmallCNN) -> None:
     x = image_tensor()
-    ours = attribute(cnn, x, "integrated_gradients", {"n_steps": 24, "internal_batch_size": 7})
+    ours = attribute(cnn, x, "integrated_gradients", {"n_steps": 24, "internal_batch_size": 7}, **IMAGENET)
     black = ((torch.zeros(3) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
     reference = IntegratedGradients(cnn).attribute(x[None], baselines=black.expand(1, 3, 32, 32), target=ours.targets,
                                                    n_steps=24, method="riemann_middle")
     assert torch.allclose(ours.attributions, reference, rtol=1e-5, atol=1e-7)
-    unbatched = attribute(cnn, x, "integrated_gradients", {"n_steps": 24})
+    unbatched = attribute(cnn, x, "integrated_gradients", {"n_steps": 24}, **IMAGENET)
     assert torch.allclose(unbatched.attributions, ours.attributions, rtol=1e-5, atol=1e-7)
     assert ours.fidelity.internal_batch_size == 7 and unbatched.fidelity.internal_batch_size >= 24
     assert ours.targets == [int(cnn(x[None]).argmax())]
@@ -76,21 +76,21 @@ def test_out_of_memory_halves_the_path_batch_and_remembers_it(cnn: SmallCNN, met
     equals the unconstrained one, the report gives the size that fitted, and the next explanation starts there."""
     x = image_tensor(3)
     torch.manual_seed(0)  # SmoothGrad's noise
-    expected = attribute(cnn, x, method, params)
+    expected = attribute(cnn, x, method, params, **IMAGENET)
     limited = MemoryLimited(cnn, most=5)
     torch.manual_seed(0)
-    explained = attribute(limited, x, method, params)  # a retry adds the same SmoothGrad noise as the failed pass
+    explained = attribute(limited, x, method, params, **IMAGENET)  # a retry adds the same SmoothGrad noise as the failed pass
     assert torch.allclose(explained.attributions, expected.attributions, rtol=1e-5, atol=1e-7)
     assert max(limited.batches) > 5 and explained.fidelity.internal_batch_size <= 5  # it did run out, then fitted
     limited.batches.clear()
     torch.manual_seed(0)
-    again = attribute(limited, x, method, params)
+    again = attribute(limited, x, method, params, **IMAGENET)
     assert max(limited.batches) <= 5 and again.fidelity.internal_batch_size == explained.fidelity.internal_batch_size
     assert torch.allclose(again.attributions, expected.attributions, rtol=1e-5, atol=1e-7)
     with pytest.raises(torch.OutOfMemoryError):  # a size the caller chose is kept, out of memory or not
-        attribute(MemoryLimited(cnn, most=5), x, method, {**params, "internal_batch_size": 8})
+        attribute(MemoryLimited(cnn, most=5), x, method, {**params, "internal_batch_size": 8}, **IMAGENET)
     with pytest.raises(torch.OutOfMemoryError):  # one step of every row a pass does not fit: nothing left to halve
-        attribute(MemoryLimited(cnn, most=0), x, method, params)
+        attribute(MemoryLimited(cnn, most=0), x, method, params, **IMAGENET)
 
 
 @pytest.mark.parametrize(("points_in_budget", "rows", "steps", "expected"), [
@@ -139,7 +139,7 @@ def test_completeness_is_measured_and_shrinks_with_more_steps(cnn: SmallCNN) -> 
     errors = []
     for steps in (20, 50, 200):
         explanation = attribute(cnn, x, "integrated_gradients", {"n_steps": steps,
-                                                                 "approximation_method": "gausslegendre"})
+                                                                 "approximation_method": "gausslegendre"}, **IMAGENET)
         report = explanation.fidelity
         with torch.no_grad():
             gap = report.target_scores[0] - float(cnn(black.expand(1, 3, 32, 32))[0, report.targets[0]])
@@ -151,8 +151,8 @@ def test_completeness_is_measured_and_shrinks_with_more_steps(cnn: SmallCNN) -> 
 
 def test_smoothgrad_averages_noisy_copies(cnn: SmallCNN) -> None:
     x = image_tensor(3)
-    plain = attribute(cnn, x, "integrated_gradients", {"n_steps": 8})
+    plain = attribute(cnn, x, "integrated_gradients", {"n_steps": 8}, **IMAGENET)
     torch.manual_seed(0)
-    smooth = attribute(cnn, x, "integrated_gradients", {"n_steps": 8, "smoothgrad_samples": 3})
+    smooth = attribute(cnn, x, "integrated_gradients", {"n_steps": 8, "smoothgrad_samples": 3}, **IMAGENET)
     assert smooth.attributions.shape == plain.attributions.shape
     assert relative_difference(smooth.attributions, plain.attributions) > 1e-3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import ndimage
 from safetensors.torch import load_file
+from scipy import ndimage
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from explain.attribute import attribute
 from registry.model_files import WEIGHTS, ModelFiles
 from registry.preprocess import Preprocess
-from registry.spec import build_module
+from registry.spec import IMAGENET, build_module
 from training.datasets import load_uint8
 from training.loop import TrainResult
 from training.session import Session
@@ -43,7 +43,7 @@ def test_completeness_below_one_percent_with_gausslegendre_50(trained_shapes: Tr
     model, preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
     errors = [
         attribute(model, preprocess(load_uint8(example.path)), "integrated_gradients",
-                  {"n_steps": 50, "approximation_method": "gausslegendre"}).fidelity.completeness_error[0]
+                  {"n_steps": 50, "approximation_method": "gausslegendre"}, **IMAGENET).fidelity.completeness_error[0]
         for example in validation[:30]
     ]
     with capsys.disabled():
@@ -85,7 +85,7 @@ def test_pointing_game_on_the_trained_shapes_model(trained_shapes: TrainResult, 
         cropped = preprocess.crop(load_uint8(example.path))
         x = preprocess.normalize(cropped)
         explanation = attribute(model, x, method, params, gradcam_layer=spec.gradcam_layer,
-                                image=cropped.permute(1, 2, 0).numpy())
+                                image=cropped.permute(1, 2, 0).numpy(), **IMAGENET)
         raw = explanation.attributions[0].numpy()  # not the display scale, which saturates the top values
         scores = raw[0] if method == "xrai" else np.abs(raw.sum(axis=0))
         peak = _peak(scores)

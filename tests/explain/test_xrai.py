@@ -10,9 +10,10 @@ from saliency.core.base import INPUT_OUTPUT_GRADIENTS
 from saliency.core.integrated_gradients import IntegratedGradients as ReferenceIG
 from scipy.stats import spearmanr
 
-from explain.attribute import IMAGENET_MEAN, IMAGENET_STD, attribute
+from explain.attribute import attribute
 from explain.xrai import pair_integrated_gradients
 from registry.small_cnn import SmallCNN
+from registry.spec import IMAGENET, IMAGENET_MEAN, IMAGENET_STD
 from training.shapes import ShapesConfig, make_sample
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
@@ -44,7 +45,7 @@ def test_xrai_matches_the_reference(model: SmallCNN, picture: np.ndarray, algori
                                     capsys: pytest.CaptureFixture) -> None:
     pixels = torch.from_numpy(picture).permute(2, 0, 1).double() / 255
     ours = attribute(model, (pixels - MEAN) / STD, "xrai", {"n_steps": 20, "xrai_fast": algorithm == "fast"},
-                     image=picture)
+                     image=picture, **IMAGENET)
     expected = reference.XRAI().GetMask(picture.astype(np.float64) / 255, reference_gradients(model, ours.targets[0]),
                                         batch_size=16, extra_parameters=reference.XRAIParameters(
                                             steps=20, algorithm=algorithm))
@@ -95,7 +96,7 @@ def test_xrai_gives_one_map_per_chosen_label(model: SmallCNN, picture: np.ndarra
         seen.append(logits)
         return list(range(len(logits)))
 
-    explanation = attribute(model, (pixels - MEAN) / STD, "xrai", {"n_steps": 4}, targets=every_label, image=picture)
+    explanation = attribute(model, (pixels - MEAN) / STD, "xrai", {"n_steps": 4}, targets=every_label, image=picture, **IMAGENET)
     assert len(seen) == 1 and seen[0].shape == (3,)
     assert explanation.targets == [0, 1, 2] and explanation.attributions.shape == (3, 3, 64, 64)
     assert not torch.equal(explanation.attributions[0], explanation.attributions[1])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from registry.small_cnn import SmallCNN
 from registry.errors import ParityError
 from registry.onnx_export import INPUT_NAME, check_parity, export_onnx, make_session, parity_max_abs_diff
+from registry.small_cnn import SmallCNN
 from registry.spec import build_module, make_spec
 
 

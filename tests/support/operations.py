@@ -13,7 +13,6 @@ import pytest
 from support.common import lantern_executable
 from support.servers import Server, png_bytes
 
-
 FAST = {"request_timeout_ms": 30000, "max_concurrent_requests_per_instance": 16, "max_queue_wait_ms": 10000}
 
 PROBE = {"initial_delay": 0, "period": 0.5}

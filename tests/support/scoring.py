@@ -13,7 +13,6 @@ import torch
 
 from support.servers import Server, png_bytes
 
-
 # `slow` and `torchy` explain on the CPU at 448 px: 1024 steps take 15 s at 320 px on 2 cores, and still seconds on 16
 # (a GPU finished them within the tests' 1.5 s timeouts). `picky` runs on the CPU too: its out-of-bounds gather fails
 # there, where a CUDA kernel reads past the end without a word.

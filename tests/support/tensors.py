@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
 import torch
-
 
 
 def image_tensor(seed: int = 0, size: int = 32) -> torch.Tensor:

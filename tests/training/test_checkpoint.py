@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.small_cnn import SmallCNN
 from registry.checkpoint import fit_state_dict, load_state_dict
 from registry.errors import CheckpointError
+from registry.small_cnn import SmallCNN
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from support.common import LABELS, SMALL_SETTINGS, own_store
-from support.servers import Server
 from support.operations import Admin, credential, deployment
+from support.servers import Server
 
 
 @pytest.fixture(scope="package")

@@ -9,8 +9,8 @@ from collections import Counter
 import httpx
 import torch
 
+from support.operations import FAST, Admin, cli, deployment, predict
 from support.servers import Server
-from support.operations import Admin, cli, deployment, FAST, predict
 
 
 def test_admin_key_alone_changes_the_endpoint(server: Server, keys: dict[str, str], admin: Admin) -> None:

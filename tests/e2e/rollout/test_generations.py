@@ -11,8 +11,8 @@ import time
 import httpx
 
 from support.common import LABELS
+from support.operations import FAST, Admin, deployment, predict
 from support.servers import Server, SlowUpload, png_bytes
-from support.operations import Admin, deployment, FAST, predict
 
 
 def test_update_readies_a_new_generation_while_the_old_one_serves(server: Server, keys: dict[str, str],

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import torch
 
-from support.servers import Server, png_bytes
 from support.operations import Admin, cli, credential, deployment, predict
+from support.servers import Server, png_bytes
 
 
 def test_cli_changes_wait_until_they_take_effect(server: Server, keys: dict[str, str], admin: Admin) -> None:

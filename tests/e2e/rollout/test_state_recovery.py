@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.servers import Server, png_bytes
 from support.operations import Admin, deployment, drains_then_stops, predict, yaml_config
+from support.servers import Server, png_bytes
 
 
 def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server, keys: dict[str, str],

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from support.common import LABELS, SMALL_SETTINGS, own_store, lantern_executable
+from support.common import LABELS, SMALL_SETTINGS, lantern_executable, own_store
+from support.scoring import Sick, endpoint_config, make_picky
 from support.servers import Server
-from support.scoring import endpoint_config, make_picky, Sick
 
 
 @pytest.fixture(scope="package")

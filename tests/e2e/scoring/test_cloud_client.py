@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.common import LABELS
 from explain.encoding import decode_npy_base64
-from support.servers import Server, png_bytes
+from support.common import LABELS
 from support.scoring import auth, expected_probs, row, score_body
+from support.servers import Server, png_bytes
 
 
 def test_cloud_client_snippet_works_unchanged(server: Server, key: str) -> None:

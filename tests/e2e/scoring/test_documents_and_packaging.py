@@ -13,8 +13,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from support.common import PROJECT_ROOT, lantern_executable
-from support.servers import Server, png_bytes
 from support.operations import predict
+from support.servers import Server, png_bytes
 
 
 def references(node: object) -> list[str]:

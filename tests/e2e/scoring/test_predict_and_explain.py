@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from support.common import LABELS
-from support.servers import Server, png_bytes
 from support.scoring import auth, expected_probs, row, score_body
+from support.servers import Server, png_bytes
 
 
 def test_predict_multipart_and_raw_body(server: Server, key: str) -> None:

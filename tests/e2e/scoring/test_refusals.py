@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from support.servers import Server, png_bytes
 from support.scoring import auth, row, score_body
+from support.servers import Server, png_bytes
 
 
 @pytest.mark.parametrize("body, status, code", [

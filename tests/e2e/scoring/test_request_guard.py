@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 
 from support.common import lantern_executable
+from support.scoring import WEB_APP, auth, row, score_body
 from support.servers import Server, SlowUpload, png_bytes
-from support.scoring import auth, row, score_body, WEB_APP
 
 
 def test_auth_missing_wrong_and_secondary_key(server: Server, key: str) -> None:

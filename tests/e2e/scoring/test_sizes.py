@@ -15,8 +15,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from support.servers import Server, png_bytes
 from support.scoring import auth, row, score_body
+from support.servers import Server, png_bytes
 
 
 def memory_kb(process: psutil.Process, field: str) -> int:

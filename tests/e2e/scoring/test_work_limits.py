@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from support.servers import Server, png_bytes
 from support.scoring import auth, slow_explain, wait_for_metric
+from support.servers import Server, png_bytes
 
 
 def test_request_over_its_timeout_is_408_and_its_work_is_abandoned(server: Server, key: str) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from registry.errors import LanternError
-from serving.control.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
 from serving.config import DeploymentConfig, parse_endpoint_config
+from serving.control.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
 from serving.control.control import _aggregate, merge_patch
 from serving.control.state import DeploymentRecord, InvalidChange, StateStore
 from serving.control.workers import InstanceStatus, StatusBoard, WorkerStatus

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.common import LABELS, PROJECT_ROOT, SMALL_SETTINGS, lantern_executable
-from serving.control.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
 from serving.config import ConfigError, load_endpoint_config, parse_endpoint_config
+from serving.control.auth import KeyCheck, ScoringKeys, bearer_token, credentials_path, key_digest, scoring_keys
+from support.common import LABELS, PROJECT_ROOT, SMALL_SETTINGS, lantern_executable
 
 
 def config(**changes) -> dict:

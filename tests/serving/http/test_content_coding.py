@@ -8,7 +8,6 @@ import os
 import zlib
 
 import pytest
-
 from starlette.responses import JSONResponse, Response
 
 from serving.http.content_coding import MAX_GZIP_MEMBERS, MIN_COMPRESSED_BYTES, compress_answer, content_coding, inflate

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
-from serving.runtime.abandon import CancelToken
-from serving.http.errors import api_error
 from serving.http.deadline import ClientGone, within_deadline
+from serving.http.errors import api_error
+from serving.runtime.abandon import CancelToken
 from serving.runtime.errors import TimedOut
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from bentoml._internal.marshal.dispatcher import Optimizer
 
+from serving.config import DeploymentConfig
 from serving.runtime import batching
 from serving.runtime.batching import BatchedPredictor, DeviceSemaphore, Job, SharedBatchers
-from serving.runtime.errors import NotAnswering, Overloaded
-from serving.config import DeploymentConfig
 from serving.runtime.deployment import Deployment
+from serving.runtime.errors import NotAnswering, Overloaded
 from support.common import LABELS, SMALL_SETTINGS
 
 

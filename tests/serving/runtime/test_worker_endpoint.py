@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from serving.config import DeploymentConfig, EndpointConfig, Probe
-from serving.runtime.deployment import Deployment
-from serving.runtime.endpoint import Endpoint
 from serving.control.state import DeploymentRecord, EndpointState
 from serving.control.workers import WorkerStatus
+from serving.runtime.deployment import Deployment
+from serving.runtime.endpoint import Endpoint
 from support.common import LABELS, SMALL_SETTINGS
 
 QUICK_PROBE = Probe(initial_delay=0, period=0.05)
