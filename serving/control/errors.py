@@ -3,17 +3,13 @@ message saying what to do; `serving.http.errors` maps each class to its status c
 
 from __future__ import annotations
 
+from serving.faults import Fault
 
-class ControlError(Exception):
+
+class ControlError(Fault):
     """A change (or a view) of the endpoint that cannot be made; `code` says why."""
 
     code = "control_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
 
 
 class UnknownDeployment(ControlError):

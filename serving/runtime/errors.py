@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from serving.faults import Fault
 
-class ServingError(Exception):
+
+class ServingError(Fault):
     """A request the runtime cannot serve; `code` says why, the message what to do about it."""
 
     code = "serving_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
 
 
 class InvalidRequest(ServingError):

@@ -15,19 +15,14 @@ from support.servers import Server
 
 
 @pytest.fixture(scope="package")
-def package_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The registry and Lantern home of this folder's server."""
-    with own_store(tmp_path_factory.mktemp("package-store")) as uri:
-        yield uri
-
-
-@pytest.fixture(scope="package")
-def registered(package_store: str, checkpoints: dict[str, Path]) -> str:
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
+    """This folder's registry (a store and Lantern home of its own) with versions 1 and 2 of `mc` (same weights)."""
     from registry.register import register_checkpoint
 
-    for _ in range(2):  # versions 1 and 2 (same weights)
-        register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
-    return package_store
+    with own_store(tmp_path_factory.mktemp("registry")) as uri:
+        for _ in range(2):
+            register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+        yield uri
 
 
 @pytest.fixture(scope="package")

@@ -16,24 +16,20 @@ from support.servers import Server
 
 
 @pytest.fixture(scope="package")
-def package_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The registry and Lantern home of this folder's server."""
-    with own_store(tmp_path_factory.mktemp("package-store")) as uri:
-        yield uri
-
-
-@pytest.fixture(scope="package")
-def registered(package_store: str, checkpoints: dict[str, Path]) -> str:
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
+    """This folder's registry (a store and Lantern home of its own): `mc` (alias champion), multi-label `ml`, and
+    `picky` and `sick`, whose ONNX models fail on some inputs or on the probes' blank image."""
     from registry.register import register_checkpoint
 
-    register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
-                        alias="champion")
-    register_checkpoint("ml", checkpoints["safetensors"], "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
-    register_checkpoint("picky", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
-    make_picky("models:/picky/1")
-    register_checkpoint("sick", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
-    make_picky("models:/sick/1", Sick())
-    return package_store
+    with own_store(tmp_path_factory.mktemp("registry")) as uri:
+        weights = checkpoints["safetensors"]
+        register_checkpoint("mc", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS, alias="champion")
+        register_checkpoint("ml", weights, "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
+        register_checkpoint("picky", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+        make_picky("models:/picky/1")
+        register_checkpoint("sick", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+        make_picky("models:/sick/1", Sick())
+        yield uri
 
 
 @pytest.fixture(scope="package")
