@@ -43,7 +43,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve import Process, free_port, register_tiny  # noqa: E402
+from bench.load import Process, free_port  # noqa: E402
+from bench.models import register_tiny  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "hostile.json"
 LIMIT = 1 << 20
