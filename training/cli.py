@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from pydantic import ValidationError
 from rich.table import Table
 
 from registry.architectures import ARCHITECTURES
 from registry.console import StepProgress, console, stdout, user_errors
-from registry.errors import LanternError
+from registry.errors import LanternError, describe_validation_error
 from registry.model_files import TAG_TRAINING_RUN
 from registry.settings import TASKS
 from training.callbacks import Callback, CSVLogger, EarlyStopping
@@ -20,6 +21,7 @@ from training.progress import ProgressBar, describe_metrics
 from training.schedule import parse_schedule
 from training.session import Session, selection_metric
 from training.shapes import ShapesConfig, write_shapes_dataset
+from training.shapes_instances import InstanceShapesConfig, write_instance_shapes_dataset
 
 if TYPE_CHECKING:
     from training.loop import TrainResult
@@ -35,14 +37,31 @@ def data() -> None:
 @data.command("shapes")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--count", default=300, show_default=True, help="Number of images.")
-@click.option("--image-size", default=64, show_default=True, help="Side of the square images in pixels.")
+@click.option("--image-size", type=int, default=None,
+              help="Side of the square images in pixels (64 for classification, 128 for detection).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--multilabel", is_flag=True, help="Several shapes per image; labels are lists.")
-def shapes(out_dir: str, count: int, image_size: int, seed: int, multilabel: bool) -> None:
+@click.option("--task", type=click.Choice(["classification", "object_detection", "instance_segmentation"]),
+              default="classification", show_default=True,
+              help="Detection and instance segmentation: several objects per image (some small, some touching), "
+                   "labelled with boxes (and polygons) in the cloud's JSONL format; images are 128 px by default.")
+@click.option("--max-objects", default=6, show_default=True, help="Most objects per image (detection tasks).")
+def shapes(out_dir: str, count: int, image_size: int | None, seed: int, multilabel: bool, task: str,
+           max_objects: int) -> None:
     """Write the synthetic shapes dataset (images, masks, labels.txt, index.jsonl) to OUT_DIR."""
-    config = ShapesConfig(count=count, image_size=image_size, seed=seed, multilabel=multilabel)
+    if multilabel and task != "classification":
+        raise click.UsageError("--multilabel is for classification; detection images hold several objects anyway")
+    try:
+        config: ShapesConfig | InstanceShapesConfig = (
+            ShapesConfig(count=count, image_size=image_size or 64, seed=seed, multilabel=multilabel)
+            if task == "classification" else
+            InstanceShapesConfig(count=count, image_size=image_size or 128, seed=seed, max_objects=max_objects,
+                                 task=task))
+    except ValidationError as error:
+        raise click.UsageError(describe_validation_error(error, "shapes dataset", "unknown option")) from None
     with console.status(f"Drawing {count} images"):
-        index = write_shapes_dataset(Path(out_dir), config)
+        index = (write_shapes_dataset(Path(out_dir), config) if isinstance(config, ShapesConfig)
+                 else write_instance_shapes_dataset(Path(out_dir), config))
     console.print(f"Wrote {count} images to {out_dir}")
     stdout.print(index)
 

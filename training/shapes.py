@@ -43,7 +43,7 @@ class ShapeSample:
     labels: tuple[str, ...]
 
 
-def _random_colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
+def random_colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
     hue = rng.uniform(0, 1)
     sat = rng.uniform(*saturation)
     val = rng.uniform(*value)
@@ -54,11 +54,11 @@ def _random_colour(rng: np.random.Generator, saturation: tuple[float, float], va
     return tuple(int(round(255 * c)) for c in rgb)
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
+def background(rng: np.random.Generator, size: int) -> Image.Image:
     """A textured, cluttered background: a colour gradient, smoothed noise, stripes and thin random strokes."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0 = np.array(_random_colour(rng, (0.1, 0.5), (0.3, 0.8)), np.float32)
-    c1 = np.array(_random_colour(rng, (0.1, 0.5), (0.3, 0.8)), np.float32)
+    c0 = np.array(random_colour(rng, (0.1, 0.5), (0.3, 0.8)), np.float32)
+    c1 = np.array(random_colour(rng, (0.1, 0.5), (0.3, 0.8)), np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3.0
     img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
@@ -72,11 +72,11 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(3, 8))):
         x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
-        draw.line((x0, y0, x1, y1), fill=_random_colour(rng, (0.0, 0.4), (0.2, 0.9)), width=1)
+        draw.line((x0, y0, x1, y1), fill=random_colour(rng, (0.0, 0.4), (0.2, 0.9)), width=1)
     return canvas
 
 
-def _polygon(kind: str, cx: float, cy: float, radius: float, rotation: float) -> list[tuple[float, float]] | None:
+def shape_polygon(kind: str, cx: float, cy: float, radius: float, rotation: float) -> list[tuple[float, float]] | None:
     if kind == "circle":
         return None
     corners = {"square": 4, "triangle": 3}[kind]
@@ -87,10 +87,10 @@ def _polygon(kind: str, cx: float, cy: float, radius: float, rotation: float) ->
     ]
 
 
-def _draw_shape(image: Image.Image, mask: Image.Image, kind: str, class_index: int, cx: float, cy: float,
+def draw_shape(image: Image.Image, mask: Image.Image, kind: str, class_index: int, cx: float, cy: float,
                 radius: float, rotation: float, colour: tuple) -> None:
     draw, mdraw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-    poly = _polygon(kind, cx, cy, radius, rotation)
+    poly = shape_polygon(kind, cx, cy, radius, rotation)
     if poly is None:
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         draw.ellipse(box, fill=colour)
@@ -104,7 +104,7 @@ def make_sample(config: ShapesConfig, index: int) -> ShapeSample:
     """Generate image `index` of the dataset described by `config`."""
     rng = np.random.default_rng([config.seed, index])
     size = config.image_size
-    image = _background(rng, size)
+    image = background(rng, size)
     mask = Image.new("L", (size, size), 0)
     n_shapes = int(rng.integers(1, config.max_shapes + 1)) if config.multilabel else 1
     kinds = [SHAPE_CLASSES[int(k)] for k in rng.choice(len(SHAPE_CLASSES), n_shapes, replace=False)]
@@ -117,8 +117,8 @@ def make_sample(config: ShapesConfig, index: int) -> ShapeSample:
             if all(math.hypot(cx - px, cy - py) > (radius + pr) * 1.15 for px, py, pr in placed):
                 break
         placed.append((cx, cy, radius))
-        colour = _random_colour(rng, (0.6, 1.0), (0.5, 1.0))
-        _draw_shape(image, mask, kind, SHAPE_CLASSES.index(kind), cx, cy, radius, rng.uniform(0, 2 * math.pi), colour)
+        colour = random_colour(rng, (0.6, 1.0), (0.5, 1.0))
+        draw_shape(image, mask, kind, SHAPE_CLASSES.index(kind), cx, cy, radius, rng.uniform(0, 2 * math.pi), colour)
     labels = tuple(sorted(kinds, key=SHAPE_CLASSES.index))
     return ShapeSample(image=image, mask=mask, labels=labels)
 

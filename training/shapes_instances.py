@@ -1,0 +1,158 @@
+"""Synthetic shapes for object detection and instance segmentation: several shapes per image (some small, some
+touching or partly hidden by a later one) on the cluttered backgrounds of shapes.py, each object's box and polygon
+taken from the pixels left visible of it.
+
+On disk: `images/`, `masks/` (an instance map: 0 is background, `k + 1` the pixels of object `k` of the line),
+`labels.txt`, and `index.jsonl` in the cloud's format (training/detection_index.py), with polygons for instance
+segmentation."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from skimage.measure import approximate_polygon, find_contours, label
+
+from training.detection_index import DetectionTask, LabelledObject
+from training.shapes import INDEX_FILE, LABELS_FILE, SHAPE_CLASSES, background, draw_shape, random_colour
+
+MIN_VISIBLE_PIXELS = 12  # an object hidden by later ones down to fewer pixels is not labelled
+MIN_PART_PIXELS = 4  # a sliver of an object left between others is not outlined
+POLYGON_TOLERANCE_PX = 0.5  # how far a polygon's simplification may stray from the mask's outline
+SMALL_SHARE = 0.3  # of the objects drawn small (a radius of 3-6 % of the image)
+TOUCHING_SHARE = 0.3  # of the objects (after the first) placed against an earlier one
+
+
+class InstanceShapesConfig(BaseModel):
+    """Parameters of a generated detection or instance-segmentation shapes dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(200, ge=1, le=1_000_000)
+    image_size: int = Field(128, ge=64, le=2048)
+    seed: int = 0
+    max_objects: int = Field(6, ge=1, le=32)
+    task: DetectionTask = "object_detection"
+
+
+@dataclass(frozen=True)
+class InstanceSample:
+    """One generated image, its instance map and its labelled objects (normalised boxes and polygons)."""
+
+    image: Image.Image
+    instances: Image.Image
+    objects: tuple[LabelledObject, ...]
+
+
+def _place(rng: np.random.Generator, size: int, radius: float,
+           placed: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """A centre for a shape of `radius`: against an earlier shape (touching it) for some, else apart from all."""
+    inside = (radius + 1, size - radius - 1)
+    if placed and rng.random() < TOUCHING_SHARE:
+        px, py, pr = placed[int(rng.integers(len(placed)))]
+        angle = rng.uniform(0, 2 * math.pi)
+        distance = (pr + radius) * rng.uniform(0.85, 1.0)
+        cx, cy = px + distance * math.cos(angle), py + distance * math.sin(angle)
+        if inside[0] <= cx <= inside[1] and inside[0] <= cy <= inside[1]:
+            return cx, cy
+    for _attempt in range(50):
+        cx, cy = rng.uniform(*inside, 2)
+        if all(math.hypot(cx - px, cy - py) > (radius + pr) * 1.1 for px, py, pr in placed):
+            break
+    return float(cx), float(cy)
+
+
+def mask_polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """The outline of each part of `mask` (an object cut in two by a shape drawn over it has two) as flat normalised
+    lists x1, y1, x2, y2, ..., largest first; a pixel spans [i, i + 1), so an outline runs between the object's pixels
+    and the background's. Parts of fewer than MIN_PART_PIXELS are left out."""
+    height, width = mask.shape
+    parts = label(mask, connectivity=1)
+    sizes = np.bincount(parts.ravel())[1:]
+    outlines = []
+    for part in np.argsort(-sizes) + 1:
+        if sizes[part - 1] < MIN_PART_PIXELS:
+            break
+        contours = find_contours(np.pad((parts == part).astype(np.float32), 1), 0.5)
+        outline = approximate_polygon(max(contours, key=len), POLYGON_TOLERANCE_PX)[:-1]  # the last point repeats
+        xs = np.clip((outline[:, 1] - 0.5) / width, 0.0, 1.0)
+        ys = np.clip((outline[:, 0] - 0.5) / height, 0.0, 1.0)
+        if len(outline) >= 3:
+            outlines.append(tuple(float(round(v, 6)) for pair in zip(xs, ys) for v in pair))
+    return tuple(outlines)
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """The tight box of `mask`'s pixels, normalised (x0, y0, x1, y1)."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    return (round(float(xs.min()) / width, 6), round(float(ys.min()) / height, 6),
+            round(float(xs.max() + 1) / width, 6), round(float(ys.max() + 1) / height, 6))
+
+
+def make_instance_sample(config: InstanceShapesConfig, index: int) -> InstanceSample:
+    """Image `index` of the dataset described by `config` (its own seed: the same whatever the count)."""
+    rng = np.random.default_rng([config.seed, index, 1])
+    size = config.image_size
+    image = background(rng, size)
+    instances = Image.new("L", (size, size), 0)
+    kinds: list[str] = []
+    placed: list[tuple[float, float, float]] = []
+    for number in range(int(rng.integers(1, config.max_objects + 1))):
+        kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
+        small = rng.random() < SMALL_SHARE
+        radius = size * (rng.uniform(0.03, 0.06) if small else rng.uniform(0.08, 0.16))
+        cx, cy = _place(rng, size, radius, placed)
+        placed.append((cx, cy, radius))
+        kinds.append(kind)
+        colour = random_colour(rng, (0.6, 1.0), (0.5, 1.0))
+        draw_shape(image, instances, kind, number, cx, cy, radius, rng.uniform(0, 2 * math.pi), colour)
+    drawn = np.asarray(instances)
+    kept = np.zeros_like(drawn)  # the labelled objects numbered 1, 2, ... in the order of the line
+    objects = []
+    for number, kind in enumerate(kinds):
+        mask = drawn == number + 1
+        if mask.sum() < MIN_VISIBLE_PIXELS:
+            continue
+        polygons = mask_polygons(mask) if config.task == "instance_segmentation" else ()
+        objects.append(LabelledObject(kind, mask_box(mask), False, polygons))
+        kept[mask] = len(objects)
+    return InstanceSample(image, Image.fromarray(kept), tuple(objects))
+
+
+def index_line(image_url: str, size: int, objects: tuple[LabelledObject, ...]) -> str:
+    """One line of the cloud's JSONL index for an image and its objects."""
+    labels = []
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        item: dict = {"label": obj.label, "topX": x0, "topY": y0, "bottomX": x1, "bottomY": y1,
+                      "isCrowd": int(obj.is_crowd)}
+        if obj.polygons:
+            item["polygon"] = [list(ring) for ring in obj.polygons]
+        labels.append(item)
+    return json.dumps({"image_url": image_url, "image_details": {"format": "png", "width": size, "height": size},
+                       "label": labels})
+
+
+def write_instance_shapes_dataset(out_dir: str | Path, config: InstanceShapesConfig) -> Path:
+    """Write the dataset to `out_dir`; returns the path of its `index.jsonl`."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / LABELS_FILE).write_text("\n".join(SHAPE_CLASSES) + "\n")
+    lines = []
+    for i in range(config.count):
+        sample = make_instance_sample(config, i)
+        image_url = f"images/{i:06d}.png"
+        sample.image.save(out / image_url)
+        sample.instances.save(out / f"masks/{i:06d}.png")
+        lines.append(index_line(image_url, config.image_size, sample.objects))
+    index = out / INDEX_FILE
+    index.write_text("\n".join(lines) + "\n")
+    (out / "dataset.json").write_text(config.model_dump_json(indent=2) + "\n")
+    return index
