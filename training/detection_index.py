@@ -15,13 +15,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from registry.errors import LanternError, describe_validation_error
+from registry.settings import DetectionTask
 
-DetectionTask = Literal["object_detection", "instance_segmentation"]
 PIXELS = re.compile(r"\s*([0-9]+)\s*(?:px)?\s*", re.IGNORECASE)
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from skimage.measure import approximate_polygon, find_contours, label
 
-from training.detection_index import DetectionTask, LabelledObject
+from registry.settings import DetectionTask
+from training.detection_index import LabelledObject
 from training.shapes import INDEX_FILE, LABELS_FILE, SHAPE_CLASSES, background, draw_shape, random_colour
 
 MIN_VISIBLE_PIXELS = 12  # an object hidden by later ones down to fewer pixels is not labelled
