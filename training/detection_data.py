@@ -25,6 +25,7 @@ class DetectionTarget:
 
     train: dict[str, torch.Tensor]
     crowd_boxes: torch.Tensor
+    crowd_labels: torch.Tensor
 
 
 def objects_mask(objects: tuple[LabelledObject, ...], width: int, height: int) -> torch.Tensor:
@@ -42,18 +43,18 @@ def detection_target(example: DetectionExample, labels: list[str], width: int, h
     """The target of `example` for an image of `width` x `height` pixels."""
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     plain = tuple(obj for obj in example.objects if not obj.is_crowd)
-    crowds = [obj.box for obj in example.objects if obj.is_crowd]
-    try:
-        classes = [labels.index(obj.label) + 1 for obj in plain]
-    except ValueError:
-        unknown = sorted({obj.label for obj in plain} - set(labels))
-        raise LanternError(f"{example.path}: label(s) {', '.join(unknown)} not among {', '.join(labels)}") from None
+    crowds = [obj for obj in example.objects if obj.is_crowd]
+    unknown = sorted({obj.label for obj in example.objects} - set(labels))
+    if unknown:
+        raise LanternError(f"{example.path}: label(s) {', '.join(unknown)} not among {', '.join(labels)}")
+    classes = [labels.index(obj.label) + 1 for obj in plain]
     boxes = torch.tensor([obj.box for obj in plain], dtype=torch.float32).reshape(-1, 4) * scale
     train = {"boxes": boxes, "labels": torch.tensor(classes, dtype=torch.int64)}
     if masks:
         train["masks"] = objects_mask(plain, width, height)
-    crowd_boxes = torch.tensor(crowds, dtype=torch.float32).reshape(-1, 4) * scale
-    return DetectionTarget(train, crowd_boxes)
+    crowd_boxes = torch.tensor([obj.box for obj in crowds], dtype=torch.float32).reshape(-1, 4) * scale
+    crowd_labels = torch.tensor([labels.index(obj.label) + 1 for obj in crowds], dtype=torch.int64)
+    return DetectionTarget(train, crowd_boxes, crowd_labels)
 
 
 class DetectionDataset(Dataset):
