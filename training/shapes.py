@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,21 +124,33 @@ def make_sample(config: ShapesConfig, index: int) -> ShapeSample:
     return ShapeSample(image=image, mask=mask, labels=labels)
 
 
-def write_shapes_dataset(out_dir: str | Path, config: ShapesConfig) -> Path:
-    """Write the dataset to `out_dir`; returns the path of its `index.jsonl`."""
+def write_dataset(out_dir: str | Path, config: BaseModel, count: int,
+                  draw: Callable[[int, str, str], tuple[Image.Image, Image.Image, str]]) -> Path:
+    """Write `count` drawn images, their masks, labels.txt, the index and the config (dataset.json) to `out_dir`;
+    `draw(i, image_url, mask_url)` gives image i, its mask and its index line. Returns the index's path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / LABELS_FILE).write_text("\n".join(SHAPE_CLASSES) + "\n")
     lines = []
-    for i in range(config.count):
-        sample = make_sample(config, i)
-        image_rel, mask_rel = f"images/{i:06d}.png", f"masks/{i:06d}.png"
-        sample.image.save(out / image_rel)
-        sample.mask.save(out / mask_rel)
-        label: str | list[str] = list(sample.labels) if config.multilabel else sample.labels[0]
-        lines.append(json.dumps({"image_url": image_rel, "label": label, "mask_url": mask_rel}))
+    for i in range(count):
+        image_url, mask_url = f"images/{i:06d}.png", f"masks/{i:06d}.png"
+        image, mask, line = draw(i, image_url, mask_url)
+        image.save(out / image_url)
+        mask.save(out / mask_url)
+        lines.append(line)
     index = out / INDEX_FILE
     index.write_text("\n".join(lines) + "\n")
     (out / "dataset.json").write_text(config.model_dump_json(indent=2) + "\n")
     return index
+
+
+def write_shapes_dataset(out_dir: str | Path, config: ShapesConfig) -> Path:
+    """Write the dataset to `out_dir`; returns the path of its `index.jsonl`."""
+
+    def draw(i: int, image_url: str, mask_url: str) -> tuple[Image.Image, Image.Image, str]:
+        sample = make_sample(config, i)
+        label: str | list[str] = list(sample.labels) if config.multilabel else sample.labels[0]
+        return sample.image, sample.mask, json.dumps({"image_url": image_url, "label": label, "mask_url": mask_url})
+
+    return write_dataset(out_dir, config, config.count, draw)

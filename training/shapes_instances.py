@@ -20,7 +20,7 @@ from skimage.measure import approximate_polygon, find_contours, label
 
 from registry.settings import DetectionTask
 from training.detection_index import LabelledObject
-from training.shapes import INDEX_FILE, LABELS_FILE, SHAPE_CLASSES, background, draw_shape, random_colour
+from training.shapes import SHAPE_CLASSES, background, draw_shape, random_colour, write_dataset
 
 MIN_VISIBLE_PIXELS = 12  # an object hidden by later ones down to fewer pixels is not labelled
 MIN_PART_PIXELS = 4  # a sliver of an object left between others is not outlined
@@ -142,18 +142,9 @@ def index_line(image_url: str, size: int, objects: tuple[LabelledObject, ...]) -
 
 def write_instance_shapes_dataset(out_dir: str | Path, config: InstanceShapesConfig) -> Path:
     """Write the dataset to `out_dir`; returns the path of its `index.jsonl`."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / LABELS_FILE).write_text("\n".join(SHAPE_CLASSES) + "\n")
-    lines = []
-    for i in range(config.count):
+
+    def draw(i: int, image_url: str, mask_url: str) -> tuple[Image.Image, Image.Image, str]:
         sample = make_instance_sample(config, i)
-        image_url = f"images/{i:06d}.png"
-        sample.image.save(out / image_url)
-        sample.instances.save(out / f"masks/{i:06d}.png")
-        lines.append(index_line(image_url, config.image_size, sample.objects))
-    index = out / INDEX_FILE
-    index.write_text("\n".join(lines) + "\n")
-    (out / "dataset.json").write_text(config.model_dump_json(indent=2) + "\n")
-    return index
+        return sample.image, sample.instances, index_line(image_url, config.image_size, sample.objects)
+
+    return write_dataset(out_dir, config, config.count, draw)
