@@ -18,7 +18,7 @@ from registry.model_files import (
     TAG_TRAINING_ITERATION,
     TAG_TRAINING_SESSION,
 )
-from registry.settings import TASKS, parse_assignments
+from registry.settings import CLASSIFICATION_TASKS, parse_assignments
 
 # registry.register/resolve/store import MLflow (seconds): each command imports what it uses when it runs
 
@@ -39,7 +39,7 @@ def _time(ms: int | None) -> str:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="safetensors or torch state_dict.")
 @click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), help="Architecture to rebuild.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Labels: one per line, or a JSON list.")
-@click.option("--task", type=click.Choice(TASKS))
+@click.option("--task", type=click.Choice(CLASSIFICATION_TASKS))
 @click.option("--from-session", type=click.Path(file_okay=False, exists=True),
               help="A `lantern train` session directory: register one of its checkpoints (arch, labels, task and "
                    "settings come from it).")

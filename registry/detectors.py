@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch and torchvision are imported when a model is built
 SMALL_ANCHOR_SIZES = (8, 16, 32, 64)  # pixels: the shapes data's objects are 8-40 px across at 128 px
 SMALL_BOX_FEATURES = 256
 SMALL_MASK_CHANNELS = 64
+SMALL_MIN_SIZE = 128  # the shapes data's default image size
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class DetectorArchitecture:
 
     build: Callable[[int], nn.Module]
     tasks: tuple[str, ...]
+    min_size: int = 800  # the shorter side it was designed for (torchvision's default): a session's default
 
 
 def _torchvision(name: str) -> Callable[[int], nn.Module]:
@@ -58,7 +60,8 @@ def _small(masks: bool) -> Callable[[int], nn.Module]:
 
         backbone = _small_backbone()
         parts = {"rpn_anchor_generator": AnchorGenerator((SMALL_ANCHOR_SIZES,), ((0.5, 1.0, 2.0),)),
-                 "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2), "min_size": 128, "max_size": 256,
+                 "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2), "min_size": SMALL_MIN_SIZE,
+                 "max_size": 2 * SMALL_MIN_SIZE,
                  # a box head of 256 features (torchvision's has 1024): half the training step on the CPU
                  "box_head": TwoMLPHead(backbone.out_channels * 7 * 7, SMALL_BOX_FEATURES),
                  "box_predictor": FastRCNNPredictor(SMALL_BOX_FEATURES, num_classes + 1),
@@ -77,8 +80,8 @@ def _small(masks: bool) -> Callable[[int], nn.Module]:
 BOXES = ("object_detection",)
 BOXES_AND_MASKS = ("object_detection", "instance_segmentation")
 DETECTORS: dict[str, DetectorArchitecture] = {
-    "small_detector": DetectorArchitecture(_small(masks=False), BOXES),
-    "small_segmenter": DetectorArchitecture(_small(masks=True), BOXES_AND_MASKS),
+    "small_detector": DetectorArchitecture(_small(masks=False), BOXES, SMALL_MIN_SIZE),
+    "small_segmenter": DetectorArchitecture(_small(masks=True), BOXES_AND_MASKS, SMALL_MIN_SIZE),
     "fasterrcnn_resnet50_fpn": DetectorArchitecture(_torchvision("fasterrcnn_resnet50_fpn"), BOXES),
     "fasterrcnn_resnet50_fpn_v2": DetectorArchitecture(_torchvision("fasterrcnn_resnet50_fpn_v2"), BOXES),
     "fasterrcnn_mobilenet_v3_large_fpn": DetectorArchitecture(_torchvision("fasterrcnn_mobilenet_v3_large_fpn"),

@@ -36,13 +36,13 @@ def describe_validation_error(error: ValidationError, what: str, unknown: str = 
     followed by its hint (what to use instead) where `hints` has one for its name."""
     problems = []
     for item in error.errors(include_url=False, include_input=False)[:MAX_PROBLEMS]:
-        where = ".".join(str(p) for p in item["loc"]) or "(value)"
+        where = ".".join(str(p) for p in item["loc"])
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             hint = (hints or {}).get(str(item["loc"][-1])) if item["loc"] else None
             message = f"{unknown} ({hint})" if hint else unknown
         elif item["type"] == "value_error" and "error" in item.get("ctx", {}):  # without pydantic's "Value error, "
             message = str(item["ctx"]["error"])
-        problems.append(f"{where}: {message}")
+        problems.append(f"{where}: {message}" if where else message)  # a check of the whole names its fields
     more = error.error_count() - len(problems)
     return f"invalid {what}: " + "; ".join(problems) + (f"; and {more} more" if more > 0 else "")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from registry.errors import SpecError, describe_validation_error
 from registry.labels import validate_labels
-from registry.settings import ClassificationSettings, build_settings
+from registry.settings import TaskSettings, build_settings
 from registry.spec import ModelSpec
 
 WEIGHTS = "weights.safetensors"
@@ -65,11 +65,11 @@ class ModelFiles:
     def read_labels(self) -> list[str]:
         return validate_labels(json.loads(self.labels.read_text()))
 
-    def read_settings(self, task: str) -> ClassificationSettings:
+    def read_settings(self, task: str) -> TaskSettings:
         return build_settings(task, json.loads(self.settings.read_text()))
 
 
-def write_metadata(files: ModelFiles, spec: ModelSpec, labels: list[str], settings: ClassificationSettings) -> None:
+def write_metadata(files: ModelFiles, spec: ModelSpec, labels: list[str], settings: TaskSettings) -> None:
     """Write spec.json, labels.json and settings.json."""
     files.spec.write_text(spec.model_dump_json(indent=2) + "\n")
     files.labels.write_text(json.dumps(labels, indent=2) + "\n")

@@ -9,8 +9,17 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from registry.errors import SpecError, describe_validation_error
 
-Task = Literal["multiclass", "multilabel"]
-TASKS: tuple[str, ...] = ("multiclass", "multilabel")
+ClassificationTask = Literal["multiclass", "multilabel"]
+CLASSIFICATION_TASKS: tuple[str, ...] = ("multiclass", "multilabel")
+DetectionTask = Literal["object_detection", "instance_segmentation"]
+DETECTION_TASKS: tuple[str, ...] = ("object_detection", "instance_segmentation")
+Task = Literal["multiclass", "multilabel", "object_detection", "instance_segmentation"]
+TASKS: tuple[str, ...] = CLASSIFICATION_TASKS + DETECTION_TASKS
+
+
+def is_detection(task: str) -> bool:
+    """Whether `task` answers boxes (object detection, instance segmentation) rather than classes."""
+    return task in DETECTION_TASKS
 
 
 DEFAULT_MULTILABEL_THRESHOLD = 0.5  # SPEC.md section 3: confidence_score_threshold_multilabel
@@ -88,8 +97,6 @@ class SegmentationSettings(DetectionSettings):
     image_type: Literal["JPG", "PNG", "BMP"] = "JPG"
 
 
-DetectionTask = Literal["object_detection", "instance_segmentation"]
-DETECTION_TASKS: tuple[str, ...] = ("object_detection", "instance_segmentation")
 TaskSettings = ClassificationSettings | DetectionSettings
 
 SETTINGS_SCHEMAS: dict[str, type[ClassificationSettings] | type[DetectionSettings]] = {

@@ -13,11 +13,12 @@ from rich.table import Table
 
 from registry.architectures import ARCHITECTURES
 from registry.console import StepProgress, console, stdout, user_errors
+from registry.detectors import DETECTORS
 from registry.errors import LanternError, describe_validation_error
 from registry.model_files import TAG_TRAINING_RUN
 from registry.settings import TASKS
 from training.callbacks import Callback, CSVLogger, EarlyStopping
-from training.progress import ProgressBar, describe_metrics
+from training.progress import SHOWN_METRICS, ProgressBar, describe_metrics
 from training.schedule import parse_schedule
 from training.session import Session, selection_metric
 from training.shapes import ShapesConfig, write_shapes_dataset
@@ -91,33 +92,41 @@ def _report(result: TrainResult) -> None:
         console.print(f"[yellow]Stopped[/yellow] at iteration {result.iteration} of {result.total} "
                       f"({result.stop_reason}); checkpoint written. Run the same command to resume.")
     if result.best is not None:
-        metric = next((k for k in ("val_f1", "val_accuracy") if k in result.best.metrics), None)
+        metric = next((k for k in ("val_map", "val_f1", "val_accuracy") if k in result.best.metrics), None)
         value = f" ({metric} {result.best.metrics[metric]:.2%})" if metric else ""
         console.print(f"Best checkpoint: iteration {result.best.iteration}{value}")
 
 
 @click.group(invoke_without_command=True)
 @click.option("--session-dir", type=click.Path(file_okay=False), help="Where the session's checkpoints and metadata live.")
-@click.option("--data", "data_source", help="Image folder (one sub-folder per class), JSONL index, or shapes[:COUNT].")
+@click.option("--data", "data_source",
+              help="Image folder (one sub-folder per class), JSONL index (for detection: the cloud's, with boxes and "
+                   "polygons), or shapes[:COUNT].")
 @click.option("--val-data", help="Validation data (default: hold out --val-fraction of --data).")
 @click.option("--val-fraction", type=float, help="Share held out for validation when no --val-data  [default: 0.2]")
-@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), help="Architecture (default with --from: its own).")
+@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES) + sorted(DETECTORS)),
+              help="Architecture: a classifier, or a detector for the detection tasks (default with --from: its own).")
 @click.option("--task", type=click.Choice(TASKS), help="[default: multiclass]")
-@click.option("--image-size", type=int, help="Training crop size in pixels  [default: 224]")
+@click.option("--image-size", type=int,
+              help="Training crop size in pixels; a detector's shorter side  [default: 224; a detector's own: 128 for "
+                   "small_detector and small_segmenter, 800 for torchvision's]")
 @click.option("--iterations", type=int, help="Total iterations; larger than a finished session's extends it.")
 @click.option("--checkpoint-interval", type=int, help="Iterations between checkpoints  [default: a tenth of the run]")
 @click.option("--report-interval", type=int, help="Iterations between progress reports.")
 @click.option("--batch-size", type=int, help="[default: 32]")
-@click.option("--lr", type=float, help="Peak learning rate (AdamW)  [default: 0.001]")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW; SGD with momentum for detectors)  "
+                                      "[default: 0.001; 0.02 for detectors]")
 @click.option("--weight-decay", type=float, help="[default: 0.0001]")
 @click.option("--lr-schedule", help="Segments KIND:LENGTH:START-END, e.g. linear:0.05:0.02-1,cosine:rest:1-0.01 "
                                     "(the default).")
-@click.option("--augment/--no-augment", default=None, help="Random resized crop, flip, colour jitter  [default: on]")
+@click.option("--augment/--no-augment", default=None,
+              help="Random resized crop, flip, colour jitter (detectors: flips)  [default: on]")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--from", "from_model", help="Start from a registered version's weights: models:/NAME/VERSION or @ALIAS.")
 @click.option("--new-head/--keep-head", default=None,
               help="With --from: train a new classifier head for the data's labels (needed when they differ).")
-@click.option("--early-stop-metric", help="Metric to watch (default: val_accuracy, or val_f1 for multilabel).")
+@click.option("--early-stop-metric",
+              help="Metric to watch (default: val_accuracy; val_f1 for multilabel; val_map for detection).")
 @click.option("--early-stop-target", type=float, help="Stop once the metric reaches this value.")
 @click.option("--early-stop-patience", type=int, help="Stop after this many validations without improvement.")
 @click.option("--early-stop-min-delta", type=float, default=0.0, show_default=True)
@@ -204,8 +213,7 @@ def sessions(session_dir: str, as_json: bool) -> None:
     console.print(f"Session {session.dir}: {meta.config.arch} {meta.config.task} on {meta.config.data}, "
                   f"status {meta.status} at {checkpoints[-1].iteration if checkpoints else 0}/{meta.iterations}"
                   + (f" ({meta.stop_reason})" if meta.stop_reason else ""))
-    columns = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1"]
-    shown = [c for c in columns if any(c in info.metrics for info in checkpoints)]
+    shown = [c for c in SHOWN_METRICS if any(c in info.metrics for info in checkpoints)]
     table = Table("", "iteration", "epoch", *shown, "reason", "written")
     for info in checkpoints:
         values = [f"{info.metrics[c]:.4f}" if c in info.metrics else "-" for c in shown]

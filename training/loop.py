@@ -1,4 +1,6 @@
 """The training loop: start, resume or extend a session; checkpoints, validation, reports and a clean stop on signals.
+What is particular to a task (its data, loss, optimizer and validation metrics) is its objective
+(training/objective.py); the session control here is the same for classifiers and detectors.
 
 Exact resume: the batch at iteration i and its augmentations are drawn from seeds derived from (seed, i), the model's
 own randomness (dropout) is reseeded per iteration, and optimizer, grad-scaler and callback states are restored from
@@ -20,27 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from registry.architectures import ARCHITECTURES
 from registry.checkpoint import fit_state_dict
 from registry.devices import torch_device
 from registry.errors import LanternError
-from registry.preprocess import Preprocess
 from registry.resolve import ModelBundle, load_bundle
-from registry.settings import ClassificationSettings, build_settings
+from registry.settings import DetectionSettings, TaskSettings, build_settings, is_detection
 from registry.spec import ModelSpec, build_module, make_spec
 from training.callbacks import Callback, CallbackList, LRScheduler, TrainState, ValidationReason
+from training.classification_objective import ClassificationObjective
 from training.config import TrainConfig, build_config, merge_with_session
-from training.datasets import ImageDataset
-from training.evaluation import MetricWindow, autocast, evaluate
+from training.detection_objective import DetectionObjective
+from training.objective import Objective
 from training.session import CheckpointInfo, Session, SessionMeta, now, selection_metric
 from training.sources import TrainingData, load_data
 from training.tracking import MLflowTracking
-from training.transforms import TrainImage, batch_augment, valid_settings
+from training.transforms import detector_settings, valid_settings
 
 PRELOAD_BYTES = 2 * 1024**3
+DETECTOR_FROM_MODEL = "training on from a registered detector (--from) is not supported yet; start a session with --arch"
 
 
 class RunOptions(BaseModel):
@@ -119,12 +121,16 @@ class Prepared:
     data: TrainingData
     spec: ModelSpec
     labels: list[str]
-    settings: ClassificationSettings
+    settings: TaskSettings
     initial_weights: dict[str, torch.Tensor] | None
 
 
 def _start_from_model(config_values: dict[str, Any], tracking_uri: str | None) -> tuple[dict[str, Any], ModelBundle]:
+    if is_detection(str(config_values.get("task"))):
+        raise LanternError(DETECTOR_FROM_MODEL)
     bundle = load_bundle(config_values["from_model"], tracking_uri=tracking_uri)
+    if is_detection(bundle.spec.task):
+        raise LanternError(f"{bundle.uri} is a detector: {DETECTOR_FROM_MODEL}")
     for key, registered in (("arch", bundle.spec.arch), ("task", bundle.spec.task)):
         given = config_values.get(key)
         if given is not None and given != registered:
@@ -180,7 +186,8 @@ def prepare(session_dir: str | Path, given: dict[str, Any], tracking_uri: str | 
         labels, spec, initial_weights = _labels_from_model(bundle, data, config)
     else:
         labels, spec = data.labels, make_spec(config.arch, len(data.labels), config.task)
-    settings = build_settings(config.task, valid_settings(config.image_size))
+    sizes = detector_settings(config.image_size) if is_detection(config.task) else valid_settings(config.image_size)
+    settings = build_settings(config.task, sizes)
     meta = SessionMeta(config=config, labels=labels, spec=spec, settings=settings.model_dump(), iterations=1,
                        from_version=bundle.uri if bundle else None, created_at=now(), updated_at=now())
     return Prepared(session, meta, config, data, spec, labels, settings, initial_weights)
@@ -218,6 +225,16 @@ def _should_preload(data: TrainingData, image_size: int) -> bool:
     return (len(data.train) + len(data.val)) * 3 * (image_size * 1.5) ** 2 < PRELOAD_BYTES
 
 
+def task_objective(p: Prepared, options: RunOptions, device: torch.device) -> Objective:
+    """The objective of the session's task, with its data loaded as `options` say."""
+    if isinstance(p.settings, DetectionSettings):
+        return DetectionObjective(p.config, p.labels, p.settings, p.data, device,
+                                  _loader_workers(options.loader_workers, preloaded=False))
+    preload = options.preload if options.preload is not None else _should_preload(p.data, p.config.image_size)
+    return ClassificationObjective(p.config, p.spec, p.labels, p.settings, p.data, device,
+                                   _loader_workers(options.loader_workers, preload), preload)
+
+
 def train(session_dir: str | Path, given: dict[str, Any], options: RunOptions | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Start, resume or extend the session in `session_dir`; `given` holds TrainConfig fields (None = not given).
@@ -247,27 +264,16 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
                            session.best(metric), meta.mlflow_run_id, ran=False, labels=p.labels)
 
     device = torch_device(options.device)
-    multilabel = config.task == "multilabel"
+    objective = task_objective(p, options, device)
     torch.manual_seed(derived_seed(STREAM_MODEL, config.seed, 0))
-    model = build_module(p.spec)
+    model = objective.configure(build_module(p.spec))
     if p.initial_weights is not None:
         fit_state_dict(model, {**model.state_dict(), **p.initial_weights})  # a new head keeps its fresh init
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = objective.optimizer(model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
-
-    preload = options.preload if options.preload is not None else _should_preload(p.data, config.image_size)
-    train_set = ImageDataset(p.data.train, p.labels, TrainImage(config.image_size), multilabel, preload=preload)
-    val_set = ImageDataset(p.data.val, p.labels, Preprocess.for_model(p.spec, p.settings).crop, multilabel,
-                           preload=preload)
-    augment = batch_augment(config.image_size, p.spec, config.augment)
-    plan = BatchPlan(len(train_set), config.batch_size, config.seed, start, total)
-    workers = _loader_workers(options.loader_workers, preload)
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_sampler=plan, num_workers=workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size), num_workers=workers, pin_memory=pin,
-                            persistent_workers=workers > 0)
+    plan = BatchPlan(objective.train_size(), config.batch_size, config.seed, start, total)
+    train_batches = objective.batches(plan)
 
     checkpoint_interval = options.checkpoint_interval or max(1, math.ceil(total / 10))
     report_interval = options.report_interval or max(1, checkpoint_interval // 5)
@@ -296,12 +302,11 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
 
     meta.iterations, meta.status, meta.stop_reason = total, "running", None
     session.write_meta(meta)
-    window = MetricWindow()
 
     def validate_and_checkpoint(reason: ValidationReason) -> None:
         state.validation_reason = reason
         callbacks.fire("validation_start", state)
-        state.metrics.update(evaluate(model, val_loader, augment, loss_fn, device, multilabel))
+        state.metrics.update(objective.evaluate(model))
         callbacks.fire("validation_end", state)
         state.validation_reason = None
         training_state = {
@@ -322,35 +327,30 @@ def _run(p: Prepared, options: RunOptions, user_callbacks: list[Callback]) -> Tr
             if tracking is not None and meta.mlflow_run_id != tracking.run_id:
                 meta.mlflow_run_id = tracking.run_id
                 session.write_meta(meta)
-            for inputs, targets in train_loader:
+            for batch in train_batches:
                 if state.iteration == start or state.iteration % plan.steps_per_epoch == 0:
                     callbacks.fire("epoch_start", state)
                 callbacks.fire("batch_start", state)
                 torch.manual_seed(derived_seed(STREAM_MODEL, config.seed, state.iteration))
                 generator = torch.Generator().manual_seed(derived_seed(STREAM_SAMPLE, config.seed, state.iteration))
-                inputs = augment(inputs.to(device, non_blocking=True), generator)
-                targets = targets.to(device, non_blocking=True)
-                with autocast(device):
-                    logits = model(inputs).float()
-                    loss = loss_fn(logits, targets)
+                loss = objective.loss(model, batch, generator)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 state.iteration += 1
                 state.loss = loss.detach()
-                window.add(loss, logits, targets, multilabel)
                 callbacks.fire("batch_end", state)
                 if state.iteration % plan.steps_per_epoch == 0:
                     callbacks.fire("epoch_end", state)
                 at_checkpoint = state.iteration % checkpoint_interval == 0 or state.iteration == total
                 stopping = state.stop_reason is not None
                 if at_checkpoint or stopping:
-                    state.metrics.update(window.flush())
+                    state.metrics.update(objective.flush())
                     validate_and_checkpoint("interval" if at_checkpoint and state.iteration < total
                                             else "end" if at_checkpoint else "stop")
                 if at_checkpoint or stopping or state.iteration % report_interval == 0:
-                    state.metrics.update(window.flush())
+                    state.metrics.update(objective.flush())
                     callbacks.fire("report", state)
                 if state.stop_reason is not None:
                     if not (at_checkpoint or stopping):  # the stop came while this iteration was being reported

@@ -1,4 +1,5 @@
-"""Training progress on the terminal: a bar with iteration, loss, accuracy and ETA (one line per report in logs)."""
+"""Training progress on the terminal: a bar with iteration, loss, accuracy or mAP, and ETA (one line per report in
+logs)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from registry.console import console
 from training.callbacks import Callback, TrainState
 
+SHOWN_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1", "val_map", "val_map_50",
+                 "val_mask_map", "val_mask_map_50")
+
 
 def describe_metrics(metrics: dict[str, float]) -> str:
+    """The headline metrics, those that are rates as percentages."""
     parts = []
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1"):
+    for key in SHOWN_METRICS:
         if key in metrics:
             value = metrics[key]
             parts.append(f"{key} {value:.1%}" if "accuracy" in key or "f1" in key else f"{key} {value:.4f}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from registry.errors import LanternError
 from registry.model_files import CHECKPOINTS_DIR, ModelFiles, checkpoint_dir, write_metadata
-from registry.settings import ClassificationSettings
+from registry.settings import TaskSettings, is_detection
 from registry.spec import ModelSpec
 from training.config import TrainConfig
 
@@ -69,7 +69,10 @@ def now() -> str:
 
 
 def selection_metric(task: str) -> str:
-    """The validation metric that ranks checkpoints ('best')."""
+    """The validation metric that ranks checkpoints ('best'): a detector's mAP@[.5:.95], a multi-label classifier's
+    micro F1, a multi-class classifier's accuracy."""
+    if is_detection(task):
+        return "val_map"
     return "val_f1" if task == "multilabel" else "val_accuracy"
 
 
@@ -134,7 +137,7 @@ class Session:
         raise LanternError(f"session {self.dir} has no checkpoint at iteration {iteration}; it has: {available}")
 
     def save_checkpoint(self, iteration: int, epoch: int, model: nn.Module, spec: ModelSpec, labels: list[str],
-                        settings: ClassificationSettings, training_state: dict[str, Any], metrics: dict[str, float],
+                        settings: TaskSettings, training_state: dict[str, Any], metrics: dict[str, float],
                         reason: str) -> Path:
         """Write a checkpoint to a temporary folder, then move it into place (a crash never leaves half of one)."""
         target = checkpoint_dir(self.dir, iteration)

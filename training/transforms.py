@@ -22,6 +22,12 @@ def valid_settings(image_size: int) -> dict[str, int]:
     return {"valid_resize_size": resize, "valid_crop_size": crop}
 
 
+def detector_settings(image_size: int) -> dict[str, int]:
+    """The settings overrides a detector trained at `image_size` (its shorter side) is registered with: the longer
+    side capped at torchvision's ratio (800 and 1333)."""
+    return {"min_size": image_size, "max_size": round(image_size * 1333 / 800)}
+
+
 class TrainImage:
     """Per image, before batching: resize the shorter side to the validation resize size and center-crop a square
     of that size (uint8), so every image of a batch has one size and the random crops cover what validation sees."""

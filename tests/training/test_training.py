@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from registry.errors import LanternError
-from registry.model_files import WEIGHTS, ModelFiles
+from registry.model_files import ModelFiles
 from registry.register import register_session_checkpoint
 from registry.resolve import load_bundle
 from support.common import MINUTE_ITERATIONS
+from support.training import StopAt, final_weights, quiet
 from training.callbacks import Callback, EarlyStopping, TrainState
-from training.loop import RunOptions, TrainResult, train
+from training.loop import TrainResult, train
 from training.schedule import LRSchedule, Segment, parse_schedule
 from training.session import Session
 from training.shapes import ShapesConfig, write_shapes_dataset
@@ -35,25 +35,6 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(data: Path, **overrides: Any) -> dict[str, Any]:
     return {"data": str(data), "arch": "small_cnn", "image_size": 32, "batch_size": 8, **overrides}
-
-
-def quiet(**options: Any) -> RunOptions:
-    return RunOptions(**{"mlflow": False, **options})
-
-
-def final_weights(session_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Session(session_dir).latest().path / WEIGHTS))
-
-
-class StopAt(Callback):
-    """Asks the loop to stop once `iteration` updates are done (what a signal handler does)."""
-
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def on_batch_end(self, state: TrainState) -> None:
-        if state.iteration == self.iteration:
-            state.request_stop("test stop")
 
 
 class Recorder(Callback):
