@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from registry.architectures import ARCHITECTURES
 from registry.console import StepProgress, console, stdout, user_errors
+from registry.detectors import DETECTORS
 from registry.labels import read_labels
 from registry.model_files import (
     DEFAULT_PARITY_TOLERANCE,
+    TAG_BACKENDS,
     TAG_DERIVED_FROM,
+    TAG_ONNX_REFUSED,
     TAG_PARITY,
     TAG_TRAINING_ITERATION,
     TAG_TRAINING_SESSION,
 )
-from registry.settings import CLASSIFICATION_TASKS, parse_assignments
+from registry.settings import TASKS, parse_assignments
+
+if TYPE_CHECKING:
+    from registry.register import RegisteredVersion
 
 # registry.register/resolve/store import MLflow (seconds): each command imports what it uses when it runs
 
@@ -30,6 +37,13 @@ set_option = click.option("--set", "assignments", multiple=True, metavar="KEY=VA
                           help="Inference setting, e.g. --set valid_crop_size=192 (repeatable).")
 
 
+def describe_onnx(result: RegisteredVersion) -> str:
+    """How a registration's ONNX export went, in a few words."""
+    if result.onnx_max_abs_diff is None:
+        return f"no ONNX export (served with torch): {result.onnx_refused}"
+    return f"ONNX max abs diff {result.onnx_max_abs_diff:.3g}"
+
+
 def _time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
 
@@ -37,9 +51,10 @@ def _time(ms: int | None) -> str:
 @click.command()
 @click.option("--name", required=True, help="Registered model name.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="safetensors or torch state_dict.")
-@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), help="Architecture to rebuild.")
+@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES) + sorted(DETECTORS)),
+              help="Architecture to rebuild: a classifier, or a detector for the detection tasks.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Labels: one per line, or a JSON list.")
-@click.option("--task", type=click.Choice(CLASSIFICATION_TASKS))
+@click.option("--task", type=click.Choice(TASKS))
 @click.option("--from-session", type=click.Path(file_okay=False, exists=True),
               help="A `lantern train` session directory: register one of its checkpoints (arch, labels, task and "
                    "settings come from it).")
@@ -48,9 +63,11 @@ def _time(ms: int | None) -> str:
 @set_option
 @click.option("--alias", default=None, help="Point this alias (e.g. champion) at the new version.")
 @click.option("--num-classes", type=int, default=None, help="Expected number of classes (default: from labels).")
-@click.option("--gradcam-layer", default=None, help="Module name for Grad-CAM (default: last conv stage).")
+@click.option("--gradcam-layer", default=None,
+              help="Module name for Grad-CAM (classifiers; default: last conv stage).")
 @click.option("--parity-tolerance", type=float, default=DEFAULT_PARITY_TOLERANCE, show_default=True,
-              help="Largest accepted ONNX-vs-torch logit difference.")
+              help="Largest accepted ONNX-vs-torch difference: of logits; for detectors of box corners (a share of "
+                   "the image's side), scores and mask pixel scores after matching detections.")
 @tracking_uri_option
 @user_errors
 def register(name: str, checkpoint: str | None, arch: str | None, labels_file: str | None, task: str | None,
@@ -59,7 +76,8 @@ def register(name: str, checkpoint: str | None, arch: str | None, labels_file: s
              tracking_uri: str | None) -> None:
     """Check a checkpoint (weights fit, ONNX parity) and register it as a new MLflow model version.
 
-    Give either --checkpoint with --arch, --labels and --task, or --from-session (and --checkpoint-iteration)."""
+    Give either --checkpoint with --arch, --labels and --task, or --from-session (and --checkpoint-iteration).
+    A detector that does not export to ONNX faithfully is registered for the torch backend, and says why."""
     from registry.register import register_checkpoint, register_session_checkpoint
     if from_session:
         clashing = [f"--{flag}" for flag, value in (("checkpoint", checkpoint), ("arch", arch), ("labels", labels_file),
@@ -84,7 +102,7 @@ def register(name: str, checkpoint: str | None, arch: str | None, labels_file: s
             tracking_uri=tracking_uri, progress=StepProgress(),
         )
     alias_note = f" (alias @{result.alias})" if result.alias else ""
-    console.print(f"Registered [bold]{result.uri}[/bold]{alias_note}; ONNX max abs diff {result.onnx_max_abs_diff:.3g}")
+    console.print(f"Registered [bold]{result.uri}[/bold]{alias_note}; {describe_onnx(result)}")
     if result.alias:
         console.print(moved_alias_hint(name, result.alias))
     stdout.print(result.uri)
@@ -138,7 +156,9 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
         "spec": spec.model_dump(mode="json"),
         "settings": files.read_settings(spec.task).model_dump(mode="json"),
         "labels": files.read_labels(),
-        "onnx_max_abs_diff": float(version.tags[TAG_PARITY]),
+        "onnx_max_abs_diff": float(version.tags[TAG_PARITY]) if TAG_PARITY in version.tags else None,
+        "backends": version.tags.get(TAG_BACKENDS, "onnxruntime,torch").split(","),
+        "onnx_refused": version.tags.get(TAG_ONNX_REFUSED),
         "derived_from": version.tags.get(TAG_DERIVED_FROM),
         "training_session": version.tags.get(TAG_TRAINING_SESSION),
         "training_iteration": version.tags.get(TAG_TRAINING_ITERATION),
@@ -197,5 +217,6 @@ def settings_model(name: str, version: int, assignments: tuple[str, ...], tracki
         raise click.UsageError("give at least one --set key=value")
     result = register_settings_update(name, version, parse_assignments(assignments), tracking_uri=tracking_uri,
                                       progress=StepProgress())
-    console.print(f"Registered [bold]{result.uri}[/bold] with the new settings (from {name}/{version})")
+    console.print(f"Registered [bold]{result.uri}[/bold] with the new settings (from {name}/{version}); "
+                  f"{describe_onnx(result)}")
     stdout.print(result.uri)

@@ -22,6 +22,9 @@ TAG_PARITY = "lantern.onnx_max_abs_diff"
 DEFAULT_PARITY_TOLERANCE = 1e-3  # the largest ONNX vs torch logit difference registration accepts by default
 TAG_DERIVED_FROM = "lantern.derived_from"
 ARTIFACT_KEYS = {"weights": WEIGHTS, "spec": SPEC, "labels": LABELS, "settings": SETTINGS, "onnx": ONNX}
+OPTIONAL_ARTIFACTS = {"onnx"}  # a detector that does not export faithfully is registered without it
+TAG_BACKENDS = "lantern.backends"  # "onnxruntime,torch", or "torch" for a version registered without ONNX
+TAG_ONNX_REFUSED = "lantern.onnx_refused"  # why a version has no ONNX export
 TAG_TRAINING_SESSION = "lantern.training_session"
 TAG_TRAINING_ITERATION = "lantern.training_iteration"
 TAG_TRAINING_RUN = "lantern.training_run_id"
@@ -42,7 +45,7 @@ class ModelFiles:
     spec: Path
     labels: Path
     settings: Path
-    onnx: Path
+    onnx: Path | None  # None: the version has no ONNX export (it is served with torch)
 
     @classmethod
     def in_dir(cls, folder: str | Path) -> "ModelFiles":
@@ -51,10 +54,13 @@ class ModelFiles:
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str]) -> "ModelFiles":
-        return cls(**{key: Path(artifacts[key]) for key in ARTIFACT_KEYS})
+        return cls(**{key: Path(artifacts[key]) if key in artifacts else None for key in ARTIFACT_KEYS})
 
     def as_artifacts(self) -> dict[str, str]:
-        return {key: str(getattr(self, key)) for key in ARTIFACT_KEYS}
+        """The artifacts to log: every file, the ONNX export only where it was written."""
+        paths = {key: getattr(self, key) for key in ARTIFACT_KEYS}
+        return {key: str(path) for key, path in paths.items()
+                if key not in OPTIONAL_ARTIFACTS or (path is not None and path.is_file())}
 
     def read_spec(self) -> ModelSpec:
         try:

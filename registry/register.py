@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -22,13 +23,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from registry.checkpoint import fit_state_dict, load_state_dict
-from registry.errors import CheckpointError, SpecError
+from registry.detection_inference import torch_detector
+from registry.detector_onnx import detector_parity, export_detector_onnx, parity_images
+from registry.detectors import apply_detection_settings
+from registry.errors import CheckpointError, ParityError, SpecError
 from registry.labels import validate_labels
 from registry.model_files import (
     CHECKPOINTS_DIR,
     DEFAULT_PARITY_TOLERANCE,
     SPEC,
+    TAG_BACKENDS,
     TAG_DERIVED_FROM,
+    TAG_ONNX_REFUSED,
     TAG_PARITY,
     TAG_TRAINING_ITERATION,
     TAG_TRAINING_SESSION,
@@ -40,7 +46,7 @@ from registry.model_files import (
 from registry.onnx_export import check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
 from registry.resolve import NAME_PATTERN, download_version, validate_alias, version_uri
-from registry.settings import ClassificationSettings, build_settings, with_overrides
+from registry.settings import DetectionSettings, TaskSettings, build_settings, with_overrides
 from registry.spec import ModelSpec, build_module, make_spec
 from registry.store import experiment_id, open_client, write_lock
 
@@ -69,8 +75,9 @@ class RegisteredVersion:
     name: str
     version: int
     run_id: str
-    onnx_max_abs_diff: float
+    onnx_max_abs_diff: float | None  # None: registered without ONNX (onnx_refused says why)
     alias: str | None = None
+    onnx_refused: str | None = None
 
     @property
     def uri(self) -> str:
@@ -105,6 +112,53 @@ def _check_runs(model: nn.Module, spec: ModelSpec, image_size: int) -> None:
         raise SpecError("the model returns non-finite values (NaN or inf) with these weights")
 
 
+def _check_detector_runs(model: nn.Module, settings: DetectionSettings) -> None:
+    for image in parity_images(settings)[:1]:
+        found = torch_detector(model, "cpu")(image)
+        if not all(np.isfinite(values).all() for values in (found.boxes, found.scores)):
+            raise SpecError("the detector returns non-finite boxes or scores (NaN or inf) with these weights")
+
+
+@dataclass(frozen=True)
+class OnnxOutcome:
+    """What became of a version's ONNX export: its parity with torch, or why it was left out."""
+
+    parity: float | None
+    refused: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        if self.parity is None:
+            return {TAG_BACKENDS: "torch", TAG_ONNX_REFUSED: str(self.refused)}
+        return {TAG_BACKENDS: "onnxruntime,torch", TAG_PARITY: f"{self.parity:.6g}"}
+
+
+def _export_classifier(model: nn.Module, settings: TaskSettings, files: ModelFiles, tolerance: float,
+                       progress: Progress) -> OnnxOutcome:
+    """A classifier's ONNX export and its parity: a mismatch refuses the registration."""
+    with progress.step("Exporting ONNX (dynamic batch and image axes)"):
+        export_onnx(model, settings.valid_crop_size, files.onnx)
+    with progress.step("Checking ONNX Runtime against torch"):
+        parity = parity_max_abs_diff(model, files.onnx, settings.valid_crop_size)
+        check_parity(parity, tolerance)
+    return OnnxOutcome(parity)
+
+
+def _export_detector(model: nn.Module, settings: DetectionSettings, files: ModelFiles, tolerance: float,
+                     progress: Progress) -> OnnxOutcome:
+    """A detector's ONNX export (its settings are part of the graph) and its parity after matching detections;
+    where it does not export faithfully, the version is registered for the torch backend and says why."""
+    try:
+        with progress.step("Exporting ONNX (any image size; the settings are part of the graph)"):
+            export_detector_onnx(model, settings.min_size, files.onnx)
+        with progress.step("Checking ONNX Runtime's detections against torch's"):
+            parity = detector_parity(model, files.onnx, settings)
+            check_parity(parity, tolerance)
+        return OnnxOutcome(parity)
+    except (ParityError, RuntimeError, ValueError, TypeError) as error:  # the exporter's and ONNX Runtime's failures
+        files.onnx.unlink(missing_ok=True)
+        return OnnxOutcome(None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+
+
 def _register_with_retries(client: MlflowClient, name: str, source: str, run_id: str, model_id: str | None,
                            tags: dict[str, str]) -> int:
     """Create the registered model if needed and a new version; concurrent writers each get their own version."""
@@ -125,13 +179,14 @@ def _register_with_retries(client: MlflowClient, name: str, source: str, run_id:
     raise AssertionError("unreachable")
 
 
-def _log_and_register(client: MlflowClient, name: str, files: ModelFiles, spec: ModelSpec, parity: float,
+def _log_and_register(client: MlflowClient, name: str, files: ModelFiles, spec: ModelSpec, onnx: OnnxOutcome,
                       params: dict[str, Any], alias: str | None, extra_tags: dict[str, str]) -> RegisteredVersion:
     """Log ONE pyfunc MLflow model holding `files` to a new run, and register it as a new version of `name`."""
     with write_lock(client.tracking_uri):
         with mlflow.start_run(experiment_id=experiment_id(client), run_name=f"register-{name}") as run:
             mlflow.log_params(params)
-            mlflow.log_metric("onnx_max_abs_diff", parity)
+            if onnx.parity is not None:
+                mlflow.log_metric("onnx_max_abs_diff", onnx.parity)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "no input example": predicting needs a real image
                 info = mlflow.pyfunc.log_model(
@@ -142,11 +197,11 @@ def _log_and_register(client: MlflowClient, name: str, files: ModelFiles, spec: 
                     pip_requirements=_requirements(),
                     metadata={"lantern_spec": spec.model_dump(mode="json")},
                 )
-        tags = {"lantern.arch": spec.arch, "lantern.task": spec.task, TAG_PARITY: f"{parity:.6g}", **extra_tags}
+        tags = {"lantern.arch": spec.arch, "lantern.task": spec.task, **onnx.tags(), **extra_tags}
         version = _register_with_retries(client, name, info.model_uri, run.info.run_id, info.model_id, tags)
         if alias:
             client.set_registered_model_alias(name, alias, str(version))
-    return RegisteredVersion(name, version, run.info.run_id, parity, alias)
+    return RegisteredVersion(name, version, run.info.run_id, onnx.parity, alias, onnx.refused)
 
 
 def register_checkpoint(
@@ -180,22 +235,23 @@ def register_checkpoint(
     with progress.step(f"Rebuilding {arch} and checking the weights fit"):
         model = build_module(spec)
         fit_state_dict(model, state_dict)
-        _check_runs(model, spec, settings.valid_crop_size)
+        if isinstance(settings, DetectionSettings):
+            _check_detector_runs(apply_detection_settings(model, settings), settings)
+        else:
+            _check_runs(model, spec, settings.valid_crop_size)
     workdir = Path(tempfile.mkdtemp(prefix="lantern-register-"))
     try:
         files = ModelFiles.in_dir(workdir)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files.weights))
         write_metadata(files, spec, labels, settings)
-        with progress.step("Exporting ONNX (dynamic batch and image axes)"):
-            export_onnx(model, settings.valid_crop_size, files.onnx)
-        with progress.step("Checking ONNX Runtime against torch"):
-            parity = parity_max_abs_diff(model, files.onnx, settings.valid_crop_size)
-            check_parity(parity, parity_tolerance)
+        onnx = (_export_detector(model, settings, files, parity_tolerance, progress)
+                if isinstance(settings, DetectionSettings) else
+                _export_classifier(model, settings, files, parity_tolerance, progress))
         client = open_client(tracking_uri)
         with progress.step(f"Logging to MLflow and registering {name}"):
             params = {"arch": arch, "task": task, "num_classes": len(labels), "gradcam_layer": spec.gradcam_layer,
                       "checkpoint": Path(checkpoint).name, **settings.model_dump()}
-            return _log_and_register(client, name, files, spec, parity, params, alias, dict(tags or {}))
+            return _log_and_register(client, name, files, spec, onnx, params, alias, dict(tags or {}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -258,24 +314,30 @@ def register_settings_update(
     with progress.step(f"Fetching {name}/{version}"):
         source = download_version(client, version_uri(name, version))
     spec = source.files.read_spec()
-    old_settings: ClassificationSettings = source.files.read_settings(spec.task)
+    old_settings = source.files.read_settings(spec.task)
     settings = with_overrides(old_settings, spec.task, overrides)
     if settings == old_settings:
         raise SpecError(f"the settings of {name}/{version} already have these values; no version registered")
     workdir = Path(tempfile.mkdtemp(prefix="lantern-settings-"))
     try:
         files = ModelFiles.in_dir(workdir)
-        for key in ("weights", "spec", "labels", "onnx"):
+        for key in ("weights", "spec", "labels"):
             shutil.copyfile(getattr(source.files, key), getattr(files, key))
         files.settings.write_text(settings.model_dump_json(indent=2) + "\n")
-        with progress.step(f"Checking ONNX Runtime against torch at {settings.valid_crop_size}px"):
-            model = build_module(spec)
-            fit_state_dict(model, load_state_dict(files.weights))
-            parity = parity_max_abs_diff(model, files.onnx, settings.valid_crop_size)
-            check_parity(parity, parity_tolerance)
+        model = build_module(spec)
+        fit_state_dict(model, load_state_dict(files.weights))
+        if isinstance(settings, DetectionSettings):  # the settings are part of a detector's graph: export it again
+            onnx = _export_detector(apply_detection_settings(model, settings), settings, files, parity_tolerance,
+                                    progress)
+        else:
+            shutil.copyfile(source.files.onnx, files.onnx)
+            with progress.step(f"Checking ONNX Runtime against torch at {settings.valid_crop_size}px"):
+                parity = parity_max_abs_diff(model, files.onnx, settings.valid_crop_size)
+                check_parity(parity, parity_tolerance)
+            onnx = OnnxOutcome(parity)
         with progress.step(f"Logging to MLflow and registering a new version of {name}"):
             params = {"arch": spec.arch, "task": spec.task, "derived_from": f"{name}/{version}", **settings.model_dump()}
-            return _log_and_register(client, name, files, spec, parity, params, None,
+            return _log_and_register(client, name, files, spec, onnx, params, None,
                                      {TAG_DERIVED_FROM: f"{name}/{version}"})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -18,9 +18,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from registry.detectors import apply_detection_settings
 from registry.errors import LanternError, ModelNotFoundError, SpecError
-from registry.model_files import ARTIFACT_KEYS, TAG_DERIVED_FROM, TAG_PARITY, ModelFiles
-from registry.settings import ClassificationSettings
+from registry.model_files import ARTIFACT_KEYS, OPTIONAL_ARTIFACTS, TAG_DERIVED_FROM, TAG_PARITY, ModelFiles
+from registry.settings import DetectionSettings, TaskSettings
 from registry.spec import ModelSpec, build_module
 from registry.store import lantern_home, open_client
 
@@ -128,10 +129,11 @@ def _cache_dir(client: MlflowClient, version: ModelVersion) -> Path:
 def _files_from_mlmodel(model_dir: Path) -> ModelFiles:
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    missing = [key for key in ARTIFACT_KEYS if key not in artifacts]
+    missing = [key for key in ARTIFACT_KEYS if key not in artifacts and key not in OPTIONAL_ARTIFACTS]
     if missing:
         raise LanternError(f"{model_dir} is not a Lantern model: its MLmodel lacks artifacts {missing}")
-    return ModelFiles.from_artifacts({key: str(model_dir / artifacts[key]["path"]) for key in ARTIFACT_KEYS})
+    return ModelFiles.from_artifacts({key: str(model_dir / artifacts[key]["path"]) for key in ARTIFACT_KEYS
+                                      if key in artifacts})
 
 
 def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVersion:
@@ -154,16 +156,17 @@ def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVer
 
 @dataclass
 class ModelBundle:
-    """A loaded registered version: the nn.Module (for explanations), the ONNX file, labels, settings and spec."""
+    """A loaded registered version: the nn.Module (explanations; a detector's torch backend), the ONNX file (None
+    for a detector registered without one), labels, settings and spec."""
 
     name: str
     version: int
     aliases: list[str]
     spec: ModelSpec
     labels: list[str]
-    settings: ClassificationSettings
+    settings: TaskSettings
     module: nn.Module
-    onnx_path: Path
+    onnx_path: Path | None
     files: ModelFiles
     run_id: str | None
     onnx_max_abs_diff: float | None
@@ -188,6 +191,9 @@ def bundle_of(downloaded: DownloadedVersion, device: str = "cpu") -> ModelBundle
     spec = files.read_spec()
     module = build_module(spec)
     fit_state_dict(module, load_state_dict(files.weights))
+    settings = files.read_settings(spec.task)
+    if isinstance(settings, DetectionSettings):
+        apply_detection_settings(module, settings)
     parity = version.tags.get(TAG_PARITY)
     return ModelBundle(
         name=version.name,
@@ -195,7 +201,7 @@ def bundle_of(downloaded: DownloadedVersion, device: str = "cpu") -> ModelBundle
         aliases=list(version.aliases),
         spec=spec,
         labels=files.read_labels(),
-        settings=files.read_settings(spec.task),
+        settings=settings,
         module=module.to(device).eval(),
         onnx_path=files.onnx,
         files=files,

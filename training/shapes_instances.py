@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from skimage.measure import approximate_polygon, find_contours, label
 
+from registry.polygons import mask_polygons
 from registry.settings import DetectionTask
 from training.detection_index import LabelledObject
 from training.shapes import SHAPE_CLASSES, background, draw_shape, random_colour, write_dataset
 
 MIN_VISIBLE_PIXELS = 12  # an object hidden by later ones down to fewer pixels is not labelled
-MIN_PART_PIXELS = 4  # a sliver of an object left between others is not outlined
-POLYGON_TOLERANCE_PX = 0.5  # how far a polygon's simplification may stray from the mask's outline
 SMALL_SHARE = 0.3  # of the objects drawn small (a radius of 3-6 % of the image)
 TOUCHING_SHARE = 0.3  # of the objects (after the first) placed against an earlier one
 
@@ -66,26 +64,6 @@ def _place(rng: np.random.Generator, size: int, radius: float,
         if all(math.hypot(cx - px, cy - py) > (radius + pr) * 1.1 for px, py, pr in placed):
             break
     return float(cx), float(cy)
-
-
-def mask_polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
-    """The outline of each part of `mask` (an object cut in two by a shape drawn over it has two) as flat normalised
-    lists x1, y1, x2, y2, ..., largest first; a pixel spans [i, i + 1), so an outline runs between the object's pixels
-    and the background's. Parts of fewer than MIN_PART_PIXELS are left out."""
-    height, width = mask.shape
-    parts = label(mask, connectivity=1)
-    sizes = np.bincount(parts.ravel())[1:]
-    outlines = []
-    for part in np.argsort(-sizes) + 1:
-        if sizes[part - 1] < MIN_PART_PIXELS:
-            break
-        contours = find_contours(np.pad((parts == part).astype(np.float32), 1), 0.5)
-        outline = approximate_polygon(max(contours, key=len), POLYGON_TOLERANCE_PX)[:-1]  # the last point repeats
-        xs = np.clip((outline[:, 1] - 0.5) / width, 0.0, 1.0)
-        ys = np.clip((outline[:, 0] - 0.5) / height, 0.0, 1.0)
-        if len(outline) >= 3:
-            outlines.append(tuple(float(round(v, 6)) for pair in zip(xs, ys) for v in pair))
-    return tuple(outlines)
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:

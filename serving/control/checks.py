@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from registry.errors import LanternError
 from registry.resolve import download_version, resolve_version, version_uri
-from registry.settings import with_overrides
+from registry.settings import is_detection, with_overrides
 from registry.store import open_client
 from serving.config import ConfigError, DeploymentConfig, EndpointConfig
 
@@ -27,6 +27,14 @@ class CheckedModel:
         return f"{self.version} ({self.arch}, {self.task})"
 
 
+def require_servable_task(uri: str, task: str) -> None:
+    """Refuse a version this server cannot answer for: endpoints serve classification models (detection and
+    instance segmentation train and register, and their pyfunc model answers, but endpoints do not serve them yet)."""
+    if is_detection(task):
+        raise LanternError(f"{uri} is an {task} model; endpoints serve classification models only (multiclass, "
+                           "multilabel) for now: serve a detector with MLflow's pyfunc (mlflow models serve) until then")
+
+
 def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = None,
                      version: str | None = None) -> CheckedModel:
     """The version the deployment serves: `version` when it was pinned to one, else the one `deployment.model` names
@@ -34,6 +42,7 @@ def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = No
     downloaded = download_version(open_client(tracking_uri), version or deployment.model)
     files = downloaded.files
     spec = files.read_spec()
+    require_servable_task(downloaded.uri, spec.task)
     with_overrides(files.read_settings(spec.task), spec.task, deployment.settings)
     return CheckedModel(downloaded.uri, spec.arch, spec.task)
 

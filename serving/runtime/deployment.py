@@ -25,6 +25,7 @@ from registry.settings import ClassificationSettings, with_overrides
 from registry.spec import ModelSpec
 from registry.store import open_client
 from serving.config import DeploymentConfig
+from serving.control.checks import require_servable_task
 from serving.runtime.abandon import make_abandonable
 from serving.runtime.errors import NotReady
 from serving.runtime.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
@@ -169,6 +170,7 @@ class Deployment:
         buckets = shape_buckets(device, config.backend, config.max_batch_size)
         # the pinned version, else the one `model` names now: resolved once, so the key and the load name the same one
         downloaded = download_version(open_client(self.tracking_uri), self.version or config.model)
+        require_servable_task(downloaded.uri, downloaded.files.read_spec().task)
         if self.models is None:
             core = self._load_core(downloaded, device, buckets)
         else:

@@ -33,3 +33,20 @@ class StopAt(Callback):
     def on_batch_end(self, state: TrainState) -> None:
         if state.iteration == self.iteration:
             state.request_stop("test stop")
+
+
+DETECTOR_ARCH = {"object_detection": "small_detector", "instance_segmentation": "small_segmenter"}
+
+
+def train_shapes_detector(folder: Path, task: str, iterations: int, image_size: int = 96, count: int = 160) -> Path:
+    """A small detector (or segmenter) trained on instance shapes under `folder`; returns its session directory."""
+    from training.loop import train
+    from training.shapes_instances import InstanceShapesConfig, write_instance_shapes_dataset
+
+    data = write_instance_shapes_dataset(folder / "data", InstanceShapesConfig(
+        count=count, image_size=image_size, seed=3, max_objects=4, task=task)).parent
+    session_dir = folder / "session"
+    train(session_dir, {"data": str(data), "arch": DETECTOR_ARCH[task], "task": task, "image_size": image_size,
+                        "batch_size": 4, "lr": 0.04},
+          quiet(iterations=iterations, checkpoint_interval=iterations, loader_workers=0))
+    return session_dir

@@ -5,6 +5,7 @@ checkpoint holds."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from registry.errors import LanternError
 from registry.model_files import ModelFiles
+from registry.store import open_client
+from support.common import lantern_executable
 from support.training import StopAt, final_weights, quiet
 from training.loop import train
 from training.session import Session
@@ -115,3 +118,41 @@ def test_detection_sessions_refuse_what_cannot_work(instances: Path, tmp_path: P
     assert "boxes.jsonl:1: label.0.polygon: instance segmentation needs a polygon" in message
     assert train(tmp_path / "boxes", detection_config(index, "object_detection"),
                  quiet(iterations=1, loader_workers=0)).status == "completed"
+
+
+def test_lantern_train_segments_shapes_and_registers_the_best_checkpoint(store: str, tmp_path: Path) -> None:
+    session_dir = tmp_path / "segmenter"
+    done = subprocess.run(
+        [lantern_executable(), "train", "--session-dir", str(session_dir), "--data", "shapes:24", "--task",
+         "instance_segmentation", "--arch", "small_segmenter", "--image-size", "64", "--batch-size", "4",
+         "--iterations", "4", "--checkpoint-interval", "2", "--loader-workers", "0", "--register", "segmenter",
+         "--alias", "champion"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "models:/segmenter/1"
+    assert "Trained to iteration 4" in done.stderr and "val_mask_map" in done.stderr
+    assert "Best checkpoint: iteration" in done.stderr and "(val_map " in done.stderr
+
+    listed = subprocess.run([lantern_executable(), "train", "sessions", str(session_dir), "--json"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    listing = json.loads(listed.stdout)
+    assert listing["config"]["task"] == "instance_segmentation" and listing["config"]["lr"] == 0.02
+    assert [c["iteration"] for c in listing["checkpoints"]] == [2, 4]
+    assert all({"val_map", "val_mask_map", "train_loss_mask"} <= set(c["metrics"]) for c in listing["checkpoints"])
+    table = subprocess.run([lantern_executable(), "train", "sessions", str(session_dir)], capture_output=True,
+                           text=True, timeout=120, check=True).stdout
+    assert "val_map" in table and "val_mask_map" in table
+
+    shown = json.loads(subprocess.run([lantern_executable(), "models", "show", "segmenter@champion", "--json"],
+                                      capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert (shown["spec"]["task"], shown["spec"]["arch"], shown["spec"]["gradcam_layer"]) == (
+        "instance_segmentation", "small_segmenter", None)
+    assert shown["settings"]["min_size"] == 64 and shown["settings"]["max_number_of_polygon_points"] == 100
+    assert shown["training_iteration"] == str(listing["best_iteration"])
+    run = open_client(store).get_run(Session(session_dir).read_meta().mlflow_run_id)
+    assert (run.data.params["arch"], run.data.params["task"]) == ("small_segmenter", "instance_segmentation")
+    assert "val_mask_map" in run.data.metrics
+
+    refused = subprocess.run([lantern_executable(), "train", "--session-dir", str(tmp_path / "x"), "--data",
+                              "shapes:8", "--task", "object_detection", "--arch", "resnet18", "--iterations", "1"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "resnet18 is a classifier; object_detection needs a detector" in refused.stderr
