@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,6 +17,24 @@ from training.session import Session, selection_metric
 DEMO_MODEL = "shapes-demo"
 DEMO_ALIAS = "champion"
 DEMO_TRAINING = {"arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
+
+
+@dataclass(frozen=True)
+class DetectionRecipe:
+    """How the demo detector or segmenter is trained: shapes images drawn, iterations, and the session's config."""
+
+    count: int
+    iterations: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# within 5 minutes of a 2-core CPU each (bench/detection.py measures them)
+DEMO_DETECTION = {
+    "object_detection": DetectionRecipe(2000, 1200, {"arch": "small_detector", "task": "object_detection",
+                                                     "image_size": 128, "batch_size": 8, "lr": 0.04}),
+    "instance_segmentation": DetectionRecipe(2000, 800, {"arch": "small_segmenter", "task": "instance_segmentation",
+                                                         "image_size": 128, "batch_size": 8, "lr": 0.04}),
+}
 
 
 def _train(session_dir: Path, count: int, iterations: int) -> None:

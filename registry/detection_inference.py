@@ -66,22 +66,36 @@ def _kept_masks(parts: list[tuple[RawDetections, int, int]], keep: np.ndarray, w
     return masks
 
 
-def detect(image: torch.Tensor, detector: Detector, settings: DetectionSettings) -> RawDetections:
-    """The detections of `image` (float [3, H, W] in [0, 1]), tiled when the settings ask for it."""
-    whole = detector(image)
-    if settings.tile_grid_size is None:
-        return whole
-    height, width = image.shape[-2:]
-    parts = [(whole, 0, 0)] + [(detector(image[:, y0:y1, x0:x1]), x0, y0)
-                               for x0, y0, x1, y1 in tiles(width, height, settings.tile_grid_size,
-                                                           settings.tile_overlap_ratio)]
+def tile_inputs(image: torch.Tensor, settings: DetectionSettings) -> list[tuple[torch.Tensor, int, int]]:
+    """What the detector runs on for `image`: the whole image, then (with tile_grid_size) each tile, with the
+    position (x0, y0) of its top-left corner."""
+    parts = [(image, 0, 0)]
+    if settings.tile_grid_size is not None:
+        height, width = image.shape[-2:]
+        parts += [(image[:, y0:y1, x0:x1], x0, y0)
+                  for x0, y0, x1, y1 in tiles(width, height, settings.tile_grid_size, settings.tile_overlap_ratio)]
+    return parts
+
+
+def merge_parts(parts: list[tuple[RawDetections, int, int]], settings: DetectionSettings, width: int,
+                height: int) -> RawDetections:
+    """The detections of the whole image and of its tiles (at their positions) as one answer: NMS at
+    tile_predictions_nms_thresh, at most box_detections_per_img. One part (no tiling) is returned as it is."""
+    if len(parts) == 1:
+        return parts[0][0]
     boxes = np.concatenate([found.boxes + np.array([x0, y0, x0, y0], dtype=np.float32) for found, x0, y0 in parts])
     scores = np.concatenate([found.scores for found, _, _ in parts])
     classes = np.concatenate([found.classes for found, _, _ in parts])
     keep = batched_nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(), torch.from_numpy(classes),
                        settings.tile_predictions_nms_thresh)[:settings.box_detections_per_img].numpy()
-    masks = None if whole.masks is None else _kept_masks(parts, keep, width, height)
+    masks = None if parts[0][0].masks is None else _kept_masks(parts, keep, width, height)
     return RawDetections(boxes[keep], scores[keep], classes[keep], masks)
+
+
+def detect(image: torch.Tensor, detector: Detector, settings: DetectionSettings) -> RawDetections:
+    """The detections of `image` (float [3, H, W] in [0, 1]), tiled when the settings ask for it."""
+    parts = [(detector(part), x0, y0) for part, x0, y0 in tile_inputs(image, settings)]
+    return merge_parts(parts, settings, image.shape[-1], image.shape[-2])
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:

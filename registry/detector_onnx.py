@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ IMAGE_INPUT = "image"
 BOX_OUTPUTS = ("boxes", "labels", "scores")
 MASK_OUTPUT = "masks"
 MATCH_IOU = 0.5  # a torch detection and an ONNX one of the same class overlapping this much are the same object
+EXPORTING = threading.Lock()  # torch's exporter keeps global state: one export at a time in a process
 
 
 def export_detector_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
@@ -35,7 +37,7 @@ def export_detector_onnx(model: nn.Module, image_size: int, path: str | Path) ->
         model.roi_heads.mask_head is not None else list(BOX_OUTPUTS)
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), warnings.catch_warnings():
+    with EXPORTING, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, ([torch.rand(3, image_size, image_size)],), str(path), dynamo=False,
                           opset_version=OPSET, input_names=[IMAGE_INPUT], output_names=outputs,

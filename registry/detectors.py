@@ -17,6 +17,7 @@ SMALL_ANCHOR_SIZES = (8, 16, 32, 64)  # pixels: the shapes data's objects are 8-
 SMALL_BOX_FEATURES = 256
 SMALL_MASK_CHANNELS = 64
 SMALL_MIN_SIZE = 128  # the shapes data's default image size
+SMALL_SAMPLING_RATIO = 1  # RoIAlign's samples per bin side: its backward pass is most of a CPU training step
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _small(masks: bool) -> Callable[[int], nn.Module]:
 
         backbone = _small_backbone()
         parts = {"rpn_anchor_generator": AnchorGenerator((SMALL_ANCHOR_SIZES,), ((0.5, 1.0, 2.0),)),
-                 "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2), "min_size": SMALL_MIN_SIZE,
+                 "box_roi_pool": MultiScaleRoIAlign(["0"], 7, SMALL_SAMPLING_RATIO), "min_size": SMALL_MIN_SIZE,
                  "max_size": 2 * SMALL_MIN_SIZE,
                  # a box head of 256 features (torchvision's has 1024): half the training step on the CPU
                  "box_head": TwoMLPHead(backbone.out_channels * 7 * 7, SMALL_BOX_FEATURES),
@@ -68,7 +69,7 @@ def _small(masks: bool) -> Callable[[int], nn.Module]:
                  "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 300,
                  "rpn_post_nms_top_n_test": 100, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 64}
         if masks:  # a mask head of two 64-channel convolutions (torchvision's: four of 256)
-            return MaskRCNN(backbone, None, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+            return MaskRCNN(backbone, None, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, SMALL_SAMPLING_RATIO),
                             mask_head=MaskRCNNHeads(backbone.out_channels, (SMALL_MASK_CHANNELS,) * 2, 1),
                             mask_predictor=MaskRCNNPredictor(SMALL_MASK_CHANNELS, SMALL_MASK_CHANNELS,
                                                              num_classes + 1), **parts)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from registry.errors import LanternError
 from registry.resolve import download_version, resolve_version, version_uri
-from registry.settings import is_detection, with_overrides
+from registry.settings import with_overrides
 from registry.store import open_client
 from serving.config import ConfigError, DeploymentConfig, EndpointConfig
 
@@ -27,14 +27,6 @@ class CheckedModel:
         return f"{self.version} ({self.arch}, {self.task})"
 
 
-def require_servable_task(uri: str, task: str) -> None:
-    """Refuse a version this server cannot answer for: endpoints serve classification models (detection and
-    instance segmentation train and register, and their pyfunc model answers, but endpoints do not serve them yet)."""
-    if is_detection(task):
-        raise LanternError(f"{uri} is an {task} model; endpoints serve classification models only (multiclass, "
-                           "multilabel) for now: serve a detector with MLflow's pyfunc (mlflow models serve) until then")
-
-
 def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = None,
                      version: str | None = None) -> CheckedModel:
     """The version the deployment serves: `version` when it was pinned to one, else the one `deployment.model` names
@@ -42,7 +34,6 @@ def check_deployment(deployment: DeploymentConfig, tracking_uri: str | None = No
     downloaded = download_version(open_client(tracking_uri), version or deployment.model)
     files = downloaded.files
     spec = files.read_spec()
-    require_servable_task(downloaded.uri, spec.task)
     with_overrides(files.read_settings(spec.task), spec.task, deployment.settings)
     return CheckedModel(downloaded.uri, spec.arch, spec.task)
 
@@ -57,19 +48,43 @@ def pinned_version(model: str, tracking_uri: str | None = None) -> str | None:
     return version_uri(version.name, version.version)
 
 
+def version_task(version: str, tracking_uri: str | None = None) -> str:
+    """The task of a registered version (`models:/NAME/N`; its files are cached once downloaded)."""
+    return download_version(open_client(tracking_uri), version).files.read_spec().task
+
+
+def mixed_tasks_problem(tasks: dict[str, str], split: str) -> str | None:
+    """Why deployments of these tasks (by name) cannot share `split`: they answer in different formats."""
+    by_task: dict[str, list[str]] = {}
+    for name, task in sorted(tasks.items()):
+        by_task.setdefault(task, []).append(name)
+    if len(by_task) < 2:
+        return None
+    named = "; ".join(f"{', '.join(names)} serve {task}" for task, names in by_task.items())
+    return (f"{split} goes to deployments of one task, which answer in one format: {named}. Pin a request to a "
+            "deployment (x-lantern-deployment) to reach one of another task")
+
+
 def check_against_registry(config: EndpointConfig, tracking_uri: str | None = None,
                            versions: dict[str, str | None] | None = None) -> list[str]:
     """One line per deployment: its version (`versions`: those the deployments were pinned to); a ConfigError names
-    every model that does not resolve and every settings override the version's task does not accept."""
-    problems, lines = [], []
+    every model that does not resolve, every settings override the version's task does not accept, and a traffic
+    split over deployments of different tasks."""
+    problems, lines, tasks = [], [], {}
     for deployment in config.deployments:
         version = (versions or {}).get(deployment.name)
         try:
             checked = check_deployment(deployment, tracking_uri, version)
             lines.append(f"{deployment.name}: {deployment.model} -> {checked.describe()}"
                          f"{pin_note(deployment, version, tracking_uri)}")
+            tasks[deployment.name] = checked.task
         except LanternError as error:
             problems.append(f"deployment {deployment.name}: {error}")
+    split = {name for shares in (config.traffic, config.mirror_traffic) for name, percent in shares.items() if percent}
+    mixed = mixed_tasks_problem({name: task for name, task in tasks.items() if name in split},
+                                "the traffic (live and mirrored)")
+    if mixed:
+        problems.append(mixed)
     if problems:
         raise ConfigError("; ".join(problems))
     return lines

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 from registry.errors import LanternError
 from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.auth import KeyKind, key_digest, regenerate_key
-from serving.control.checks import check_deployment
+from serving.control.checks import check_deployment, mixed_tasks_problem, version_task
 from serving.control.counters import DeploymentCounters, deployment_counters
 from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, UnknownDeployment
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
@@ -239,6 +239,9 @@ class Control:
             version = self._check_model(config, None if resolve else record.model_version)
             if config == record.config and version == record.model_version:
                 return self.deployment(name)  # its alias names the version it serves
+            if version != record.model_version:
+                current = self.current()
+                self._one_task(current, current.traffic, current.mirror_traffic, {name: version})
 
             def mutate(state: EndpointState, read: DeploymentRecord = record, config: DeploymentConfig = config,
                        version: str | None = version) -> EndpointState:
@@ -277,10 +280,28 @@ class Control:
 
         return self._changed(self.store.change(mutate, f"removed deployment {name}"))
 
+    def _one_task(self, state: EndpointState, traffic: dict[str, int], mirror: dict[str, int],
+                  versions: dict[str, str] | None = None) -> None:
+        """Refuse a split (live and mirrored) over deployments of different tasks: they answer in different formats.
+        `versions`: deployments about to serve another version than their record's."""
+        split = {name for shares in (traffic, mirror) for name, percent in shares.items() if percent}
+        tasks = {}
+        for record in state.deployments:
+            version = (versions or {}).get(record.config.name, record.model_version)
+            if record.config.name in split and version is not None:
+                try:
+                    tasks[record.config.name] = version_task(version, self.endpoint.tracking_uri)
+                except LanternError:
+                    continue  # a version gone from the registry: its deployment fails to load, saying why
+        problem = mixed_tasks_problem(tasks, "the traffic (live and mirrored)")
+        if problem:
+            raise InvalidDeployment(problem + ". Nothing changed", "mixed_tasks")
+
     def set_traffic(self, traffic: dict[str, int]) -> EndpointState:
         """Replace the live split (deployments left out get 0 %); a deployment whose share grows must be ready in
-        every worker."""
+        every worker, and every deployment with a share serve one task."""
         current, workers = self.current(), self.workers()
+        self._one_task(current, {name: 0 for name in current.names} | traffic, current.mirror_traffic)
         ready = {r.config.name: self.deployment_view(r, current, workers, {}) for r in current.deployments}
 
         def mutate(state: EndpointState) -> EndpointState:
@@ -302,7 +323,10 @@ class Control:
         return self._changed(self.store.change(mutate, f"traffic set to {split}"))
 
     def set_mirror(self, mirror: dict[str, int]) -> EndpointState:
-        """Replace the mirrored share (one deployment at most, at most 50 %, with no live traffic)."""
+        """Replace the mirrored share (one deployment at most, at most 50 %, with no live traffic, of the live
+        deployments' task)."""
+        current = self.current()
+        self._one_task(current, current.traffic, mirror)
 
         def mutate(state: EndpointState) -> EndpointState:
             state.mirror_traffic = {name: percent for name, percent in mirror.items()}

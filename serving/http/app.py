@@ -18,6 +18,7 @@ from serving.http.openapi import ANSWERED_BY, ERRORS, EXPLAINED_BY, SCORED_BY, o
 from serving.http.page import POLICY, render_page
 from serving.http.predict import predict
 from serving.http.schemas import (
+    DetectionScoreItem,
     ExplainRequest,
     ExplainResponse,
     PredictResponse,
@@ -52,12 +53,13 @@ def build_app() -> FastAPI:
             return method_not_allowed(request.method, request.url.path, allowed, others).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
-    @app.post("/score", responses={200: {"model": list[ScoreItem], "headers": {**EXPLAINED_BY, **SCORED_BY}},
+    @app.post("/score", responses={200: {"model": list[ScoreItem] | list[DetectionScoreItem], "headers": {**EXPLAINED_BY, **SCORED_BY}},
                                    **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": inline_schema(ScoreRequest)}}}})
     async def score_route(request: Request) -> Response:
-        """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request."""
+        """Score images in the cloud's format (SPEC.md section 3): one item per image, explanations on request (a
+        classifier's; a detector answers boxes)."""
         return await score(request)
 
     @app.post("/predict", responses={200: {"model": PredictResponse, "headers": ANSWERED_BY}, **ERRORS},

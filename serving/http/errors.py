@@ -95,6 +95,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     runtime.ImageTooLarge: Answer(413),
     runtime.UnreadableImage: Answer(415),
     runtime.InvalidExplanation: Answer(422),
+    runtime.NotExplainable: Answer(422),
     runtime.ModelFailed: Answer(424),
     runtime.Busy: Answer(429, headers=RETRY_SOON),
     runtime.NotReady: Answer(503, headers={"Retry-After": "5"}),

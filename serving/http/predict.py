@@ -1,4 +1,5 @@
-"""`/predict`: top-k labels with probabilities for one or more images (multipart field `images`, or a raw body)."""
+"""`/predict`: top-k labels with probabilities (a detector: its boxes) for one or more images (multipart field
+`images`, or a raw body)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ async def predict_work(endpoint: Endpoint, context: Context, request: Request) -
     inference = endpoint.inference
     prepared = await inference.prepare(context.instance, images)
     deployment = context.deployment
-    labels = deployment.require_model().bundle.labels
+    model = deployment.require_model()
+    labels = model.bundle.labels
     inference.mirror(context.mirror, images, "/predict")
+    if model.detects:
+        return json_response(PredictResponse(deployment=deployment.name, model_version=deployment.model_version or "",
+                                             predictions=await inference.detect(context.instance, prepared)))
     predictions = await inference.predict(context.instance, prepared)
     items = []
     for prediction in predictions:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from explain.encoding import AttributionEncoding
 from explain.params import ExplainError, Method, inapplicable_params, parse_params
+from registry.detection_answers import DetectedObject, DetectionAnswer
 from serving.config import Strict, describe_fields
 from serving.http.errors import bad_request, too_many_images, unprocessable
 
@@ -126,6 +127,15 @@ class ScoreItem(BaseModel):
     model_version: str
 
 
+class DetectionScoreItem(BaseModel):
+    """One image's answer from a detector: its detections (normalised boxes, label, score; polygons for instance
+    segmentation), highest score first."""
+
+    boxes: list[DetectedObject]
+    deployment: str
+    model_version: str
+
+
 class PredictQuery(Strict):
     """The query of `POST /predict`: `?top_k=3` (an unknown or misspelt parameter is an error, not ignored)."""
 
@@ -147,7 +157,8 @@ class PredictResponse(BaseModel):
 
     deployment: str
     model_version: str
-    predictions: list[PredictItem]
+    predictions: list[PredictItem] | list[DetectionAnswer] = Field(
+        description="a classifier's top labels, or a detector's boxes, per image")
 
 
 class ExplainRequest(Strict):

@@ -14,9 +14,10 @@ from serving.http.guard import Context, handle, parse_body
 from serving.http.inputs import media_type
 from serving.http.json_answer import json_response
 from serving.http.openapi import IGNORED_PARAMETERS
-from serving.http.schemas import ScoreItem, ScoreRow, XaiParameters, read_score_rows
+from serving.http.schemas import DetectionScoreItem, ScoreItem, ScoreRow, XaiParameters, read_score_rows
 from serving.runtime.endpoint import Endpoint
 from serving.runtime.images import EncodedImage
+from serving.runtime.inference import not_explainable
 
 
 async def score(request: Request) -> Response:
@@ -46,13 +47,21 @@ async def score(request: Request) -> Response:
     return await handle(request, "/score", wants_explanation, work)
 
 
-async def score_rows(endpoint: Endpoint, context: Context, rows: list[ScoreRow]) -> list[ScoreItem]:
+async def score_rows(endpoint: Endpoint, context: Context,
+                     rows: list[ScoreRow]) -> list[ScoreItem] | list[DetectionScoreItem]:
     deployment = context.deployment
     inference = endpoint.inference
+    model = deployment.require_model()
+    if model.detects and any(row.wants_explanation for row in rows):
+        raise not_explainable(deployment)
     images = [EncodedImage(row.image_base64, f"input_data.data[{i}]") for i, row in enumerate(rows)]
     prepared = await inference.prepare(context.instance, images)
-    model = deployment.require_model()
     inference.mirror(context.mirror, images, "/score")
+    version = deployment.model_version or ""
+    if model.detects:
+        answers = await inference.detect(context.instance, prepared)
+        return [DetectionScoreItem(boxes=answer.boxes, deployment=deployment.name, model_version=version)
+                for answer in answers]
     predictions = await inference.predict(context.instance, prepared,
                                           [row.confidence_score_threshold_multilabel for row in rows])
     multilabel = model.bundle.spec.task == "multilabel"

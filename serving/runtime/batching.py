@@ -21,10 +21,10 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, O
 
 from registry.devices import device_key
 from serving.config import DeploymentConfig
-from serving.runtime.deployment import Deployment
+from serving.runtime.deployment import Deployment, in_graph
 from serving.runtime.errors import NotAnswering, Overloaded
 from serving.runtime.metrics import metrics
-from serving.runtime.predictors import Predictor, submit_rows
+from serving.runtime.predictors import Predictor
 
 logger = logging.getLogger("lantern.serving")
 RECHECK_S = 0.05  # while the device is busy, the queue's max_latency_ms check runs at least this often
@@ -193,7 +193,7 @@ class BatchedPredictor:
         also after liveness probes have reloaded the model."""
         started = time.monotonic()
         try:
-            logits = await asyncio.wait_for(asyncio.wrap_future(submit_rows(predictor, rows)), self._call_limit_s)
+            logits = await asyncio.wait_for(asyncio.wrap_future(predictor.submit(rows)), self._call_limit_s)
         except TimeoutError:
             logger.warning("deployment %s: a model call of %d image(s) did not answer within max_latency_ms (%.0f ms);"
                            " its images get a 503 and the device goes on to the next batch", ", ".join(names),
@@ -257,7 +257,8 @@ class SharedBatchers:
     def key(deployment: Deployment) -> tuple:
         """What a batch's model call depends on, for a loaded deployment."""
         model, config = deployment.require_model(), deployment.config
-        return (model.bundle.uri, model.predictor.description, device_key(config.device), model.preprocess.crop_size,
+        shape = model.preprocess.crop_size if model.preprocess is not None else in_graph(model.settings)
+        return (model.bundle.uri, model.predictor.description, device_key(config.device), shape,
                 config.max_batch_size, config.max_latency_ms)
 
     def acquire(self, user: object, deployment: Deployment) -> tuple[tuple, BatchedPredictor]:

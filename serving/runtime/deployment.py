@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,19 +20,21 @@ from PIL import Image
 from explain.attribute import Explanation, attribute
 from explain.layout import fastest_layout
 from explain.params import GUIDED_METHODS
+from registry.detection_answers import RawDetections
+from registry.detector_onnx import export_detector_onnx
+from registry.detectors import apply_detection_settings
 from registry.devices import device_key, torch_device
 from registry.errors import LanternError
 from registry.postprocess import predicted_from_logits, predicted_indices, probabilities
 from registry.preprocess import Preprocess
 from registry.resolve import DownloadedVersion, ModelBundle, bundle_of, download_version
-from registry.settings import ClassificationSettings, with_overrides
+from registry.settings import ClassificationSettings, DetectionSettings, TaskSettings, with_overrides
 from registry.spec import ModelSpec
 from registry.store import open_client
 from serving.config import DeploymentConfig
-from serving.control.checks import require_servable_task
 from serving.runtime.abandon import make_abandonable
 from serving.runtime.errors import NotReady
-from serving.runtime.predictors import OnnxPredictor, Predictor, TorchPredictor, shape_buckets
+from serving.runtime.predictors import DetectorPredictor, OnnxPredictor, Predictor, TorchPredictor, shape_buckets
 from serving.runtime.shared_models import GuidedCopy, ModelCore, SharedModels
 
 logger = logging.getLogger("lantern.serving")
@@ -45,14 +51,35 @@ class Prediction:
 
 @dataclass
 class LoadedModel:
-    """What a ready deployment serves with."""
+    """What a ready deployment serves with: a classifier's preprocessing, or a detector's settings (no preprocessing:
+    the detector resizes its inputs itself)."""
 
     bundle: ModelBundle
-    settings: ClassificationSettings
-    preprocess: Preprocess
+    settings: TaskSettings
+    preprocess: Preprocess | None
     predictor: Predictor
     explain_device: torch.device
     guided: GuidedCopy  # the module's copy that guided methods hook
+
+    @property
+    def detects(self) -> bool:
+        """Whether the model answers boxes (object detection, instance segmentation)."""
+        return isinstance(self.settings, DetectionSettings)
+
+    def probe_image(self) -> np.ndarray:
+        """An input the backend must answer: a black crop (float32) for a classifier, a black uint8 image of the
+        detector's size for a detector."""
+        if isinstance(self.settings, DetectionSettings):
+            return np.zeros((3, self.settings.min_size, self.settings.min_size), np.uint8)
+        crop = self.settings.valid_crop_size
+        return np.zeros((3, crop, crop), np.float32)
+
+    @staticmethod
+    def finite(answer: np.ndarray | list[RawDetections]) -> bool:
+        """Whether a backend's answer holds only finite numbers (logits, or detections' boxes and scores)."""
+        if isinstance(answer, np.ndarray):
+            return bool(np.all(np.isfinite(answer)))
+        return all(np.isfinite(found.boxes).all() and np.isfinite(found.scores).all() for found in answer)
 
 
 def explain_version(module: torch.nn.Module, spec: ModelSpec, settings: ClassificationSettings, x: torch.Tensor,
@@ -67,6 +94,24 @@ def explain_version(module: torch.nn.Module, spec: ModelSpec, settings: Classifi
     return attribute(module, x, method, params, targets=predicted if targets is None else targets,
                      gradcam_layer=spec.gradcam_layer, mean=spec.normalize_mean, std=spec.normalize_std,
                      image=np.asarray(cropped))
+
+
+def in_graph(settings: DetectionSettings) -> tuple:
+    """The settings a detector's ONNX export holds in its graph."""
+    return (settings.min_size, settings.max_size, settings.box_score_thresh, settings.nms_iou_thresh,
+            settings.box_detections_per_img)
+
+
+def exported_with(module: torch.nn.Module, folder: Path, settings: DetectionSettings) -> Path:
+    """The ONNX export of a detector (`module`, with `settings` applied) beside its version's files, made once per
+    settings (a file of each worker's is written whole, then moved into place)."""
+    name = "model-" + hashlib.sha256(repr(in_graph(settings)).encode()).hexdigest()[:12] + ".onnx"
+    path = folder / name
+    if not path.is_file():
+        staging = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
+        export_detector_onnx(copy.deepcopy(module).cpu(), settings.min_size, staging)
+        os.replace(staging, path)
+    return path
 
 
 def freeze_long_lived_objects() -> None:
@@ -170,15 +215,16 @@ class Deployment:
         buckets = shape_buckets(device, config.backend, config.max_batch_size)
         # the pinned version, else the one `model` names now: resolved once, so the key and the load name the same one
         downloaded = download_version(open_client(self.tracking_uri), self.version or config.model)
-        require_servable_task(downloaded.uri, downloaded.files.read_spec().task)
+        spec = downloaded.files.read_spec()
+        settings = with_overrides(downloaded.files.read_settings(spec.task), spec.task, config.settings)
         if self.models is None:
-            core = self._load_core(downloaded, device, buckets)
+            core = self._load_core(downloaded, device, buckets, settings)
         else:
-            spec = downloaded.files.read_spec()
-            # the crop in force: the warm-up and a GPU's sessions see that input size
-            crop = with_overrides(downloaded.files.read_settings(spec.task), spec.task, config.settings).valid_crop_size
-            key = (downloaded.uri, config.backend, device_key(config.device), buckets, crop)
-            core = self.models.acquire(key, self, lambda: self._load_core(downloaded, device, buckets),
+            # the crop in force (the warm-up and a GPU's sessions see that input size); a detector's settings that
+            # are part of its graph
+            shape = in_graph(settings) if isinstance(settings, DetectionSettings) else settings.valid_crop_size
+            key = (downloaded.uri, config.backend, device_key(config.device), buckets, shape)
+            core = self.models.acquire(key, self, lambda: self._load_core(downloaded, device, buckets, settings),
                                        avoid=self._core if fresh else None)
         with self._lifecycle:
             unloaded = self._unloads != unloads
@@ -190,25 +236,47 @@ class Deployment:
         if previous is not None and previous is not core and self.models is not None:
             self.models.release(previous, self)  # a reload: the old one is dropped, not closed (it may be stuck)
         bundle = core.bundle
-        settings = with_overrides(bundle.settings, bundle.spec.task, config.settings)
-        model = LoadedModel(bundle, settings, Preprocess.for_model(bundle.spec, settings), core.predictor, device,
-                            core.guided)
+        preprocess = None if isinstance(settings, DetectionSettings) else Preprocess.for_model(bundle.spec, settings)
+        model = LoadedModel(bundle, settings, preprocess, core.predictor, device, core.guided)
         self._warm_up(model)
         return model
 
-    def _load_core(self, downloaded: DownloadedVersion, device: torch.device,
-                   buckets: tuple[int, ...] | None) -> ModelCore:
+    def _load_core(self, downloaded: DownloadedVersion, device: torch.device, buckets: tuple[int, ...] | None,
+                   settings: TaskSettings) -> ModelCore:
         """The version's module (for explanations) and its predictor, on `device`."""
         bundle = bundle_of(downloaded, device=str(device))
+        if isinstance(settings, DetectionSettings):
+            return ModelCore(bundle, self._detector_predictor(bundle, device, settings))
         fastest_layout(bundle.module)  # channels-last on the CPU: explanations' gradient passes 20-40 % faster
         make_abandonable(bundle.module)
         predictor: Predictor = (OnnxPredictor(bundle.onnx_path, device, buckets=buckets)
                                 if self.config.backend == "onnxruntime" else TorchPredictor(bundle.module, device))
         return ModelCore(bundle, predictor)
 
+    def _detector_predictor(self, bundle: ModelBundle, device: torch.device,
+                            settings: DetectionSettings) -> DetectorPredictor:
+        """The detector with the deployment's settings: the torch module with them applied, or the version's ONNX
+        export (exported again, once per version and settings, where the deployment overrides settings that are part
+        of its graph)."""
+        module = apply_detection_settings(bundle.module, settings)  # shared only with deployments of these settings
+        if self.config.backend == "torch":
+            return DetectorPredictor.torch(module, device)
+        if bundle.onnx_path is None:
+            raise LanternError(f"{bundle.uri} has no ONNX export (it did not export faithfully: see `lantern models "
+                               f"show {bundle.name}/{bundle.version}`); serve it with backend: torch")
+        path = bundle.onnx_path
+        if in_graph(settings) != in_graph(bundle.settings):
+            path = exported_with(module, bundle.onnx_path.parent, settings)
+        return DetectorPredictor.onnx(path, device)
+
     def _warm_up(self, model: LoadedModel) -> None:
         """Run the backend on a batch of 1 and a larger one (on a GPU, every batch size it runs), and the module once,
         before taking traffic."""
+        if model.detects:
+            for count in sorted({1, min(self.config.max_batch_size, 2)}):
+                if not model.finite(model.predictor([model.probe_image()] * count)):
+                    raise LanternError("the detector answers non-finite boxes or scores for a black image")
+            return
         crop = model.settings.valid_crop_size
         for size in model.predictor.buckets or sorted({1, min(self.config.max_batch_size, 8)}):
             logits = model.predictor(np.zeros((size, 3, crop, crop), dtype=np.float32))

@@ -51,6 +51,12 @@ class InvalidExplanation(ServingError):
     code = "invalid_explanation"
 
 
+class NotExplainable(ServingError):
+    """An explanation asked of a deployment whose model has none to give (a detector)."""
+
+    code = "not_explainable"
+
+
 class TimedOut(ServingError):
     """The request did not finish within `request_timeout_ms`; its work was abandoned."""
 

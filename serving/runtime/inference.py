@@ -14,16 +14,27 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from explain.attribute import Explanation
 from explain.cpu_threads import limit_this_thread
 from explain.params import ExplainError
+from registry.detection_answers import DetectionAnswer, detection_answer
+from registry.detection_inference import decode_side, merge_parts, tile_inputs
 from serving.config import Limits
 from serving.runtime.abandon import Abandoned, CancelToken, running_under
 from serving.runtime.batching import Job
-from serving.runtime.deployment import Prediction
-from serving.runtime.errors import InvalidExplanation, Overloaded, ServingError, Unavailable, model_failure
+from serving.runtime.deployment import Deployment, Prediction
+from serving.runtime.errors import (
+    InvalidExplanation,
+    NotExplainable,
+    Overloaded,
+    ServingError,
+    Unavailable,
+    model_failure,
+)
 from serving.runtime.images import EncodedImage
 from serving.runtime.instance import DeploymentInstance
 from serving.runtime.limits import Admission
@@ -36,11 +47,18 @@ WORK_THREADS = 8  # decoding, parsing large bodies, encoding answers
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request's images as its deployment's model sees them: each one's center crop (what explanations are drawn
-    on) and the model input made from it ([3, crop, crop] float32, normalised)."""
+    """A request's images as its deployment's model sees them: for a classifier each one's center crop (what
+    explanations are drawn on) and the model input made from it ([3, crop, crop] float32, normalised); for a
+    detector no crops, and each whole image ([3, H, W] uint8: the detector resizes it)."""
 
     crops: list[Image.Image]
     pixels: list[np.ndarray]
+
+
+def not_explainable(deployment: Deployment) -> NotExplainable:
+    model = deployment.require_model()
+    return NotExplainable(f"explanations are for classification models; deployment {deployment.name} serves "
+                          f"{model.bundle.uri}, an {model.bundle.spec.task} model")
 
 
 class Inference:
@@ -68,10 +86,14 @@ class Inference:
         """A request's images decoded, cropped and normalised for `instance`'s model in one trip to the work pool.
         One image at a time: only its crop is kept, so a request of 64 images of 40 M pixels holds one decoded image
         (120 MB), not all 64."""
-        preprocess = instance.deployment.require_model().preprocess
+        model = instance.deployment.require_model()
+        preprocess = model.preprocess
         max_pixels = self.limits.max_image_pixels
 
         def run() -> Prepared:
+            if preprocess is None:  # a detector
+                side = decode_side(model.settings)
+                return Prepared([], [pil_to_tensor(image.decode(max_pixels, side)).numpy() for image in images])
             crops, pixels = [], []
             for image in images:
                 crop = preprocess.crop(image.decode(max_pixels, preprocess.resize_size))
@@ -87,18 +109,18 @@ class Inference:
     async def crop(self, instance: DeploymentInstance, image: EncodedImage) -> Image.Image:
         """One image decoded and center-cropped as `instance`'s model sees it (what an explanation is drawn on)."""
         preprocess = instance.deployment.require_model().preprocess
+        if preprocess is None:
+            raise not_explainable(instance.deployment)
         max_pixels = self.limits.max_image_pixels
         return await self.in_thread(lambda: preprocess.crop(image.decode(max_pixels, preprocess.resize_size)))
 
-    async def predict(self, instance: DeploymentInstance, prepared: Prepared,
-                      threshold: list[float | None] | None = None) -> list[Prediction]:
-        """Predictions for prepared images, each batched adaptively with other requests' images."""
+    async def _batched(self, instance: DeploymentInstance, rows: list[np.ndarray]) -> list[Any]:
+        """The backend's answer for each row, each batched adaptively with other requests' rows."""
         deployment = instance.deployment
-        pixels = prepared.pixels
         try:
             predictor = deployment.require_model().predictor
-            logits = await asyncio.gather(*(instance.batcher.logits(Job(p, deployment.name, predictor))
-                                            for p in pixels))
+            return await asyncio.gather(*(instance.batcher.logits(Job(row, deployment.name, predictor))
+                                          for row in rows))
         except Overloaded:
             raise Overloaded(f"deployment {deployment.name} could not batch this request within its max_latency_ms "
                              f"({deployment.config.max_latency_ms} ms)") from None
@@ -106,9 +128,46 @@ class Inference:
             raise
         except Exception as error:  # noqa: BLE001 - the model failed on this input
             raise model_failure(deployment.name, error) from None
+
+    async def predict(self, instance: DeploymentInstance, prepared: Prepared,
+                      threshold: list[float | None] | None = None) -> list[Prediction]:
+        """A classifier's predictions for prepared images, each batched adaptively with other requests' images."""
+        deployment = instance.deployment
+        pixels = prepared.pixels
+        logits = await self._batched(instance, pixels)
         metrics().images.labels(deployment.name).inc(len(pixels))
         thresholds = threshold or [None] * len(pixels)
         return [deployment.postprocess(row[None], t)[0] for row, t in zip(logits, thresholds)]
+
+    async def detect(self, instance: DeploymentInstance, prepared: Prepared) -> list[DetectionAnswer]:
+        """A detector's answers for prepared images: each image (and each of its tiles, when the settings tile it)
+        batched adaptively with other requests' images; tiles merged, answers made (polygons traced) in the work
+        pool."""
+        deployment = instance.deployment
+        model = deployment.require_model()
+        settings, labels = model.settings, model.bundle.labels
+        parts = [tile_inputs(torch.from_numpy(pixels), settings) for pixels in prepared.pixels]
+        found = await self._batched(instance, [np.ascontiguousarray(part.numpy())
+                                               for image_parts in parts for part, _, _ in image_parts])
+        metrics().images.labels(deployment.name).inc(len(prepared.pixels))
+
+        def answers() -> list[DetectionAnswer]:
+            out, start = [], 0
+            for pixels, image_parts in zip(prepared.pixels, parts):
+                placed = [(found[start + i], x0, y0) for i, (_, x0, y0) in enumerate(image_parts)]
+                start += len(image_parts)
+                height, width = pixels.shape[1:]
+                out.append(detection_answer(merge_parts(placed, settings, width, height), labels, width, height,
+                                            settings))
+            return out
+
+        return await self.in_thread(answers)
+
+    async def answer(self, instance: DeploymentInstance, prepared: Prepared) -> list[Prediction] | list[DetectionAnswer]:
+        """What `instance`'s model answers for prepared images: predictions, or detections."""
+        if instance.deployment.require_model().detects:
+            return await self.detect(instance, prepared)
+        return await self.predict(instance, prepared)
 
     def mirror(self, target: DeploymentInstance | None, images: Sequence[EncodedImage], route: str) -> None:
         """Send a copy of a request's images to the mirrored deployment in the background; its answer is only
@@ -125,7 +184,7 @@ class Inference:
         timeout = target.config.request_settings.request_timeout_ms / 1000
 
         async def copy() -> None:  # its own preprocessing: the mirrored version may have other settings
-            await self.predict(target, await self.prepare(target, images))
+            await self.answer(target, await self.prepare(target, images))
 
         try:
             with target.serving():
@@ -149,6 +208,8 @@ class Inference:
                       threshold: float | None = None) -> Explanation:
         """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled)."""
         deployment = instance.deployment
+        if deployment.require_model().detects:
+            raise not_explainable(deployment)
 
         def run() -> Explanation:
             outcome = "failed"

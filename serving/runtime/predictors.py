@@ -1,4 +1,5 @@
-"""The prediction backends of a deployment: an ONNX Runtime session, or the torch module itself."""
+"""The prediction backends of a deployment: an ONNX Runtime session, or the torch module itself; for a detector,
+either of them run on lists of images of any size."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from registry.detection_answers import RawDetections
+from registry.detection_inference import Detector, raw_detections, torch_detector
+from registry.detector_onnx import onnx_detector
 from registry.errors import LanternError
 from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
 from serving.config import WORKERS_ENV
@@ -22,7 +26,8 @@ from serving.config import WORKERS_ENV
 
 class Predictor(Protocol):
     """Logits [N, classes] for a normalised float32 batch [N, 3, H, W]; `buckets`: the batch sizes it runs (a batch
-    is padded up to the next one), or None for any size."""
+    is padded up to the next one), or None for any size. A detector's answers one RawDetections per image of a list
+    of uint8 [3, H, W] images."""
 
     device: str
     description: str
@@ -33,6 +38,10 @@ class Predictor(Protocol):
 
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
         """The logits of a float32 batch, run on the calling thread: only the predictor's own thread calls it."""
+        ...
+
+    def submit(self, rows: Sequence[np.ndarray]) -> Future:
+        """The answers for `rows` (one per image), computed on the predictor's own thread."""
         ...
 
 
@@ -130,6 +139,9 @@ class OnnxPredictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.thread.run(self.run_batch, np.ascontiguousarray(batch, dtype=np.float32))
 
+    def submit(self, rows: Sequence[np.ndarray]) -> Future[np.ndarray]:
+        return submit_rows(self, rows)
+
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
         if self.buckets is None:
             return self.sessions[None].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
@@ -156,10 +168,56 @@ class TorchPredictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.thread.run(self.run_batch, np.ascontiguousarray(batch, dtype=np.float32))
 
+    def submit(self, rows: Sequence[np.ndarray]) -> Future[np.ndarray]:
+        return submit_rows(self, rows)
+
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(batch).to(self.torch_device))
         return logits.float().cpu().numpy()
+
+
+class DetectorPredictor:
+    """A detector with the deployment's settings, on lists of uint8 [3, H, W] images of any size: torch's module
+    takes a list in one call (it resizes and pads the images into one batch itself); the ONNX export runs one image
+    a run."""
+
+    buckets: tuple[int, ...] | None = None
+
+    def __init__(self, detector: Detector, device: str, description: str, batched: Callable | None = None) -> None:
+        self.detector = detector
+        self.batched = batched  # runs a whole list at once, where the backend can
+        self.device = device
+        self.description = description
+        self.thread = OwnThread(f"detector-{device}")
+
+    @classmethod
+    def torch(cls, module: nn.Module, device: torch.device) -> "DetectorPredictor":
+        model = module.eval().to(device)
+
+        def batched(images: Sequence[np.ndarray]) -> list[RawDetections]:
+            with torch.inference_mode():
+                outputs = model([torch.from_numpy(image).to(device).float().div_(255.0) for image in images])
+            return [raw_detections(output) for output in outputs]
+
+        return cls(torch_detector(model, device), str(device), f"torch ({device})", batched)
+
+    @classmethod
+    def onnx(cls, path: Path, device: torch.device, threads: int | None = None) -> "DetectorPredictor":
+        name = "cuda" if device.type == "cuda" and device.index is None else str(device)
+        return cls(onnx_detector(path, name, threads or _cpu_threads()), "cuda" if device.type == "cuda" else "cpu",
+                   f"onnxruntime ({'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'})")
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
+        return self.thread.run(self.run_batch, images)
+
+    def submit(self, rows: Sequence[np.ndarray]) -> Future[list[RawDetections]]:
+        return self.thread.submit(self.run_batch, list(rows))
+
+    def run_batch(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
+        if self.batched is not None:
+            return self.batched(images)
+        return [self.detector(torch.from_numpy(image).float().div_(255.0)) for image in images]
 
 
 def _cpu_threads() -> int:

@@ -13,12 +13,9 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import numpy as np
-
 from serving.config import Probe
 from serving.runtime.deployment import Deployment
 from serving.runtime.metrics import metrics
-from serving.runtime.predictors import submit_rows
 
 logger = logging.getLogger("lantern.serving")
 
@@ -37,13 +34,12 @@ class Prober:
         model = self.deployment.model
         if model is None:
             return False
-        crop = model.settings.valid_crop_size
         started = time.monotonic()
         try:
             # straight to the backend's thread: a probe of a stuck model must not hold a thread that the probes of the
             # model reloaded after it need
-            future = submit_rows(model.predictor, [np.zeros((3, crop, crop), np.float32)])
-            return bool(np.all(np.isfinite(future.result(timeout=probe.timeout))))
+            future = model.predictor.submit([model.probe_image()])
+            return model.finite(future.result(timeout=probe.timeout))
         except FutureTimeout:  # (raised by `result`: the future exists)
             future.cancel()  # still queued behind a long or stuck call: not run for nothing later
             return model.predictor.thread.last_answer > started
