@@ -1,5 +1,6 @@
 # Lantern: `make demo` and `make test` work on a fresh clone.
-# `make demo` trains and registers the demo model, then serves endpoint.yaml on http://127.0.0.1:$(PORT) (Ctrl+C stops it).
+# `make demo` trains and registers the demo model, then serves endpoint.yaml on http://127.0.0.1:$(PORT) (Ctrl+C stops it);
+# `make demo ENDPOINT=endpoint-detection.yaml` does the same with the demo detector.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,10 +20,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 PORT ?= 3000
+ENDPOINT ?= endpoint.yaml
+DEMO_TASK := $(if $(filter endpoint-detection.yaml,$(notdir $(ENDPOINT))),object_detection,classification)
 
 demo: $(STAMP)
-	$(BIN)/lantern demo --port $(PORT)
-	$(BIN)/lantern serve endpoint.yaml --port $(PORT)
+	$(BIN)/lantern demo --port $(PORT) --task $(DEMO_TASK)
+	$(BIN)/lantern serve $(ENDPOINT) --port $(PORT)
 
 clean:
 	rm -rf .lantern demo-data

@@ -1,4 +1,5 @@
-"""Detection benchmarks, run by hand: `.venv/bin/python bench/detection.py [--budget-minutes 5] [--device cpu]`.
+"""Detection benchmarks, run by hand: `.venv/bin/python bench/detection.py [--budget-minutes 5] [--device cpu]
+[--sections quality serving]`.
 
 Prints and writes bench/results/detection.json:
 1. quality: the demo detector and segmenter (lantern/demo.py's recipes) trained on shapes within the CPU budget
@@ -6,13 +7,18 @@ Prints and writes bench/results/detection.json:
    as COCO scores them: mAP@0.5 (boxes; masks too for the segmenter) against the goal of 0.9, with torchvision's
    evaluation thresholds; and the same for the served answers (the registered version's pyfunc model, ONNX Runtime,
    at its own settings), what a user of the endpoint sees.
+2. serving: the demo detector (trained in section 1, else briefly here) in-process as a deployment runs it (decode,
+   the backend on a list of images, the answers) at several list sizes, the best being the limit; then served by
+   `lantern serve` over HTTP (`/predict`, one 128 px PNG a request) at concurrency 8 and 32: served / limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -22,8 +28,11 @@ from pathlib import Path
 # run as a script, this file's folder comes first on sys.path
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).parent / "results" / "detection.json"
 GOAL_MAP_50 = 0.9
@@ -121,22 +130,121 @@ def quality(task: str, budget_minutes: float, device: str, work: Path) -> dict:
     return row
 
 
+def in_process(uri: str, image: bytes, backend: str, device: str, seconds: float) -> list[dict]:
+    """Images per second through what a deployment runs for each image, at list sizes 1-16."""
+    from registry.detection_answers import detection_answer
+    from registry.detection_inference import decode_side
+    from registry.images import decode_image
+    from registry.resolve import load_bundle
+    from serving.runtime.predictors import DetectorPredictor
+
+    bundle = load_bundle(uri)
+    chosen = torch.device(device)
+    predictor = (DetectorPredictor.onnx(bundle.onnx_path, chosen) if backend == "onnxruntime"
+                 else DetectorPredictor.torch(bundle.module, chosen))
+    settings, labels = bundle.settings, bundle.labels
+    rows = []
+    for size in (1, 4, 8, 16):
+        def run() -> None:
+            pixels = [np.asarray(decode_image(image, shorter_side=decode_side(settings))).transpose(2, 0, 1).copy()
+                      for _ in range(size)]
+            for found, one in zip(predictor.run_batch(pixels), pixels):
+                detection_answer(found, labels, one.shape[2], one.shape[1], settings)
+
+        run()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            run()
+            count += size
+        rate = count / (time.perf_counter() - start)
+        rows.append({"batch": size, "images_per_s": rate})
+        print(f"in-process {backend}, lists of {size}: {rate:.1f} images/s", flush=True)
+    predictor.thread.close()
+    return rows
+
+
+def served(uri: str, image: bytes, backend: str, device: str, seconds: float, work: Path) -> list[dict]:
+    import subprocess
+
+    import yaml
+
+    from bench.load import Process, Request, free_port, load
+
+    config = {"name": "bench-boxes", "deployments": [{
+        "name": "blue", "model": uri, "backend": backend, "device": device, "max_batch_size": 16,
+        "request_settings": {"request_timeout_ms": 60000, "max_concurrent_requests_per_instance": 64,
+                             "max_queue_wait_ms": 10000}}], "traffic": {"blue": 100}}
+    path = work / "endpoint-detection.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    lantern = [sys.executable, "-m", "lantern"]
+    server = Process([*lantern, "serve", str(path), "--port", str(port), "--reset-state"], dict(os.environ),
+                     work / "lantern.log", f"http://127.0.0.1:{port}/readyz")
+    key = subprocess.run([*lantern, "endpoint", "get-credentials", str(path), "--key", "primary"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    request = Request("/predict", image, {"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+    try:
+        rows = []
+        for concurrency in (8, 32):
+            row = load(f"http://127.0.0.1:{port}", request, concurrency, seconds, max(1, (os.cpu_count() or 2) // 4))
+            rows.append(row)
+            print(f"served {backend}, concurrency {concurrency}: {row['requests_per_s']:.1f} images/s, p50 "
+                  f"{1000 * row['p50_s']:.0f} ms, errors {row['errors']}", flush=True)
+        return rows
+    finally:
+        server.stop()
+
+
+def serving_section(uri: str | None, device: str, seconds: float, work: Path) -> dict:
+    from lantern.demo import DEMO_DETECTION
+    from registry.register import register_session_checkpoint
+    from training.loop import RunOptions, train
+    from training.shapes_instances import InstanceShapesConfig, make_instance_sample
+
+    if uri is None:  # a briefly trained detector: throughput hardly depends on how well it detects
+        recipe = DEMO_DETECTION["object_detection"]
+        session_dir = work / "serving-session"
+        train(session_dir, {"data": "shapes:400", **recipe.config},
+              RunOptions(iterations=300, checkpoint_interval=300, device=device, mlflow=False))
+        uri = register_session_checkpoint("bench-serving", session_dir).uri
+    buffer = io.BytesIO()
+    make_instance_sample(InstanceShapesConfig(image_size=128, seed=HELD_OUT_SEED), 7).image.save(buffer, "PNG")
+    image = buffer.getvalue()
+    result = {"model": uri}
+    for backend in ("onnxruntime", "torch"):
+        limit = in_process(uri, image, backend, device, seconds)
+        levels = served(uri, image, backend, device, seconds, work)
+        best = max(row["images_per_s"] for row in limit)
+        ratio = max(row["requests_per_s"] for row in levels) / best
+        print(f"{backend}: served {ratio:.2f}x the in-process limit ({best:.1f} images/s at the best list size; "
+              "goal >= 0.9)", flush=True)
+        result[backend] = {"in_process": limit, "served": levels, "served_over_limit": ratio}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, default=5.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tasks", nargs="+", default=["object_detection", "instance_segmentation"])
+    parser.add_argument("--sections", nargs="+", default=["quality", "serving"], choices=["quality", "serving"])
+    parser.add_argument("--seconds", type=float, default=15.0, help="each throughput measurement's length")
     args = parser.parse_args()
+    result: dict = {"machine": platform.platform(), "cpus": torch.get_num_threads(), "device": args.device,
+                    "goal_map_50": GOAL_MAP_50}
     with tempfile.TemporaryDirectory(prefix="lantern-bench-detection-") as folder:
-        import os
-
         os.environ["LANTERN_HOME"] = folder
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
-        rows = [quality(task, args.budget_minutes, args.device, Path(folder)) for task in args.tasks]
+        uri = None
+        if "quality" in args.sections:
+            result["quality"] = [quality(task, args.budget_minutes, args.device, Path(folder)) for task in args.tasks]
+            uri = next(("models:/bench-object_detection/1" for row in result["quality"]
+                        if row["task"] == "object_detection"), None)
+        if "serving" in args.sections:
+            result["serving"] = serving_section(uri, args.device, args.seconds, Path(folder))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": platform.platform(), "cpus": torch.get_num_threads(),
-                                   "device": args.device, "goal_map_50": GOAL_MAP_50, "quality": rows},
-                                  indent=2) + "\n")
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # a section run alone keeps the others
+    RESULTS.write_text(json.dumps({**earlier, **result}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

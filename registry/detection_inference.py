@@ -25,8 +25,8 @@ Detector = Callable[[torch.Tensor], RawDetections]
 def raw_detections(output: dict[str, torch.Tensor]) -> RawDetections:
     """A torchvision detector's answer for one image as arrays."""
     masks = output.get("masks")
-    return RawDetections(output["boxes"].detach().float().cpu().numpy(), output["scores"].detach().float().cpu().numpy(),
-                         output["labels"].detach().cpu().numpy(),
+    return RawDetections(output["boxes"].detach().float().cpu().numpy(),
+                         output["scores"].detach().float().cpu().numpy(), output["labels"].detach().cpu().numpy(),
                          None if masks is None else masks.detach().float().cpu().numpy()[:, 0])
 
 

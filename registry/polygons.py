@@ -9,6 +9,7 @@ from skimage.measure import approximate_polygon, find_contours, label
 MIN_PART_PIXELS = 4  # a sliver of an object (left between others, or a stray pixel of a predicted mask) is not outlined
 POLYGON_TOLERANCE_PX = 0.5  # how far a simplified outline may stray from the mask's, at first
 TOLERANCE_GROWTH = 1.5  # the tolerance's step while the rings hold too many points
+MIN_RING_POINTS = 6  # with too few points for every part, the smallest parts go first, so each kept one keeps this many
 
 
 def _outlines(mask: np.ndarray) -> list[np.ndarray]:
@@ -36,17 +37,19 @@ def mask_polygons(mask: np.ndarray, max_points: int | None = None) -> tuple[tupl
     """The outline of each part of `mask` (an object cut in two by a shape drawn over it has two) as flat normalised
     lists x1, y1, x2, y2, ..., largest first; a pixel spans [i, i + 1), so an outline runs between the object's pixels
     and the background's. Parts of fewer than MIN_PART_PIXELS are left out. With `max_points`, the outlines are
-    simplified further (and the smallest parts dropped) until all of them together hold at most that many points."""
+    simplified further until all of them together hold at most that many points; when the parts are too many for
+    MIN_RING_POINTS each, the smallest are dropped first."""
     height, width = mask.shape
     outlines = _outlines(np.asarray(mask, dtype=bool))
-    if max_points is not None:
-        outlines = outlines[:max(1, max_points // 3)]
     tolerance = POLYGON_TOLERANCE_PX
-    while True:
-        rings = [_simplified(outline, tolerance) for outline in outlines]
-        if max_points is None or sum(len(ring) for ring in rings) <= max_points:
-            break
-        tolerance *= TOLERANCE_GROWTH
+    rings = [_simplified(outline, tolerance) for outline in outlines]
+    if max_points is not None and sum(len(ring) for ring in rings) > max_points:
+        outlines = outlines[:max(1, max_points // MIN_RING_POINTS)]
+        while True:
+            rings = [_simplified(outline, tolerance) for outline in outlines]
+            if sum(len(ring) for ring in rings) <= max_points:
+                break
+            tolerance *= TOLERANCE_GROWTH
     polygons = []
     for ring in rings:
         xs = np.clip((ring[:, 1] + 0.5) / width, 0.0, 1.0)

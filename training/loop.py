@@ -42,7 +42,8 @@ from training.tracking import MLflowTracking
 from training.transforms import detector_settings, valid_settings
 
 PRELOAD_BYTES = 2 * 1024**3
-DETECTOR_FROM_MODEL = "training on from a registered detector (--from) is not supported yet; start a session with --arch"
+DETECTOR_FROM_MODEL = ("training on from a registered detector (--from) is not supported yet; start a session "
+                       "with --arch")
 
 
 class RunOptions(BaseModel):

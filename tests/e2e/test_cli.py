@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from support.common import PROJECT_ROOT, env_without_store, lantern_executable
@@ -107,8 +108,11 @@ def test_demo_command_trains_registers_and_shows(tmp_path):
     assert "already registered (version 1)" in again.stderr
 
 
-def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
-    """What `make demo` does after training: serve the shipped endpoint.yaml, then the printed request works."""
+@pytest.mark.parametrize(("task", "endpoint", "model"), [("classification", "endpoint.yaml", "shapes-demo"),
+                                                      ("object_detection", "endpoint-detection.yaml", "shapes-boxes")])
+def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path, task, endpoint, model):
+    """What `make demo` (`make demo ENDPOINT=endpoint-detection.yaml`) does after training: serve the shipped
+    endpoint file, then the printed request works."""
     import re
     import shlex
 
@@ -119,14 +123,15 @@ def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
 
     env = {**env_without_store(), "LANTERN_HOME": str(tmp_path / ".lantern")}
     out = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), "--count", "60", "--iterations", "5",
-                  "--port", "3999", env=env, cwd=tmp_path)
+                  "--port", "3999", "--task", task, env=env, cwd=tmp_path)
     printed = " ".join(out.stderr.split())
-    assert "KEY=$(.venv/bin/lantern endpoint get-credentials endpoint.yaml --key primary)" in printed
+    assert f"KEY=$(.venv/bin/lantern endpoint get-credentials {endpoint} --key primary)" in printed
+    assert ("/explain?method=xrai" in printed) == (task == "classification")
     command = re.search(r"curl -s http://127\.0\.0\.1:3999/predict [^\n]*?\.png", printed).group(0)
     sample = Path(shlex.split(command)[-1].lstrip("@"))
     assert sample.exists() and sample.name.startswith("sample-")
 
-    config = yaml.safe_load((PROJECT_ROOT / "endpoint.yaml").read_text())
+    config = yaml.safe_load((PROJECT_ROOT / endpoint).read_text())
     server = Server(config, tmp_path, env).start()
     try:
         key = lantern("endpoint", "get-credentials", str(server.config_path), "--key", "primary", env=env,
@@ -134,7 +139,9 @@ def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path):
         response = httpx.post(f"{server.url}/predict", content=sample.read_bytes(), timeout=60,
                               headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
         assert response.status_code == 200, response.text
-        assert response.json()["model_version"] == "models:/shapes-demo/1"
+        assert response.json()["model_version"] == f"models:/{model}/1"
         assert response.headers["x-lantern-deployment"] == "blue"
+        prediction = response.json()["predictions"][0]
+        assert set(prediction) == ({"boxes"} if task == "object_detection" else {"predicted", "top_k"})
     finally:
         server.stop()

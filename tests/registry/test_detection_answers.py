@@ -41,7 +41,7 @@ def test_polygons_keep_to_the_most_points_and_stay_on_the_mask(max_points: int, 
         drawn |= polygon2mask(mask.shape, points[:, ::-1])
     assert (drawn & mask).sum() / (drawn | mask).sum() > least_iou
     assert (drawn & ~mask).sum() <= 0.05 * drawn.sum()
-    assert len(rings) == (1 if max_points < 6 else 2)
+    assert len(rings) == (1 if max_points < 12 else 2)  # too few points for both parts: the small one goes
     assert len(mask_polygons(mask)) == 2 and sum(len(r) // 2 for r in mask_polygons(mask)) > 30
 
 

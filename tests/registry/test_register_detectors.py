@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from skimage.draw import polygon2mask
 
-from registry.errors import SpecError
+from registry.errors import LanternError, SpecError
 from registry.model_files import TAG_BACKENDS, TAG_ONNX_REFUSED, TAG_PARITY
 from registry.register import register_checkpoint, register_session_checkpoint, register_settings_update
 from registry.resolve import load_bundle
@@ -125,7 +125,7 @@ def test_segmenter_answers_carry_polygons_on_their_masks(store: str, segmenter_s
     assert registered.onnx_max_abs_diff is not None
     images = shapes_images(2)
     answers = pyfunc_answers(registered.uri, images)
-    found_any = 0
+    found_any, overlaps = 0, []
     for image, boxes in zip(images, answers):
         check_boxes(boxes, 0.05)
         for found in boxes:
@@ -139,9 +139,12 @@ def test_segmenter_answers_carry_polygons_on_their_masks(store: str, segmenter_s
                 points = np.asarray(ring).reshape(-1, 2) * [image.width, image.height] - 0.5
                 drawn |= polygon2mask(mask.shape, points[:, ::-1])
             overlap = (drawn & mask).sum() / (drawn | mask).sum()
-            assert overlap > 0.7, f"the polygon covers its mask with IoU {overlap:.2f}"
+            on_mask = (drawn & mask).sum() / drawn.sum()
+            # 12 points outline a ragged mask of several parts coarsely, but never off it
+            assert on_mask >= 0.8 and overlap >= 0.5, f"polygon: IoU {overlap:.2f} with its mask, {on_mask:.0%} on it"
+            overlaps.append(overlap)
             found_any += 1
-    assert found_any > 0
+    assert found_any > 0 and np.median(overlaps) > 0.85
 
 
 def test_refusals(store: str, detector_session: Path, tmp_path: Path) -> None:
@@ -156,5 +159,8 @@ def test_refusals(store: str, detector_session: Path, tmp_path: Path) -> None:
         register_checkpoint("x", weights, "small_detector", LABELS, "object_detection", {"valid_crop_size": 64})
 
     register_checkpoint("boxes", weights, "small_detector", LABELS, "object_detection", {"min_size": 96})
-    with pytest.raises(Exception, match="endpoints serve classification models only"):
-        check_deployment(DeploymentConfig(name="blue", model="models:/boxes/1"))
+    checked = check_deployment(DeploymentConfig(name="blue", model="models:/boxes/1",
+                                                settings={"box_score_thresh": 0.5}))
+    assert (checked.version, checked.task) == ("models:/boxes/1", "object_detection")
+    with pytest.raises(LanternError, match="valid_crop_size: unknown setting"):
+        check_deployment(DeploymentConfig(name="blue", model="models:/boxes/1", settings={"valid_crop_size": 64}))

@@ -234,3 +234,30 @@ def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:
             (str(key), str(cert), f"the TLS certificate {key} and key {cert} do not load together")):
         with pytest.raises(LanternError, match=re.escape(message)):
             check_tls_files(certfile, keyfile)
+
+
+def test_a_traffic_split_over_different_tasks_is_refused_at_start(store: str, checkpoints: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """Deployments of a classifier and of a detector may share an endpoint (a pinned request reaches either), but
+    not its live or mirrored traffic: they answer in different formats."""
+    from safetensors.torch import save_file
+
+    from registry.register import register_checkpoint
+    from registry.spec import build_module, make_spec
+    from serving.config import ConfigError
+    from serving.control.checks import check_against_registry
+
+    register_checkpoint("classes", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+    detector = build_module(make_spec("small_detector", len(LABELS), "object_detection"))
+    save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(tmp_path / "detector.safetensors"))
+    register_checkpoint("boxes", tmp_path / "detector.safetensors", "small_detector", LABELS, "object_detection",
+                        {"min_size": 64, "max_size": 64})
+    deployments = [{"name": "blue", "model": "models:/classes/1"}, {"name": "green", "model": "models:/boxes/1"}]
+    lines = check_against_registry(parse_endpoint_config(config(deployments=deployments, traffic={"blue": 100})),
+                                   store)
+    assert lines[1] == "green: models:/boxes/1 -> models:/boxes/1 (small_detector, object_detection)"
+    for split in ({"traffic": {"blue": 50, "green": 50}}, {"traffic": {"blue": 100}, "mirror_traffic": {"green": 10}}):
+        with pytest.raises(ConfigError) as refused:
+            check_against_registry(parse_endpoint_config(config(deployments=deployments, **split)), store)
+        assert "the traffic (live and mirrored) goes to deployments of one task" in str(refused.value)
+        assert "blue serve multiclass" in str(refused.value) and "green serve object_detection" in str(refused.value)
