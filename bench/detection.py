@@ -28,6 +28,8 @@ from pathlib import Path
 # run as a script, this file's folder comes first on sys.path
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
+# before torch: the server's OpenMP spin setting, so the in-process reference runs as served
+import serving  # noqa: E402, F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
