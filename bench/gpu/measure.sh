@@ -55,6 +55,12 @@ for step in "${steps[@]}"; do
                             --skip-overhead --workers 8 ;;
         serve-1worker) run serve-1worker 200 python3 bench/serve.py --device cuda --quick --skip-mlflow ;;
         explain) run explain 200 python3 bench/explain.py --device cuda --quick ;;
-        *) echo "unknown step $step (serve, serve-multi, tests, serve-8workers, serve-1worker, explain)" ;;
+        # issue 33: a detector served over HTTP against its in-process limit (ONNX Runtime and torch on CUDA), and
+        # the detection tests' CUDA paths
+        detection) run detection 300 python3 bench/detection.py --device cuda --sections serving --seconds 10 ;;
+        detection-tests) run detection-tests 300 python3 -m pytest -q -p no:cacheprovider tests/e2e/detection \
+                             tests/registry/test_register_detectors.py ;;
+        *) echo "unknown step $step (serve, serve-multi, tests, serve-8workers, serve-1worker, explain, detection," \
+                "detection-tests)" ;;
     esac
 done
