@@ -104,11 +104,11 @@ def score_served(uri: str, index: Path, task: str) -> dict[str, float]:
 
 
 def quality(task: str, budget_minutes: float, device: str, work: Path) -> dict:
-    from lantern.demo import DEMO_DETECTION
+    from lantern.demo import DEMO_RECIPES
     from registry.register import register_session_checkpoint
     from training.loop import RunOptions, train
 
-    recipe = DEMO_DETECTION[task]
+    recipe = DEMO_RECIPES[task]
     session_dir = work / f"{task}-session"
     start = time.perf_counter()
     result = train(session_dir, {"data": f"shapes:{recipe.count}", **recipe.config},
@@ -198,13 +198,13 @@ def served(uri: str, image: bytes, backend: str, device: str, seconds: float, wo
 
 
 def serving_section(uri: str | None, device: str, seconds: float, work: Path) -> dict:
-    from lantern.demo import DEMO_DETECTION
+    from lantern.demo import DEMO_RECIPES
     from registry.register import register_session_checkpoint
     from training.loop import RunOptions, train
     from training.shapes_instances import InstanceShapesConfig, make_instance_sample
 
     if uri is None:  # a briefly trained detector: throughput hardly depends on how well it detects
-        recipe = DEMO_DETECTION["object_detection"]
+        recipe = DEMO_RECIPES["object_detection"]
         session_dir = work / "serving-session"
         train(session_dir, {"data": "shapes:400", **recipe.config},
               RunOptions(iterations=300, checkpoint_interval=300, device=device, mlflow=False))

@@ -17,27 +17,28 @@ from training.session import Session, selection_metric
 
 DEMO_MODEL = "shapes-demo"
 DEMO_ALIAS = "champion"
-DEMO_TRAINING = {"arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
 
 
 @dataclass(frozen=True)
-class DetectionRecipe:
-    """How the demo detector or segmenter is trained: shapes images drawn, iterations, and the session's config."""
+class DemoRecipe:
+    """How a demo model is trained: shapes images drawn, iterations, the session's config, and how many validation
+    passes (None: the loop's default, one every tenth of the run)."""
 
     count: int
     iterations: int
     config: dict[str, Any] = field(default_factory=dict)
+    validations: int | None = None
 
 
-# within 5 minutes of a 2-core CPU each (bench/detection.py measures them)
-DEMO_DETECTION = {
-    "object_detection": DetectionRecipe(2000, 1200, {"arch": "small_detector", "task": "object_detection",
-                                                     "image_size": 128, "batch_size": 8, "lr": 0.04}),
-    "instance_segmentation": DetectionRecipe(2000, 800, {"arch": "small_segmenter", "task": "instance_segmentation",
-                                                         "image_size": 128, "batch_size": 8, "lr": 0.04}),
+# the detector and the segmenter within 5 minutes of a 2-core CPU each (bench/detection.py measures them); a
+# validation pass of theirs takes seconds: two of them
+DEMO_RECIPES = {
+    "classification": DemoRecipe(3000, 1000, {"arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}),
+    "object_detection": DemoRecipe(2000, 1200, {"arch": "small_detector", "task": "object_detection",
+                                                "image_size": 128, "batch_size": 8, "lr": 0.04}, validations=2),
+    "instance_segmentation": DemoRecipe(2000, 800, {"arch": "small_segmenter", "task": "instance_segmentation",
+                                                    "image_size": 128, "batch_size": 8, "lr": 0.04}, validations=2),
 }
-
-
 DEMO_MODELS = {"classification": DEMO_MODEL, "object_detection": "shapes-boxes",
                "instance_segmentation": "shapes-masks"}
 
@@ -45,15 +46,11 @@ DEMO_MODELS = {"classification": DEMO_MODEL, "object_detection": "shapes-boxes",
 def _train(session_dir: Path, task: str, count: int | None, iterations: int | None) -> None:
     from training.loop import RunOptions, train
 
-    if task == "classification":
-        config, count, iterations = DEMO_TRAINING, count or 3000, iterations or 1000
-        interval = None
-    else:
-        recipe = DEMO_DETECTION[task]
-        config, count, iterations = recipe.config, count or recipe.count, iterations or recipe.iterations
-        interval = max(1, iterations // 2)  # a validation pass of a detector takes seconds: two of them
-    arch = config["arch"]
-    result = train(session_dir, {"data": f"shapes:{count}", **config},
+    recipe = DEMO_RECIPES[task]
+    count, iterations = count or recipe.count, iterations or recipe.iterations
+    interval = max(1, iterations // recipe.validations) if recipe.validations else None
+    arch = recipe.config["arch"]
+    result = train(session_dir, {"data": f"shapes:{count}", **recipe.config},
                    RunOptions(iterations=iterations, checkpoint_interval=interval),
                    [CSVLogger(session_dir / "metrics.csv"), ProgressBar(f"Training {arch} on shapes")])
     console.print(f"[green]✓[/green] Trained {result.iteration} iterations: {describe_metrics(result.metrics)}")

@@ -30,15 +30,18 @@ def raw_detections(output: dict[str, torch.Tensor]) -> RawDetections:
                          None if masks is None else masks.detach().float().cpu().numpy()[:, 0])
 
 
+def torch_detections(model: nn.Module, images: list[torch.Tensor],
+                     device: torch.device | str = "cpu") -> list[RawDetections]:
+    """`model`'s answers for a list of images (float [3, H, W] in [0, 1]) in one call: the detector resizes and pads
+    them into one batch itself."""
+    with torch.inference_mode():
+        return [raw_detections(output) for output in model([image.to(device) for image in images])]
+
+
 def torch_detector(model: nn.Module, device: torch.device | str = "cpu") -> Detector:
     """`model` (eval mode, settings applied) as a Detector."""
     model = model.eval().to(device)
-
-    def run(image: torch.Tensor) -> RawDetections:
-        with torch.inference_mode():
-            return raw_detections(model([image.to(device)])[0])
-
-    return run
+    return lambda image: torch_detections(model, [image], device)[0]
 
 
 def tiles(width: int, height: int, grid: tuple[int, int], overlap: float) -> list[tuple[int, int, int, int]]:

@@ -29,6 +29,13 @@ MATCH_IOU = 0.5  # a torch detection and an ONNX one of the same class overlappi
 EXPORTING = threading.Lock()  # torch's exporter keeps global state: one export at a time in a process
 
 
+def graph_settings(settings: DetectionSettings) -> tuple:
+    """The settings a detector's ONNX export holds in its graph (others act outside it: tiling, the answers' form):
+    another value of any of them needs another export."""
+    return (settings.min_size, settings.max_size, settings.box_score_thresh, settings.nms_iou_thresh,
+            settings.box_detections_per_img)
+
+
 def export_detector_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
     """Export `model` (eval mode, CPU, settings applied) to ONNX at `path` with TorchScript's exporter, as
     torchvision tests its detectors' export."""

@@ -9,7 +9,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from registry.errors import SpecError, describe_validation_error
 
-ClassificationTask = Literal["multiclass", "multilabel"]
 CLASSIFICATION_TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 DetectionTask = Literal["object_detection", "instance_segmentation"]
 DETECTION_TASKS: tuple[str, ...] = ("object_detection", "instance_segmentation")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Sampler
 
+from registry.detectors import apply_detection_settings
 from registry.settings import DetectionSettings, SegmentationSettings
 from training.config import TrainConfig
 from training.detection_data import DetectionDataset, collate
@@ -73,11 +74,8 @@ class DetectionObjective:
         return len(self.train_set)
 
     def configure(self, model: nn.Module) -> nn.Module:
-        """The detector resizes its inputs as the version will serve them: shorter side min_size, longer at most
-        max_size."""
-        model.transform.min_size = (self.settings.min_size,)
-        model.transform.max_size = self.settings.max_size
-        return model
+        """The detector with the session's settings, as the version will serve it (its input sizes above all)."""
+        return apply_detection_settings(model, self.settings)
 
     def optimizer(self, model: nn.Module) -> Optimizer:
         trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -111,15 +109,14 @@ class DetectionObjective:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         threshold = self.settings.mask_pixel_score_threshold if self.masks else 0.5
         scores = DetectionScores(self.labels, self.masks, threshold)
-        heads = model.roi_heads if hasattr(model, "roi_heads") else model
-        kept = heads.score_thresh, heads.detections_per_img
-        heads.score_thresh, heads.detections_per_img = EVALUATION_SCORE_THRESH, EVALUATION_DETECTIONS
+        apply_detection_settings(model, self.settings.model_copy(update={
+            "box_score_thresh": EVALUATION_SCORE_THRESH, "box_detections_per_img": EVALUATION_DETECTIONS}))
         model.eval()
         try:
             with torch.inference_mode(), autocast(self.device):
                 for images, targets in self.val_loader:
                     scores.update(model(self._inputs(images)), targets)
         finally:
-            heads.score_thresh, heads.detections_per_img = kept
+            apply_detection_settings(model, self.settings)
             model.train()
         return scores.compute("val")

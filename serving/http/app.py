@@ -53,8 +53,8 @@ def build_app() -> FastAPI:
             return method_not_allowed(request.method, request.url.path, allowed, others).response()
         return ApiError(error.status_code, "http_error", str(error.detail), headers).response()
 
-    @app.post("/score", responses={200: {"model": list[ScoreItem] | list[DetectionScoreItem], "headers": {**EXPLAINED_BY, **SCORED_BY}},
-                                   **ERRORS},
+    @app.post("/score", responses={200: {"model": list[ScoreItem] | list[DetectionScoreItem],
+                                         "headers": {**EXPLAINED_BY, **SCORED_BY}}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": inline_schema(ScoreRequest)}}}})
     async def score_route(request: Request) -> Response:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema, Optimizer
 
+from registry.detector_onnx import graph_settings
 from registry.devices import device_key
 from serving.config import DeploymentConfig
-from serving.runtime.deployment import Deployment, in_graph
+from serving.runtime.deployment import Deployment
 from serving.runtime.errors import NotAnswering, Overloaded
 from serving.runtime.metrics import metrics
 from serving.runtime.predictors import Predictor
@@ -257,7 +258,7 @@ class SharedBatchers:
     def key(deployment: Deployment) -> tuple:
         """What a batch's model call depends on, for a loaded deployment."""
         model, config = deployment.require_model(), deployment.config
-        shape = model.preprocess.crop_size if model.preprocess is not None else in_graph(model.settings)
+        shape = model.preprocess.crop_size if model.preprocess is not None else graph_settings(model.settings)
         return (model.bundle.uri, model.predictor.description, device_key(config.device), shape,
                 config.max_batch_size, config.max_latency_ms)
 

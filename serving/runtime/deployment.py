@@ -21,7 +21,7 @@ from explain.attribute import Explanation, attribute
 from explain.layout import fastest_layout
 from explain.params import GUIDED_METHODS
 from registry.detection_answers import RawDetections
-from registry.detector_onnx import export_detector_onnx
+from registry.detector_onnx import export_detector_onnx, graph_settings
 from registry.detectors import apply_detection_settings
 from registry.devices import device_key, torch_device
 from registry.errors import LanternError
@@ -96,16 +96,10 @@ def explain_version(module: torch.nn.Module, spec: ModelSpec, settings: Classifi
                      image=np.asarray(cropped))
 
 
-def in_graph(settings: DetectionSettings) -> tuple:
-    """The settings a detector's ONNX export holds in its graph."""
-    return (settings.min_size, settings.max_size, settings.box_score_thresh, settings.nms_iou_thresh,
-            settings.box_detections_per_img)
-
-
 def exported_with(module: torch.nn.Module, folder: Path, settings: DetectionSettings) -> Path:
     """The ONNX export of a detector (`module`, with `settings` applied) beside its version's files, made once per
     settings (a file of each worker's is written whole, then moved into place)."""
-    name = "model-" + hashlib.sha256(repr(in_graph(settings)).encode()).hexdigest()[:12] + ".onnx"
+    name = "model-" + hashlib.sha256(repr(graph_settings(settings)).encode()).hexdigest()[:12] + ".onnx"
     path = folder / name
     if not path.is_file():
         staging = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
@@ -222,7 +216,7 @@ class Deployment:
         else:
             # the crop in force (the warm-up and a GPU's sessions see that input size); a detector's settings that
             # are part of its graph
-            shape = in_graph(settings) if isinstance(settings, DetectionSettings) else settings.valid_crop_size
+            shape = graph_settings(settings) if isinstance(settings, DetectionSettings) else settings.valid_crop_size
             key = (downloaded.uri, config.backend, device_key(config.device), buckets, shape)
             core = self.models.acquire(key, self, lambda: self._load_core(downloaded, device, buckets, settings),
                                        avoid=self._core if fresh else None)
@@ -265,7 +259,7 @@ class Deployment:
             raise LanternError(f"{bundle.uri} has no ONNX export (it did not export faithfully: see `lantern models "
                                f"show {bundle.name}/{bundle.version}`); serve it with backend: torch")
         path = bundle.onnx_path
-        if in_graph(settings) != in_graph(bundle.settings):
+        if graph_settings(settings) != graph_settings(bundle.settings):
             path = exported_with(module, bundle.onnx_path.parent, settings)
         return DetectorPredictor.onnx(path, device)
 
