@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -28,11 +29,14 @@ from serving.http.draining import MAX_DRAIN_SECONDS
 @click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), default=None,
               help="The certificate's private key (PEM, unencrypted), unless --ssl-certfile holds it.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
+@click.option("--state-uri", envvar="LANTERN_STATE_URI", default=None,
+              help="Database of the endpoint state (SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@db/lantern): "
+                   "every host given the same one serves one endpoint. Default: SQLite under the Lantern home.")
 @click.option("--reset-state", is_flag=True,
               help="Start over from ENDPOINT_YAML's deployments and traffic, dropping the persisted endpoint state.")
 @user_errors
 def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: float, ssl_certfile: str | None,
-          ssl_keyfile: str | None, tracking_uri: str | None, reset_state: bool) -> None:
+          ssl_keyfile: str | None, tracking_uri: str | None, state_uri: str | None, reset_state: bool) -> None:
     """Serve the endpoint described by ENDPOINT_YAML with BentoML (checks every model in the registry first).
 
     The first start creates the endpoint's state from ENDPOINT_YAML; later starts restore the persisted state
@@ -43,12 +47,14 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     from serving.config import CONFIG_ENV, WORKERS_ENV, load_endpoint_config
     from serving.control.auth import admin_key, credentials_path, scoring_keys
     from serving.control.checks import check_against_registry, check_listen_address, check_tls_files, pinned_version
-    from serving.control.state import StateStore
-    from serving.environment import ADMIN_ENV, PRIMARY_ENV
+    from serving.control.database import embedded
+    from serving.control.state import StateStore, current_key_digests
+    from serving.control.workers import host_id
+    from serving.environment import ADMIN_ENV, HOST_ENV, PRIMARY_ENV, STATE_URI_ENV
 
     config = load_endpoint_config(config_path)
     uri = resolve_uri(tracking_uri)
-    store = StateStore(config.name)
+    store = StateStore(config.name, state_uri)
     if reset_state or store.read() is None:
         for line in check_against_registry(config, uri):
             console.print(f"[green]✓[/green] {line}")
@@ -56,7 +62,7 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
     check_tls_files(ssl_certfile, ssl_keyfile)
     state, restored = store.prepare(config, pin=lambda model: pinned_version(model, uri), reset=reset_state)
     if restored:
-        console.print(f"Endpoint state restored from {store.path} (revision {state.revision}: {state.last_change}); "
+        console.print(f"Endpoint state restored from {store.where} (revision {state.revision}: {state.last_change}); "
                       f"the deployments and traffic in {config_path} apply with --reset-state")
         try:
             for line in check_against_registry(state.endpoint_config(config), uri, state.versions()):
@@ -69,11 +75,17 @@ def serve(config_path: str, port: int, host: str, workers: int, drain_seconds: f
         console.print(f"Scoring keys: {where} (print them with `lantern endpoint get-credentials {config_path}`)")
     where = f"${ADMIN_ENV}" if admin_key(config.name).source == "environment" else keys_file
     console.print(f"Admin key (management API, `lantern deploy/traffic/keys`): {where}")
+    if not embedded(store.uri) and state.keys != current_key_digests(config.name):
+        console.print(f"[yellow]![/yellow] the shared state holds other keys than {keys_file}: this host accepts "
+                      "the state's (those of the host that made or regenerated them); give every host the same keys "
+                      f"through ${PRIMARY_ENV}, ${ADMIN_ENV}")
     base = f"{'https' if ssl_certfile else 'http'}://{host}:{port}"
     console.print(f"Endpoint [bold]{config.name}[/bold] on {base}: POST {base}/score, /predict, /explain; "
                   f"GET {base}/readyz, /metrics, /docs; try it in a browser at {base}/")
+    # this run's workers, told apart from other runs' (hosts) in a shared state
+    host_name = os.environ.get(HOST_ENV) or f"{host_id()}-{secrets.token_hex(3)}"
     env = {**os.environ, CONFIG_ENV: str(Path(config_path).resolve()), WORKERS_ENV: str(workers),
-           "MLFLOW_TRACKING_URI": uri}
+           "MLFLOW_TRACKING_URI": uri, STATE_URI_ENV: store.uri, HOST_ENV: host_name}
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Lantern", "--port", str(port),
                "--host", host, "--arg", f"config={Path(config_path).resolve()}", "--arg", f"workers={workers}",
                "--arg", f"drain_seconds={drain_seconds:g}"]

@@ -10,6 +10,7 @@ import torch
 
 from registry.small_cnn import SmallCNN
 from support.common import LABELS, MINUTE_ITERATIONS, own_store
+from support.postgres import Postgres, postgres_server
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -29,6 +30,13 @@ def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Like `store`, shared by the tests of one module (for read-only checks on registered versions)."""
     with own_store(tmp_path_factory.mktemp("module-store")) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL server for the session (support/postgres.py: skipped without one, required in CI)."""
+    with postgres_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,8 @@ def show_endpoint(view: dict[str, Any]) -> None:
 
 
 def worker_label(worker: dict[str, Any]) -> str:
-    """'1234 (rev 5, 983 MiB)': a worker, the state revision it applied and its memory (when it published it)."""
+    """'host-a/1234 (rev 5, 983 MiB)': a worker (HOST/PID), the state revision it applied and its memory (when it
+    published it)."""
     memory = f", {worker['memory_bytes'] / 2**20:.0f} MiB" if worker.get("memory_bytes") else ""
     return f"{worker['worker']} (rev {worker['revision']}{memory})"
 
@@ -246,6 +247,9 @@ def keys_regenerate(kind: str, url: str, admin_key: str | None) -> None:
     client = ManageClient(url, admin_key)
     result = applied(client, client.regenerate(kind), f"applying the new {kind} key")
     console.print(f"[green]✓[/green] new {kind} key in force in every worker")
+    if result.get("stored_in") is None:
+        console.print("[yellow]![/yellow] the server's keys come from its environment: put this key there (the "
+                      "Secret); the old one no longer works")
     click.echo(result["key"])
 
 

@@ -45,7 +45,8 @@ class DeploymentView(BaseModel):
 
 
 class WorkerView(BaseModel):
-    worker: str
+    worker: str = Field(description="HOST/PID")
+    host: str = Field(description="the host (one `lantern serve`, a replica) the worker belongs to")
     revision: int
     seconds_since_heartbeat: float
     memory_bytes: int | None = Field(None, description="the worker process's resident memory")
@@ -57,7 +58,7 @@ class EndpointView(BaseModel):
     revision: int
     last_change: str
     changed_at: float
-    applied: bool = Field(description="every live worker has applied this revision")
+    applied: bool = Field(description="every live worker of every host has applied this revision")
     traffic: dict[str, int]
     mirror_traffic: dict[str, int]
     deployments: list[DeploymentView]
@@ -69,6 +70,9 @@ class KeyRegenerated(BaseModel):
     kind: KeyKind
     key: str = Field(description="shown once: store it now")
     revision: int
+    stored_in: str | None = Field(description="the keys file of the host that made it; None when that host's keys "
+                                              "come from the environment: put the new key there (the Secret), the "
+                                              "old one no longer works")
 
 
 def _aggregate(record: DeploymentRecord, statuses: list[InstanceStatus | None]) -> tuple[AggregateState, str | None]:
@@ -173,7 +177,7 @@ class Control:
             name=state.endpoint, revision=state.revision, last_change=state.last_change, changed_at=state.changed_at,
             applied=all(w.revision >= state.revision for w in workers), traffic=state.traffic,
             mirror_traffic=state.mirror_traffic, deployments=self.deployments(state),
-            workers=[WorkerView(worker=w.worker, revision=w.revision,
+            workers=[WorkerView(worker=w.worker, host=w.host, revision=w.revision,
                                 seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3),
                                 memory_bytes=w.memory_bytes, gpu_memory=w.gpu_memory) for w in workers],
             key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")})
@@ -239,18 +243,17 @@ class Control:
             version = self._check_model(config, None if resolve else record.model_version)
             if config == record.config and version == record.model_version:
                 return self.deployment(name)  # its alias names the version it serves
-            if version != record.model_version:
-                current = self.current()
-                self._one_task(current, current.traffic, current.mirror_traffic, {name: version})
+            tasks = self._tasks(self.current(), {name: version} if version else None)
 
             def mutate(state: EndpointState, read: DeploymentRecord = record, config: DeploymentConfig = config,
-                       version: str | None = version) -> EndpointState:
+                       version: str | None = version, tasks: dict[str, str] = tasks) -> EndpointState:
                 current = self._record(state, name)
                 if current != read:
                     raise _ChangedMeanwhile()
                 state.deployments = [DeploymentRecord(config=config, generation=current.generation + 1,
                                                       model_version=version)
                                      if r.config.name == name else r for r in state.deployments]
+                self._one_task(state, tasks)
                 return state
 
             moved = f" to {version}" if version != record.model_version else ""
@@ -280,20 +283,32 @@ class Control:
 
         return self._changed(self.store.change(mutate, f"removed deployment {name}"))
 
-    def _one_task(self, state: EndpointState, traffic: dict[str, int], mirror: dict[str, int],
-                  versions: dict[str, str] | None = None) -> None:
-        """Refuse a split (live and mirrored) over deployments of different tasks: they answer in different formats.
-        `versions`: deployments about to serve another version than their record's."""
-        split = {name for shares in (traffic, mirror) for name, percent in shares.items() if percent}
-        tasks = {}
-        for record in state.deployments:
-            version = (versions or {}).get(record.config.name, record.model_version)
-            if record.config.name in split and version is not None:
-                try:
-                    tasks[record.config.name] = version_task(version, self.endpoint.tracking_uri)
-                except LanternError:
-                    continue  # a version gone from the registry: its deployment fails to load, saying why
-        problem = mixed_tasks_problem(tasks, "the traffic (live and mirrored)")
+    def _tasks(self, state: EndpointState, versions: dict[str, str] | None = None) -> dict[str, str]:
+        """Version -> task for the versions `state`'s deployments serve (and `versions`'), looked up before a change
+        (the registry is not asked while the state is being changed, unless a version appeared meanwhile)."""
+        tasks: dict[str, str] = {}
+        for version in {*(r.model_version for r in state.deployments), *(versions or {}).values()}:
+            if version is not None:
+                self._task_of(version, tasks)
+        return tasks
+
+    def _task_of(self, version: str, tasks: dict[str, str]) -> str | None:
+        if version not in tasks:
+            try:
+                tasks[version] = version_task(version, self.endpoint.tracking_uri)
+            except LanternError:
+                return None  # a version gone from the registry: its deployment fails to load, saying why
+        return tasks[version]
+
+    def _one_task(self, state: EndpointState, tasks: dict[str, str]) -> None:
+        """Refuse a state whose split (live and mirrored) covers deployments of different tasks: they answer in
+        different formats. Checked on the state as it is written, so two changes made at once cannot mix tasks."""
+        split = {name for shares in (state.traffic, state.mirror_traffic) for name, percent in shares.items()
+                 if percent}
+        served = {r.config.name: self._task_of(r.model_version, tasks) for r in state.deployments
+                  if r.config.name in split and r.model_version is not None}
+        problem = mixed_tasks_problem({name: task for name, task in served.items() if task is not None},
+                                      "the traffic (live and mirrored)")
         if problem:
             raise InvalidDeployment(problem + ". Nothing changed", "mixed_tasks")
 
@@ -301,7 +316,7 @@ class Control:
         """Replace the live split (deployments left out get 0 %); a deployment whose share grows must be ready in
         every worker, and every deployment with a share serve one task."""
         current, workers = self.current(), self.workers()
-        self._one_task(current, {name: 0 for name in current.names} | traffic, current.mirror_traffic)
+        tasks = self._tasks(current)
         ready = {r.config.name: self.deployment_view(r, current, workers, {}) for r in current.deployments}
 
         def mutate(state: EndpointState) -> EndpointState:
@@ -310,6 +325,7 @@ class Control:
             state.traffic = proposed
             if state.problems():
                 return state  # refused as a whole by the store, every problem named
+            self._one_task(state, tasks)
             not_ready = [f"{name} ({ready[name].state}{': ' + ready[name].reason if ready[name].reason else ''})"
                          for name, percent in proposed.items()
                          if percent > before.get(name, 0) and name in ready
@@ -325,11 +341,12 @@ class Control:
     def set_mirror(self, mirror: dict[str, int]) -> EndpointState:
         """Replace the mirrored share (one deployment at most, at most 50 %, with no live traffic, of the live
         deployments' task)."""
-        current = self.current()
-        self._one_task(current, current.traffic, mirror)
+        tasks = self._tasks(self.current())
 
         def mutate(state: EndpointState) -> EndpointState:
             state.mirror_traffic = {name: percent for name, percent in mirror.items()}
+            if not state.problems():
+                self._one_task(state, tasks)
             return state
 
         split = ", ".join(f"{n}={p}" for n, p in mirror.items()) or "off"
@@ -337,14 +354,14 @@ class Control:
 
     def regenerate(self, kind: KeyKind) -> KeyRegenerated:
         """A new key of `kind`; the old one stops working in every worker within a second."""
-        key = regenerate_key(self.endpoint.config.name, kind)
+        key, stored_in = regenerate_key(self.endpoint.config.name, kind)
 
         def mutate(state: EndpointState) -> EndpointState:
             state.keys = state.keys.model_copy(update={kind: key_digest(key)})
             return state
 
         state = self._changed(self.store.change(mutate, f"regenerated the {kind} key"))
-        return KeyRegenerated(kind=kind, key=key, revision=state.revision)
+        return KeyRegenerated(kind=kind, key=key, revision=state.revision, stored_in=stored_in)
 
 
 class _ChangedMeanwhile(Exception):

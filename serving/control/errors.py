@@ -3,6 +3,7 @@ message saying what to do; `serving.http.errors` maps each class to its status c
 
 from __future__ import annotations
 
+from registry.errors import LanternError
 from serving.faults import Fault
 
 
@@ -35,3 +36,10 @@ class StateMissing(ControlError):
     """The persisted state is gone (removed under a running server)."""
 
     code = "not_ready"
+
+
+class StateUnavailable(ControlError, LanternError):
+    """The state database does not answer: serving goes on with the last state applied; changes wait for it (a
+    LanternError too: the command line reports it as a user's problem, without a traceback)."""
+
+    code = "state_unavailable"

@@ -1,18 +1,20 @@
-"""What each worker process serves, published as a small JSON file per worker beside the endpoint state, so the
-management API (answered by any one worker) can say whether a change has taken effect everywhere."""
+"""What each worker process of each host serves, published as one row per worker in the state database beside the
+endpoint state, so the management API (answered by any one worker of any host) can say whether a change has taken
+effect everywhere."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import threading
+import socket
 import time
-from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from serving.control.private_files import replace_private
+from serving.control.database import worker_statuses
+from serving.control.errors import StateUnavailable
+from serving.environment import HOST_ENV
 
 HEARTBEAT_S = 1.0
 STALE_S = 5.0
@@ -47,7 +49,8 @@ class GpuMemory(BaseModel):
 
 
 class WorkerStatus(BaseModel):
-    worker: str
+    worker: str = Field(description="HOST/PID")
+    host: str = Field("", description="the host (one `lantern serve`) the worker belongs to")
     pid: int
     revision: int
     heartbeat: float
@@ -55,6 +58,12 @@ class WorkerStatus(BaseModel):
                                                        "serves, Python and the backends' CPU memory)")
     gpu_memory: list[GpuMemory] = Field(default_factory=list, description="each GPU its deployments run on")
     deployments: dict[str, InstanceStatus]
+
+
+def host_id() -> str:
+    """This host's name in the shared state: `$LANTERN_HOST_ID` (set by `lantern serve` for its workers), else the
+    machine's name."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def _alive(pid: int) -> bool:
@@ -68,33 +77,54 @@ def _alive(pid: int) -> bool:
 
 
 class StatusBoard:
-    """`workers/<worker>.json` under the endpoint's folder: written by each worker, read by the management API."""
+    """The workers' rows of one endpoint: written by each worker every second, read by the management API."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder / "workers"
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, engine: Engine, endpoint: str) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+
+    def _where(self, worker: str) -> tuple:
+        return worker_statuses.c.endpoint == self.endpoint, worker_statuses.c.worker == worker
 
     def publish(self, status: WorkerStatus) -> None:
-        path = self.folder / f"{status.worker}.json"
-        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # threads may publish at once
-        replace_private(path, status.model_dump_json(), temporary)
+        values = {"host": status.host, "heartbeat": status.heartbeat, "document": status.model_dump_json()}
+        try:
+            with self.engine.begin() as connection:
+                if not connection.execute(update(worker_statuses).where(*self._where(status.worker))
+                                          .values(**values)).rowcount:
+                    connection.execute(insert(worker_statuses).values(endpoint=self.endpoint,
+                                                                      worker=status.worker, **values))
+        except SQLAlchemyError as error:
+            raise StateUnavailable(f"the worker status could not be published ({type(error).__name__})") from None
 
     def withdraw(self, worker: str) -> None:
-        (self.folder / f"{worker}.json").unlink(missing_ok=True)
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(delete(worker_statuses).where(*self._where(worker)))
+        except SQLAlchemyError:
+            pass  # a worker that ends while the database is down: its row goes stale and is left out
 
     def live(self) -> list[WorkerStatus]:
-        """Workers that published within STALE_S and whose process is still there (files of dead ones are removed)."""
-        found = []
-        now = time.time()
-        for path in sorted(self.folder.glob("*.json")):
+        """Workers that published within STALE_S (rows of this host's ended processes, and rows stale for a minute,
+        are removed)."""
+        now, here = time.time(), host_id()
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(select(worker_statuses.c.worker, worker_statuses.c.document)
+                                          .where(worker_statuses.c.endpoint == self.endpoint)
+                                          .order_by(worker_statuses.c.worker)).all()
+        except SQLAlchemyError as error:
+            raise StateUnavailable(f"the workers' statuses could not be read ({type(error).__name__})") from None
+        found, gone = [], []
+        for worker, document in rows:
             try:
-                status = WorkerStatus.model_validate_json(path.read_text())
-            except (OSError, ValidationError, json.JSONDecodeError):
+                status = WorkerStatus.model_validate_json(document)
+            except ValidationError:
                 continue
-            if not _alive(status.pid):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            if now - status.heartbeat <= STALE_S:
+            if (status.host == here and not _alive(status.pid)) or now - status.heartbeat > 60:
+                gone.append(worker)
+            elif now - status.heartbeat <= STALE_S:
                 found.append(status)
+        for worker in gone:
+            self.withdraw(worker)
         return found

@@ -9,7 +9,6 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from serving.control import errors as control
-from serving.control.auth import KeySourceError
 from serving.control.state import InvalidChange
 from serving.runtime import errors as runtime
 
@@ -105,10 +104,10 @@ ANSWERS: dict[type[Exception], Answer] = {
     runtime.Unavailable: Answer(503, headers=RETRY_SOON),
     control.UnknownDeployment: Answer(404),
     control.ChangeConflict: Answer(409),
-    KeySourceError: Answer(409, "key_from_environment"),
     control.InvalidDeployment: Answer(422),
     InvalidChange: Answer(422, "invalid_change", prefix="the change was refused, nothing changed: "),
     control.StateMissing: Answer(503, headers={"Retry-After": "5"}),
+    control.StateUnavailable: Answer(503, headers={"Retry-After": "5"}),
 }
 
 

@@ -16,7 +16,7 @@ from serving.control.auth import KeyCheck
 from serving.control.checks import pinned_version
 from serving.control.control import ServedModel
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
-from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus
+from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus, host_id
 from serving.runtime.batching import SharedBatchers
 from serving.runtime.inference import Inference
 from serving.runtime.instance import DeploymentInstance
@@ -31,15 +31,16 @@ WATCH_S = 0.2
 class Endpoint:
     """Everything one worker process serves with."""
 
-    def __init__(self, config: EndpointConfig, tracking_uri: str | None = None) -> None:
+    def __init__(self, config: EndpointConfig, tracking_uri: str | None = None, state_uri: str | None = None) -> None:
         self.config = config  # name, auth mode and limits; deployments and traffic come from the state
         self.tracking_uri = tracking_uri
-        self.store = StateStore(config.name)
-        self.board = StatusBoard(self.store.folder)
-        self.worker = f"{os.getpid()}"
+        self.store = StateStore(config.name, state_uri)
+        self.board = StatusBoard(self.store.engine, config.name)
+        self.host = host_id()
+        self.worker = f"{self.host}/{os.getpid()}"
         self.state, restored = self.store.prepare(config, pin=lambda model: pinned_version(model, tracking_uri))
         if restored:
-            logger.info("endpoint %s: state restored from %s (revision %d: %s)", config.name, self.store.path,
+            logger.info("endpoint %s: state restored from %s (revision %d: %s)", config.name, self.store.where,
                         self.state.revision, self.state.last_change)
         self._stamp = self.store.stamp()
         self.instances: dict[str, DeploymentInstance] = {}
@@ -47,7 +48,7 @@ class Endpoint:
         self.batchers = SharedBatchers()
         self.models = SharedModels()
         self._changes = threading.Lock()
-        self.reporter = StatusReporter(self.worker)
+        self.reporter = StatusReporter(self.worker, self.host)
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()

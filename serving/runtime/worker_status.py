@@ -20,8 +20,9 @@ logger = logging.getLogger("lantern.serving")
 class StatusReporter:
     """Takes a worker's status; remembers that reading the GPUs' memory failed, to log it once."""
 
-    def __init__(self, worker: str) -> None:
+    def __init__(self, worker: str, host: str) -> None:
         self.worker = worker
+        self.host = host
         self._process = psutil.Process()
         self._gpu_memory_failed = False
 
@@ -46,7 +47,7 @@ class StatusReporter:
                 next_generation=upcoming.generation if upcoming else None,
                 next_state=upcoming.deployment.state if upcoming else None,
                 next_reason=upcoming.deployment.reason if upcoming else None)
-        return WorkerStatus(worker=self.worker, pid=os.getpid(), revision=revision,
+        return WorkerStatus(worker=self.worker, host=self.host, pid=os.getpid(), revision=revision,
                             heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
                             gpu_memory=self.gpu_memory([*instances.values(), *next_instances.values()]),
                             deployments=deployments)

@@ -1,4 +1,4 @@
-"""The endpoint's state across faults and restarts: a damaged state file, a restart that restores the state, and
+"""The endpoint's state across faults and restarts: a damaged state, a restart that restores the state, and
 draining on SIGTERM."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -17,29 +18,29 @@ from support.operations import Admin, deployment, drains_then_stops, predict, ya
 from support.servers import Server, png_bytes
 
 
-def test_a_damaged_state_file_is_logged_once_and_serving_goes_on(server: Server, keys: dict[str, str],
-                                                                 admin: Admin) -> None:
-    """A state file broken by hand: every worker keeps serving its last good state and logs the problem once (not
-    at each of its 5 polls a second), a change is refused naming the file, and the log says when it works again."""
-    path = Path(os.environ["LANTERN_HOME"]) / "endpoints" / "ops" / "state.json"
-    good = path.read_text()
+def test_a_damaged_state_is_logged_once_and_serving_goes_on(server: Server, keys: dict[str, str],
+                                                            admin: Admin) -> None:
+    """The state's row broken by hand (a newer revision whose document is not JSON): every worker keeps serving its
+    last good state and logs the problem once (not at each of its 5 polls a second), a change is refused naming the
+    problem, and the log says when it works again."""
+    database = sqlite3.connect(Path(os.environ["LANTERN_HOME"]) / "state.db", timeout=30)
+    (good, revision), = database.execute("SELECT document, revision FROM lantern_endpoint_state WHERE endpoint='ops'")
     logged = len(server.log_path.read_text(errors="replace"))
 
-    def replace_with(text: str) -> None:
-        """In one step, as an editor saves: with `write_text` a worker's poll could read the empty file between its
-        truncation and its write, and log that other error too."""
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+    def replace_with(document: str, at: int) -> None:
+        with database:
+            database.execute("UPDATE lantern_endpoint_state SET document=?, revision=? WHERE endpoint='ops'",
+                             (document, at))
 
-    replace_with("{damaged by hand")
+    replace_with("{damaged by hand", revision + 1)
     try:
         time.sleep(2)  # about 10 polls in each worker
         assert predict(server, keys["primary"]).status_code == 200
         refused = admin.http.put("/traffic", json={"blue": 100})
         assert refused.status_code == 422 and "damaged" in refused.json()["error"]["message"], refused.text
     finally:
-        replace_with(good)
+        replace_with(good, revision)
+        database.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         log = server.log_path.read_text(errors="replace")[logged:]

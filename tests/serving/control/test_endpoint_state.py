@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from registry.errors import LanternError
 from serving.config import DeploymentConfig, parse_endpoint_config
-from serving.control.auth import KeySourceError, admin_key, regenerate_key, scoring_keys
+from serving.control.auth import admin_key, key_digest, regenerate_key, scoring_keys
 from serving.control.control import _aggregate, merge_patch
+from serving.control.database import _ENGINES, endpoint_states
 from serving.control.state import DeploymentRecord, InvalidChange, StateStore
 from serving.control.workers import InstanceStatus, StatusBoard, WorkerStatus
 
@@ -50,25 +51,35 @@ def test_state_is_created_from_the_configuration_then_restored(keyless: None) ->
 def test_state_keeps_key_digests_only(keyless: None) -> None:
     store = StateStore("shop")
     state, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
-    text = store.path.read_text()
+    stored = (Path(os.environ["LANTERN_HOME"]) / "state.db").read_bytes()
     keys = scoring_keys("shop")
     for key in (keys.primary, keys.secondary, admin_key("shop").key):
-        assert key not in text
+        assert key.encode() not in stored
     assert len({state.keys.primary, state.keys.secondary, state.keys.admin}) == 3
-    new = regenerate_key("shop", "secondary")
+    new, _ = regenerate_key("shop", "secondary")  # the embedded state follows this host's keys file at the next start
     assert scoring_keys("shop").secondary == new and scoring_keys("shop").primary == keys.primary
     refreshed, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
     assert refreshed.keys.secondary != state.keys.secondary and refreshed.keys.primary == state.keys.primary
+    assert refreshed.revision == state.revision + 1 and "keys" in refreshed.last_change  # other workers follow it
 
 
-def test_keys_from_the_environment_cannot_be_regenerated(keyless: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_key_from_the_environment_is_regenerated_into_the_state_only(keyless: None,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regenerated where the environment gives the keys (a Secret shared by every host): the new key is not written
+    to a keys file, and its digest, once in the state, stays there across restarts until the environment's key
+    changes."""
     monkeypatch.setenv("LANTERN_ADMIN_KEY", "admin-from-env")
     assert admin_key("shop").key == "admin-from-env" and admin_key("shop").source == "environment"
-    with pytest.raises(KeySourceError, match="LANTERN_ADMIN_KEY"):
-        regenerate_key("shop", "admin")
-    monkeypatch.setenv("LANTERN_API_KEY", "k1")
-    with pytest.raises(KeySourceError, match="LANTERN_API_KEY"):
-        regenerate_key("shop", "primary")
+    store = StateStore("shop")
+    store.prepare(parse_endpoint_config(shop()), pin=as_named)
+    key, stored_in = regenerate_key("shop", "admin")
+    assert stored_in is None and key != "admin-from-env" and admin_key("shop").key == "admin-from-env"
+    store.change(lambda s: s.model_copy(update={"keys": s.keys.model_copy(update={"admin": key_digest(key)})}), "new")
+    restarted, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
+    assert restarted.keys.admin == key_digest(key)
+    monkeypatch.setenv("LANTERN_ADMIN_KEY", "admin-changed-in-the-secret")
+    changed, _ = store.prepare(parse_endpoint_config(shop()), pin=as_named)
+    assert changed.keys.admin == key_digest("admin-changed-in-the-secret")
 
 
 @pytest.mark.parametrize(("traffic", "mirror", "message"), [
@@ -85,16 +96,16 @@ def test_a_refused_change_leaves_the_state_untouched(keyless: None, traffic: dic
                                                      message: str) -> None:
     store = StateStore("shop")
     store.prepare(parse_endpoint_config(shop()), pin=as_named)
-    before = store.path.read_text()
+    before = store.read()
     with pytest.raises(InvalidChange, match=message):
         store.change(lambda s: s.model_copy(update={"traffic": traffic, "mirror_traffic": mirror}), "bad")
-    assert store.path.read_text() == before
+    assert store.read() == before and store.stamp() == 1
 
 
 def test_a_failing_mutation_changes_nothing(keyless: None) -> None:
     store = StateStore("shop")
     store.prepare(parse_endpoint_config(shop()), pin=as_named)
-    before = store.path.read_text()
+    before = store.read()
 
     def mutate(state):
         state.deployments.append(DeploymentRecord(config=DeploymentConfig(name="red", model="models:/m/3")))
@@ -102,14 +113,15 @@ def test_a_failing_mutation_changes_nothing(keyless: None) -> None:
 
     with pytest.raises(LanternError, match="refused"):
         store.change(mutate, "x")
-    assert store.path.read_text() == before
-    assert json.loads(before)["revision"] == 1
+    assert store.read() == before and before.revision == 1
 
 
-def test_a_damaged_state_file_is_named(keyless: None) -> None:
+def test_a_damaged_state_is_named(keyless: None) -> None:
     store = StateStore("shop")
-    store.path.write_text("{not json")
-    with pytest.raises(LanternError, match="damaged"):
+    store.prepare(parse_endpoint_config(shop()), pin=as_named)
+    with store.engine.begin() as connection:
+        connection.execute(update(endpoint_states).values(document="{not json"))
+    with pytest.raises(LanternError, match=r"damaged.*--reset-state"):
         store.read()
 
 
@@ -135,15 +147,16 @@ def test_aggregate_state_over_workers() -> None:
 def test_status_published_from_several_threads_at_once(tmp_path: Path) -> None:
     """A worker publishes from its state thread and from the request that changed the state: concurrent writes
     each land whole (this failed with FileNotFoundError when the threads shared one temporary file)."""
-    board = StatusBoard(tmp_path)
+    board = StatusBoard(StateStore("shop").engine, "shop")
     errors: list[BaseException] = []
 
     def publish(revision: int) -> None:
-        status = WorkerStatus(worker="7", pid=os.getpid(), revision=revision, heartbeat=time.time(), deployments={})
-        for _ in range(300):
+        status = WorkerStatus(worker="h/7", host="h", pid=os.getpid(), revision=revision, heartbeat=time.time(),
+                              deployments={})
+        for _ in range(100):
             try:
                 board.publish(status)
-            except OSError as error:
+            except Exception as error:  # noqa: BLE001 - any failure fails the test
                 errors.append(error)
 
     threads = [threading.Thread(target=publish, args=(revision,)) for revision in (1, 2, 3)]
@@ -153,17 +166,22 @@ def test_status_published_from_several_threads_at_once(tmp_path: Path) -> None:
         thread.join()
     assert errors == []
     assert [status.revision in (1, 2, 3) for status in board.live()] == [True]
-    assert sorted(path.name for path in board.folder.iterdir()) == ["7.json"]
 
 
-def test_state_and_worker_statuses_are_readable_by_their_owner_only(keyless: None, tmp_path: Path) -> None:
-    """The state holds the keys' digests and the statuses what every worker serves: 0600, like the keys file, also
-    when an existing file is replaced."""
+def test_state_database_and_keys_are_readable_by_their_owner_only(keyless: None) -> None:
+    """The state database holds the keys' digests and what every worker serves: 0600 (its WAL files too), like the
+    keys file, also when an existing file was made 0644."""
     store = StateStore("shop")
     store.prepare(parse_endpoint_config(shop()), pin=as_named)
-    store.path.chmod(0o644)  # as earlier versions wrote it
+    database = Path(os.environ["LANTERN_HOME"]) / "state.db"
+    database.chmod(0o644)
+    _ENGINES.clear()  # as a new process opens it
+    store = StateStore("shop")
     store.change(lambda s: s.model_copy(update={"traffic": {"blue": 50, "green": 50}}), "half")
-    board = StatusBoard(tmp_path / "workers")
-    board.publish(WorkerStatus(worker="7", pid=os.getpid(), revision=1, heartbeat=time.time(), deployments={}))
-    for path in (store.path, board.folder / "7.json", store.folder / "credentials.json"):
-        assert path.stat().st_mode & 0o777 == 0o600, path
+    StatusBoard(store.engine, "shop").publish(WorkerStatus(worker="h/7", host="h", pid=os.getpid(), revision=1,
+                                                           heartbeat=time.time(), deployments={}))
+    with store.engine.connect():  # its WAL files exist while a connection is open
+        files = [database, *database.parent.glob("state.db-*"), store.folder / "credentials.json"]
+        assert len(files) == 4, files
+        for path in files:
+            assert path.stat().st_mode & 0o777 == 0o600, path

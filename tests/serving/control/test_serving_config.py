@@ -193,7 +193,7 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
     import socket
 
     from registry.register import register_checkpoint
-    from serving.control.state import state_path
+    from serving.control.state import StateStore
 
     register_checkpoint("m", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
     path = tmp_path / "endpoint.yaml"
@@ -210,7 +210,7 @@ def test_serve_names_an_address_it_cannot_listen_on(store: str, tmp_path: Path, 
                                  text=True, env=dict(os.environ), timeout=120)
             assert out.returncode == 2, out.stdout + out.stderr
             assert message in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
-    assert not state_path("shop").exists()
+    assert StateStore("shop").read() is None
 
 
 def test_tls_files_that_do_not_load_together_are_named(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import inspect
 import pytest
 
 from serving.control import errors as control
-from serving.control.auth import KeySourceError
 from serving.control.state import InvalidChange
 from serving.http.errors import ANSWERS, ApiError, api_error
 from serving.runtime import errors as runtime
@@ -41,7 +40,7 @@ def test_every_domain_error_has_an_answer(kind: type[Exception]) -> None:
     (runtime.TimedOut("/explain did not finish"), 408, "request_timeout", {}),
     (control.ChangeConflict("deployment green exists", "deployment_exists"), 409, "deployment_exists", {}),
     (control.UnknownDeployment("no deployment 'x'"), 404, "unknown_deployment", {}),
-    (KeySourceError("the admin key comes from $LANTERN_ADMIN_KEY"), 409, "key_from_environment", {}),
+    (control.StateUnavailable("the state database does not answer"), 503, "state_unavailable", {"Retry-After": "5"}),
 ])
 def test_a_domain_error_is_answered_with_its_status_code_and_headers(error: Exception, status: int, code: str,
                                                                        headers: dict[str, str]) -> None:

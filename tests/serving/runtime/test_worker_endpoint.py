@@ -191,5 +191,5 @@ def test_a_state_written_before_versions_were_pinned_is_pinned_when_restored(sto
     state, _ = state_store.prepare(config, pin=lambda model: None)  # as an older Lantern wrote it
     assert state.record("blue").model_version is None
     restored, _ = state_store.prepare(config, pin=lambda model: "models:/restored/1")
-    assert restored.record("blue").model_version == "models:/restored/1" and restored.revision == state.revision
+    assert restored.record("blue").model_version == "models:/restored/1" and restored.revision == state.revision + 1
     assert state_store.read().record("blue").model_version == "models:/restored/1"

@@ -1,0 +1,140 @@
+"""The database that holds every endpoint's state and its workers' statuses: an embedded SQLite file under the Lantern
+home by default, or the SQLAlchemy URL given as `--state-uri` / `$LANTERN_STATE_URI` (PostgreSQL, for several hosts
+serving one endpoint)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, Text, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
+
+from registry.errors import LanternError
+from serving.environment import STATE_URI_ENV
+
+STATE_FILE = "state.db"
+CONNECT_TIMEOUT_S = 3  # a database that does not answer: serving goes on with the state it has, changes get a 503
+
+metadata = MetaData()
+endpoint_states = Table(
+    "lantern_endpoint_state", metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("revision", Integer, nullable=False),  # compared and set by every change: the one row workers poll
+    Column("changed_at", Float, nullable=False),
+    Column("document", Text, nullable=False))  # the EndpointState as JSON
+worker_statuses = Table(
+    "lantern_worker_status", metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("worker", String(200), primary_key=True),  # HOST/PID
+    Column("host", String(200), nullable=False),
+    Column("heartbeat", Float, nullable=False),
+    Column("document", Text, nullable=False))  # the WorkerStatus as JSON
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+class StateDatabaseError(LanternError):
+    """The state database cannot be reached or used; serving goes on with the last state applied."""
+
+
+def state_uri(explicit: str | None = None) -> str:
+    """`explicit`, else `$LANTERN_STATE_URI`, else the embedded SQLite file `<lantern home>/state.db`."""
+    uri = explicit or os.environ.get(STATE_URI_ENV)
+    if uri:
+        return uri
+    from registry.store import lantern_home  # MLflow is imported with it: not for CLI commands that only talk HTTP
+
+    return f"sqlite:///{lantern_home() / STATE_FILE}"
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` as it may be printed: without its password."""
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "an invalid URL"
+
+
+def embedded(uri: str) -> bool:
+    """Whether `uri` is this Lantern home's own file (one host, whose keys file is its keys' source)."""
+    from registry.store import lantern_home
+
+    return uri == f"sqlite:///{lantern_home() / STATE_FILE}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    url = make_url(uri)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def _create_private(path: Path) -> None:
+    """The SQLite file (and, through it, its WAL files) readable by its owner only: it holds the keys' digests."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        path.chmod(0o600)
+
+
+def _new_engine(uri: str) -> Engine:
+    try:
+        url = make_url(uri)
+    except ArgumentError:
+        raise LanternError(f"the state URI {uri!r} is not a database URL; give e.g. "
+                           "postgresql+psycopg://user:password@host/lantern or sqlite:////path/state.db") from None
+    sqlite_file = _sqlite_file(uri)
+    try:
+        if url.get_backend_name() == "sqlite":
+            if sqlite_file is not None:
+                _create_private(sqlite_file)
+            # a connection per use: cheap for a file, and nothing held open across forks or by idle stores
+            engine = create_engine(url, connect_args={"timeout": 30}, poolclass=NullPool)
+
+            @event.listens_for(engine, "connect")
+            def _wal(connection, _record) -> None:  # noqa: ANN001 - readers never wait for a writer
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+        else:
+            arguments = {"connect_timeout": CONNECT_TIMEOUT_S} if url.get_backend_name() == "postgresql" else {}
+            engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_recycle=300,
+                                   connect_args=arguments)
+    except (NoSuchModuleError, ModuleNotFoundError) as error:
+        raise LanternError(f"no driver for the state URI {shown_uri(uri)} ({error}); Lantern ships psycopg for "
+                           "postgresql+psycopg:// URLs") from None
+    try:
+        metadata.create_all(engine)
+    except DBAPIError:
+        try:
+            metadata.create_all(engine)  # another process created the tables at the same moment
+        except DBAPIError as error:
+            raise StateDatabaseError(f"the state database {shown_uri(uri)} cannot be used: "
+                                     f"{str(error.orig).strip() or type(error.orig).__name__}") from None
+    return engine
+
+
+def state_engine(uri: str) -> Engine:
+    """One engine (connection pool) per database and process, its tables created on first use."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(uri)
+        if engine is None:
+            engine = _ENGINES[uri] = _new_engine(uri)
+        return engine
+
+
+def _forget_engines_in_child() -> None:
+    """A forked process opens its own connections (a pool's sockets are the parent's)."""
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+    _ENGINES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)

@@ -1,0 +1,69 @@
+"""Two Lantern hosts (separate `lantern serve` processes, Lantern homes and ports) serving one endpoint from one
+state database on a real PostgreSQL server, as replicas behind a load balancer do. The hosts give each other nothing
+but the database; each is given the same keys, as a Secret gives every replica."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.common import LABELS, SMALL_SETTINGS, own_store
+from support.operations import Admin, deployment
+from support.postgres import Postgres
+from support.servers import Server
+
+KEY_VARIABLES = ("LANTERN_API_KEY", "LANTERN_API_KEY_SECONDARY", "LANTERN_ADMIN_KEY")
+
+
+@pytest.fixture(scope="package")
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
+    """The registry both hosts serve from, with versions 1 and 2 of `mc`."""
+    from registry.register import register_checkpoint
+
+    with own_store(tmp_path_factory.mktemp("hosts-registry")) as uri:
+        for _ in range(2):
+            register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
+        yield uri
+
+
+@pytest.fixture(scope="package")
+def hosts(registered: str, postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    """Host A, started first (it makes the state and its keys file), then host B with a copy of A's keys."""
+    state = postgres.database("hosts")
+    config = {"name": "ops", "deployments": [deployment("blue")], "traffic": {"blue": 100}}
+    base = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
+    servers: list[Server] = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path_factory.mktemp(f"host-{name}")
+            env = {**base, "LANTERN_HOME": str(folder / "home"), "LANTERN_STATE_URI": state,
+                   "MLFLOW_TRACKING_URI": registered, "LANTERN_HOST_ID": f"host-{name}"}
+            if servers:
+                keys = Path(servers[0].env["LANTERN_HOME"]) / "endpoints" / "ops" / "credentials.json"
+                (folder / "home" / "endpoints" / "ops").mkdir(parents=True)
+                shutil.copy2(keys, folder / "home" / "endpoints" / "ops" / "credentials.json")
+            servers.append(Server(config, folder, env, workers=1).start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="package")
+def keys(hosts: list[Server]) -> dict[str, str]:
+    from support.operations import credential
+
+    return {kind: credential(hosts[0], kind) for kind in ("primary", "secondary", "admin")}
+
+
+@pytest.fixture()
+def admins(hosts: list[Server], keys: dict[str, str]) -> Iterator[list[Admin]]:
+    """The management API of each host; the endpoint is back to blue=100 alone after each test."""
+    clients = [Admin(server, keys["admin"]) for server in hosts]
+    clients[0].reset()
+    yield clients
+    clients[0].reset()

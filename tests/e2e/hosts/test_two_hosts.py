@@ -1,0 +1,108 @@
+"""One endpoint served by two hosts from one PostgreSQL state: a change made through either host's management API
+is applied by both, changes made at once through both are all kept, a rollout under load spread over both fails no
+request, and a key regenerated through one host works on the other at once (the old one stops)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+
+import httpx
+
+from support.operations import FAST, Admin, deployment, predict
+from support.postgres import wait_until
+from support.servers import Server
+
+
+def served_by(server: Server, key: str, count: int) -> Counter:
+    """Which deployment answered each of `count` predictions on `server`."""
+    answers = [predict(server, key) for _ in range(count)]
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers if a.status_code != 200]
+    return Counter(answer.headers["x-lantern-deployment"] for answer in answers)
+
+
+def test_a_change_through_one_host_is_applied_by_both(hosts: list[Server], keys: dict[str, str],
+                                                      admins: list[Admin]) -> None:
+    a, b = admins
+    a.add(deployment("green", model="models:/mc/2"))  # waits for every worker of both hosts to serve it
+    seen_from_b = b.endpoint()
+    assert {worker["host"] for worker in seen_from_b["workers"]} == {"host-a", "host-b"}
+    assert seen_from_b["applied"] and seen_from_b["revision"] == a.endpoint()["revision"]
+    green = next(d for d in seen_from_b["deployments"] if d["name"] == "green")
+    assert green["state"] == "ready" and green["ready_everywhere"] and green["model_version"] == "models:/mc/2"
+    assert {worker.split("/")[0] for worker in green["workers"]} == {"host-a", "host-b"}
+
+    a.traffic(blue=50, green=50)
+    assert set(served_by(hosts[1], keys["primary"], 30)) == {"blue", "green"}
+    b.traffic(blue=0, green=100)
+    assert served_by(hosts[0], keys["primary"], 10) == {"green": 10}
+    assert a.endpoint()["last_change"] == "traffic set to blue=0, green=100"
+
+
+def test_changes_made_at_once_through_both_hosts_are_all_kept(admins: list[Admin]) -> None:
+    a, b = admins
+    a.add(deployment("patchy"))
+    for round_ in range(3):
+        patches = [(a, {"settings": {"valid_crop_size": 28 + round_}}),
+                   (b, {"request_settings": {**FAST, "max_queue_wait_ms": 9000 - round_}})]
+        barrier = threading.Barrier(len(patches))
+        answers: list[httpx.Response] = []
+
+        def send(admin: Admin, patch: dict) -> None:
+            with httpx.Client(base_url=admin.http.base_url, headers=admin.http.headers, timeout=60) as http:
+                barrier.wait()
+                answers.append(http.patch("/deployments/patchy", json=patch))
+
+        threads = [threading.Thread(target=send, args=patch) for patch in patches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(answer.status_code for answer in answers) == [202, 202], [answer.text for answer in answers]
+        for admin in (a, b):
+            config = admin.http.get("/deployments/patchy").json()["config"]
+            assert config["settings"] == {"valid_crop_size": 28 + round_}
+            assert config["request_settings"]["max_queue_wait_ms"] == 9000 - round_
+
+
+def test_a_rollout_under_load_over_both_hosts_fails_no_request(hosts: list[Server], keys: dict[str, str],
+                                                               admins: list[Admin]) -> None:
+    """Load spread over both hosts (as a load balancer spreads it) while green is added and the traffic moves to it
+    in steps through alternate hosts, then back: every request is answered 200."""
+    statuses: Counter = Counter()
+    stop = threading.Event()
+
+    def load(offset: int) -> None:
+        for server in itertools.islice(itertools.cycle(hosts), offset, None):
+            if stop.is_set():
+                return
+            statuses[predict(server, keys["primary"]).status_code] += 1
+
+    senders = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        a, b = admins
+        a.add(deployment("green", model="models:/mc/2"))
+        for step, (admin, green) in enumerate(zip(itertools.cycle((b, a)), (10, 50, 100, 0))):
+            admin.traffic(blue=100 - green, green=green)
+            time.sleep(0.5 + step * 0.1)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(60)
+    assert sum(statuses.values()) > 20 and set(statuses) == {200}, statuses
+
+
+def test_a_key_regenerated_through_one_host_works_on_the_other(hosts: list[Server], keys: dict[str, str],
+                                                               admins: list[Admin]) -> None:
+    old = keys["primary"]
+    answer = admins[1].http.post("/keys/primary/regenerate")
+    assert answer.status_code == 200, answer.text
+    new = answer.json()["key"]
+    assert wait_until(lambda: predict(hosts[0], new).status_code == 200, seconds=1.5)  # within a second of the change
+    assert predict(hosts[0], old).status_code == 401 and predict(hosts[1], old).status_code == 401
+    assert predict(hosts[1], new).status_code == 200
+    keys["primary"] = new
