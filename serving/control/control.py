@@ -14,7 +14,7 @@ from registry.errors import LanternError
 from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.auth import KeyKind, key_digest, regenerate_key
 from serving.control.checks import check_deployment, mixed_tasks_problem, version_task
-from serving.control.counters import DeploymentCounters, deployment_counters
+from serving.control.counters import DeploymentCounters, deployment_counters, summed
 from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, UnknownDeployment
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
@@ -41,7 +41,7 @@ class DeploymentView(BaseModel):
                                                               "with the overrides (once loaded)")
     labels: list[str] | None = None
     workers: dict[str, InstanceStatus]
-    counters: DeploymentCounters
+    counters: DeploymentCounters = Field(description="summed over every host (each host's own are on its /metrics)")
 
 
 class WorkerView(BaseModel):
@@ -159,15 +159,28 @@ class Control:
             workers={w.worker: s for w, s in zip(workers, statuses) if s is not None},
             counters=counters.get(name, DeploymentCounters()))
 
+    def counters(self, workers: list[WorkerStatus]) -> dict[str, DeploymentCounters]:
+        """The endpoint's counters: this host's read now, plus each other host's as its latest worker published them
+        (a canary failing on one host shows in the sum every host answers with)."""
+        here = workers[0].host
+        latest: dict[str, WorkerStatus] = {}
+        for worker in workers[1:]:
+            if worker.host != here and (worker.host not in latest
+                                        or worker.heartbeat > latest[worker.host].heartbeat):
+                latest[worker.host] = worker
+        return summed([deployment_counters(), *(worker.host_counters for worker in latest.values())])
+
     def deployments(self, state: EndpointState | None = None) -> list[DeploymentView]:
         state = state or self.current()
-        workers, counters = self.workers(), deployment_counters()
+        workers = self.workers()
+        counters = self.counters(workers)
         return [self.deployment_view(record, state, workers, counters) for record in state.deployments]
 
     def deployment(self, name: str) -> DeploymentView:
         state = self.current()
         record = self._record(state, name)
-        return self.deployment_view(record, state, self.workers(), deployment_counters())
+        workers = self.workers()
+        return self.deployment_view(record, state, workers, self.counters(workers))
 
     def view(self) -> EndpointView:
         state = self.current()

@@ -1,10 +1,11 @@
-"""Live counters of each deployment, read from Lantern's Prometheus metrics (summed over every worker process, the
-same numbers `/metrics` serves)."""
+"""Live counters of each deployment: this host's, read from Lantern's Prometheus metrics (summed over its worker
+processes, the same numbers its `/metrics` serves), and the endpoint's, summed over the hosts' published counters."""
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +27,28 @@ class DeploymentCounters(BaseModel):
     p99_ms: float | None = Field(None, description="99th percentile latency, interpolated in its histogram bucket")
     images: int = 0
     mirrored: dict[str, int] = Field(default_factory=dict, description="mirrored copies by outcome")
+
+    def plus(self, other: DeploymentCounters) -> DeploymentCounters:
+        """These counters and `other`'s added (another host's), the quantiles taken again over the sum."""
+        def added(mine: dict, theirs: dict) -> dict:
+            return {key: mine.get(key, 0) + theirs.get(key, 0) for key in {*mine, *theirs}}
+
+        buckets = added(self.latency_buckets, other.latency_buckets)
+        return DeploymentCounters(
+            requests=self.requests + other.requests, failed=self.failed + other.failed,
+            by_status=added(self.by_status, other.by_status), latency_buckets=buckets,
+            latency_sum_s=self.latency_sum_s + other.latency_sum_s, images=self.images + other.images,
+            mirrored=added(self.mirrored, other.mirrored),
+            p50_ms=quantile_ms(buckets, 0.5), p99_ms=quantile_ms(buckets, 0.99))
+
+
+def summed(readings: Iterable[dict[str, DeploymentCounters]]) -> dict[str, DeploymentCounters]:
+    """Counters per deployment added over `readings` (one per host)."""
+    total: dict[str, DeploymentCounters] = {}
+    for reading in readings:
+        for name, counters in reading.items():
+            total[name] = total[name].plus(counters) if name in total else counters
+    return total
 
 
 def _registry():

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from serving.control.counters import DeploymentCounters
 from serving.control.database import worker_statuses
 from serving.control.errors import StateUnavailable
 from serving.environment import HOST_ENV
@@ -58,6 +59,9 @@ class WorkerStatus(BaseModel):
                                                        "serves, Python and the backends' CPU memory)")
     gpu_memory: list[GpuMemory] = Field(default_factory=list, description="each GPU its deployments run on")
     deployments: dict[str, InstanceStatus]
+    host_counters: dict[str, DeploymentCounters] = Field(
+        default_factory=dict, description="its host's counters per deployment (every worker of that host), as this "
+                                          "worker read them when it published: other hosts add them up")
 
 
 def host_id() -> str:

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from registry.devices import cuda_memory
+from serving.control.counters import deployment_counters
 from serving.control.workers import GpuMemory, InstanceStatus, WorkerStatus
 from serving.runtime.instance import DeploymentInstance
 
@@ -50,7 +51,7 @@ class StatusReporter:
         return WorkerStatus(worker=self.worker, host=self.host, pid=os.getpid(), revision=revision,
                             heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
                             gpu_memory=self.gpu_memory([*instances.values(), *next_instances.values()]),
-                            deployments=deployments)
+                            deployments=deployments, host_counters=deployment_counters())
 
     def gpu_memory(self, instances: list[DeploymentInstance]) -> list[GpuMemory]:
         """Each GPU a loaded instance runs on, and how full it is."""

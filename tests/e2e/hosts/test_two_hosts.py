@@ -1,5 +1,5 @@
 """One endpoint served by two hosts from one PostgreSQL state: a change made through either host's management API
-is applied by both, changes made at once through both are all kept, a rollout under load spread over both fails no
+is applied by both, each host's counters are in the sum either answers with, changes made at once through both are all kept, a rollout under load spread over both fails no
 request, and a key regenerated through one host works on the other at once (the old one stops)."""
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def served_by(server: Server, key: str, count: int) -> Counter:
     return Counter(answer.headers["x-lantern-deployment"] for answer in answers)
 
 
+def requests_counted(admin: Admin) -> int:
+    """Requests answered by blue and green, as one host's management API counts them."""
+    return sum(d["counters"]["requests"] for d in admin.http.get("/deployments").json())
+
+
 def test_a_change_through_one_host_is_applied_by_both(hosts: list[Server], keys: dict[str, str],
                                                       admins: list[Admin]) -> None:
     a, b = admins
@@ -35,7 +40,11 @@ def test_a_change_through_one_host_is_applied_by_both(hosts: list[Server], keys:
     assert {worker.split("/")[0] for worker in green["workers"]} == {"host-a", "host-b"}
 
     a.traffic(blue=50, green=50)
+    counted_by_a = requests_counted(a)
     assert set(served_by(hosts[1], keys["primary"], 30)) == {"blue", "green"}
+    # host B's requests are in the counters host A answers with, once B's workers published them (every second)
+    assert wait_until(lambda: requests_counted(a) >= counted_by_a + 30, seconds=5), (counted_by_a, requests_counted(a))
+    assert wait_until(lambda: requests_counted(b) == requests_counted(a), seconds=5)
     b.traffic(blue=0, green=100)
     assert served_by(hosts[0], keys["primary"], 10) == {"green": 10}
     assert a.endpoint()["last_change"] == "traffic set to blue=0, green=100"
