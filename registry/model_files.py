@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ LABELS = "labels.json"
 SETTINGS = "settings.json"
 ONNX = "model.onnx"
 TAG_PARITY = "lantern.onnx_max_abs_diff"
+TAG_FILES_DIGEST = "lantern.files_sha256"  # the files as registered: every download is checked against it
 DEFAULT_PARITY_TOLERANCE = 1e-3  # the largest ONNX vs torch logit difference registration accepts by default
 TAG_DERIVED_FROM = "lantern.derived_from"
 ARTIFACT_KEYS = {"weights": WEIGHTS, "spec": SPEC, "labels": LABELS, "settings": SETTINGS, "onnx": ONNX}
@@ -61,6 +63,20 @@ class ModelFiles:
         paths = {key: getattr(self, key) for key in ARTIFACT_KEYS}
         return {key: str(path) for key, path in paths.items()
                 if key not in OPTIONAL_ARTIFACTS or (path is not None and path.is_file())}
+
+    def digest(self) -> str:
+        """sha256 over every artifact's name and content (what a download must give back byte for byte)."""
+        manifest = hashlib.sha256()
+        for key in sorted(ARTIFACT_KEYS):
+            path = getattr(self, key)
+            if path is None or (key in OPTIONAL_ARTIFACTS and not path.is_file()):
+                continue
+            content = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    content.update(block)
+            manifest.update(f"{key} {content.hexdigest()}\n".encode())
+        return manifest.hexdigest()
 
     def read_spec(self) -> ModelSpec:
         try:

@@ -34,6 +34,7 @@ from registry.model_files import (
     SPEC,
     TAG_BACKENDS,
     TAG_DERIVED_FROM,
+    TAG_FILES_DIGEST,
     TAG_ONNX_REFUSED,
     TAG_PARITY,
     TAG_TRAINING_ITERATION,
@@ -196,7 +197,8 @@ def _log_and_register(client: MlflowClient, name: str, files: ModelFiles, spec: 
                     pip_requirements=_requirements(),
                     metadata={"lantern_spec": spec.model_dump(mode="json")},
                 )
-        tags = {"lantern.arch": spec.arch, "lantern.task": spec.task, **onnx.tags(), **extra_tags}
+        tags = {"lantern.arch": spec.arch, "lantern.task": spec.task, TAG_FILES_DIGEST: files.digest(), **onnx.tags(),
+                **extra_tags}
         version = _register_with_retries(client, name, info.model_uri, run.info.run_id, info.model_id, tags)
         if alias:
             client.set_registered_model_alias(name, alias, str(version))

@@ -20,7 +20,14 @@ from mlflow.tracking import MlflowClient
 
 from registry.detectors import apply_detection_settings
 from registry.errors import LanternError, ModelNotFoundError, SpecError
-from registry.model_files import ARTIFACT_KEYS, OPTIONAL_ARTIFACTS, TAG_DERIVED_FROM, TAG_PARITY, ModelFiles
+from registry.model_files import (
+    ARTIFACT_KEYS,
+    OPTIONAL_ARTIFACTS,
+    TAG_DERIVED_FROM,
+    TAG_FILES_DIGEST,
+    TAG_PARITY,
+    ModelFiles,
+)
 from registry.settings import DetectionSettings, TaskSettings
 from registry.spec import ModelSpec, build_module
 from registry.store import lantern_home, open_client
@@ -136,18 +143,40 @@ def _files_from_mlmodel(model_dir: Path) -> ModelFiles:
                                       if key in artifacts})
 
 
+class DigestMismatch(LanternError):
+    """A downloaded version's files are not the ones registered (damaged or replaced in the artifact store)."""
+
+
+def _check_digest(version: ModelVersion, folder: Path, tracking_uri: str) -> None:
+    expected = (version.tags or {}).get(TAG_FILES_DIGEST)
+    if expected is None:
+        return  # registered before versions carried their digest
+    found = _files_from_mlmodel(folder).digest()
+    if found != expected:
+        raise DigestMismatch(f"the files of {version_uri(version.name, version.version)} downloaded from "
+                             f"{tracking_uri} are not the ones registered (sha256 {found[:12]}..., registered "
+                             f"{expected[:12]}...): the artifact store holds damaged or replaced files; nothing was "
+                             "cached")
+
+
 def download_version(client: MlflowClient, ref: ModelRef | str) -> DownloadedVersion:
-    """Download a version's model folder into the local cache (versions are immutable, so it is reused)."""
+    """Download a version's model folder into the local cache once (versions are immutable, so it is reused), checked
+    against the digest of the files registered."""
     version = resolve_version(client, ref)
     target = _cache_dir(client, version)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=600):
         if not (target / COMPLETE_MARKER).exists():
             staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=version_uri(version.name, version.version), dst_path=str(staging),
-                tracking_uri=client.tracking_uri,
-            )
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version_uri(version.name, version.version), dst_path=str(staging),
+                    tracking_uri=client.tracking_uri,
+                )
+                _check_digest(version, staging, client.tracking_uri)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             (staging / COMPLETE_MARKER).touch()
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)

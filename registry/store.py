@@ -32,10 +32,14 @@ def tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
-def artifact_root(uri: str) -> str:
-    """Where new experiments keep artifacts: `$LANTERN_ARTIFACT_ROOT`, else beside a SQLite database, else home."""
+def artifact_root(uri: str) -> str | None:
+    """Where new experiments keep artifacts: `$LANTERN_ARTIFACT_ROOT`, else the tracking server's own choice (for an
+    http(s) store: its proxied artifacts, `mlflow-artifacts:/`, that every host reaches through it), else beside a
+    SQLite database, else home."""
     if os.environ.get("LANTERN_ARTIFACT_ROOT"):
         return os.environ["LANTERN_ARTIFACT_ROOT"]
+    if uri.startswith(("http://", "https://")):
+        return None
     db = sqlite_path(uri)
     base = db.parent if db else lantern_home()
     return (base / "artifacts").as_uri()

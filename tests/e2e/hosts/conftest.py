@@ -1,6 +1,7 @@
 """Two Lantern hosts (separate `lantern serve` processes, Lantern homes and ports) serving one endpoint from one
-state database on a real PostgreSQL server, as replicas behind a load balancer do. The hosts give each other nothing
-but the database; each is given the same keys, as a Secret gives every replica."""
+state database on a real PostgreSQL server, with the registry behind a real `mlflow server` (PostgreSQL backend,
+proxied artifacts), as replicas behind a load balancer do. The hosts share no file: only the two servers; each is
+given the same keys, as a Secret gives every replica."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.common import LABELS, SMALL_SETTINGS, own_store
+from support.mlflow_server import mlflow_server
 from support.operations import Admin, deployment
 from support.postgres import Postgres
 from support.servers import Server
@@ -20,14 +22,18 @@ KEY_VARIABLES = ("LANTERN_API_KEY", "LANTERN_API_KEY_SECONDARY", "LANTERN_ADMIN_
 
 
 @pytest.fixture(scope="package")
-def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
-    """The registry both hosts serve from, with versions 1 and 2 of `mc`."""
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path],
+               postgres: Postgres) -> Iterator[str]:
+    """The registry both hosts serve from (an MLflow server's URL), with versions 1 and 2 of `mc` registered through
+    it from a Lantern home of their own."""
     from registry.register import register_checkpoint
 
-    with own_store(tmp_path_factory.mktemp("hosts-registry")) as uri:
+    folder = tmp_path_factory.mktemp("hosts-registry")
+    with mlflow_server(postgres.database("registry"), folder) as url, own_store(folder):
         for _ in range(2):
-            register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
-        yield uri
+            register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS,
+                                tracking_uri=url)
+        yield url
 
 
 @pytest.fixture(scope="package")

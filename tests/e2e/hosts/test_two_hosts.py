@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
@@ -38,6 +39,8 @@ def test_a_change_through_one_host_is_applied_by_both(hosts: list[Server], keys:
     green = next(d for d in seen_from_b["deployments"] if d["name"] == "green")
     assert green["state"] == "ready" and green["ready_everywhere"] and green["model_version"] == "models:/mc/2"
     assert {worker.split("/")[0] for worker in green["workers"]} == {"host-a", "host-b"}
+    for server in hosts:  # each host downloaded the version through the MLflow server into its own cache
+        assert list((Path(server.env["LANTERN_HOME"]) / "models").rglob("mc/2/artifacts/weights.safetensors"))
 
     a.traffic(blue=50, green=50)
     counted_by_a = requests_counted(a)
