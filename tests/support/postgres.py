@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL server for tests: `$LANTERN_TEST_POSTGRES_URL` when set, else a cluster made with the
 machine's PostgreSQL binaries (`pg_config --bindir`) in a temporary folder, run as the `postgres` system user when the
 tests run as root (the server refuses to run as root). Where neither is possible the tests skip saying why, except in
-CI (`$CI` set), where PostgreSQL is required and its absence fails them."""
+CI (`$CI` or `$LANTERN_REQUIRE_POSTGRES` set, as .ci/run does), where PostgreSQL is required and its absence fails
+them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 URL_ENV = "LANTERN_TEST_POSTGRES_URL"
+REQUIRED_ENV = "LANTERN_REQUIRE_POSTGRES"  # set by .ci/run
 SERVER_USER = "postgres"
 
 
@@ -62,7 +64,7 @@ def _free_port() -> int:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
+    if os.environ.get("CI") or os.environ.get(REQUIRED_ENV):
         pytest.fail(f"PostgreSQL is required in CI: {reason}")
     pytest.skip(f"no PostgreSQL: {reason} (set {URL_ENV}, or install Debian's postgresql)")
 
