@@ -48,10 +48,12 @@ class Postgres:
                   f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
                   "-c max_connections=200")
 
-    def database(self, name: str) -> str:
-        """A new, empty database on this server; its URL."""
+    def database(self, prefix: str) -> str:
+        """A new, empty database on this server (named `prefix` and a unique suffix: a server given by URL may hold
+        earlier runs' databases); its URL."""
         import psycopg
 
+        name = f"{prefix}_{os.getpid()}_{time.monotonic_ns()}"
         with psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
             db.execute(f'CREATE DATABASE "{name}"')
         return self.url.rsplit("/", 1)[0] + "/" + name

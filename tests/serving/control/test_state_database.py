@@ -40,7 +40,7 @@ def state_uri(request: pytest.FixtureRequest, store: str, monkeypatch: pytest.Mo
     if request.param == "sqlite":
         return f"sqlite:///{Path(os.environ['LANTERN_HOME']) / 'state.db'}"
     server: Postgres = request.getfixturevalue("postgres")
-    return server.database(f"state_{os.getpid()}_{time.monotonic_ns()}")
+    return server.database("state")
 
 
 def _add_deployments(uri: str, home: str, writer: int, done: multiprocessing.Queue) -> None:
@@ -152,7 +152,7 @@ def test_a_database_that_stops_answering(postgres: Postgres, store: str) -> None
     keeps serving its last state); started again: the same store works on."""
     if postgres.folder is None:
         pytest.skip("the PostgreSQL server was given by URL: not ours to stop")
-    uri = postgres.database(f"down_{time.monotonic_ns()}")
+    uri = postgres.database("down")
     state_store = StateStore("shop", uri)
     state_store.prepare(parse_endpoint_config(shop()), pin=as_named)
     postgres.stop()
