@@ -20,6 +20,7 @@ from serving.http.app import build_app
 from serving.http.cors import LanternCors
 from serving.http.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
 from serving.http.header_limit import bound_request_heads
+from serving.http.readiness import ReadinessAnswer
 from serving.http.request_ids import RequestIds
 from serving.http.request_timer import cancel_request_timers
 from serving.http.trace_spans import drop_message_spans
@@ -86,5 +87,6 @@ class Lantern:
 if endpoint_config.cors is not None:  # outermost of ours: UnroutedRequests would answer a preflight's OPTIONS with 405
     Lantern.add_asgi_middleware(LanternCors, cors=endpoint_config.cors)
 Lantern.add_asgi_middleware(CloseWhileDraining, drain=drain)
+Lantern.add_asgi_middleware(ReadinessAnswer, endpoint_of=lambda: getattr(app.state, "endpoint", None), drain=drain)
 Lantern.add_asgi_middleware(RequestIds)  # x-request-id: the trace id of the access log's line
 Lantern.add_asgi_middleware(UnroutedRequests)  # JSON 404/405 for paths and methods no route serves

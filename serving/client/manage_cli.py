@@ -96,6 +96,11 @@ def show_endpoint(view: dict[str, Any]) -> None:
     stdout.print(table)
     workers = ", ".join(worker_label(w) for w in view["workers"])
     stdout.print(f"workers: {workers}; every worker applied the latest revision: {view['applied']}")
+    database = view.get("state_database") or {"reachable": True}
+    if not database["reachable"]:
+        stdout.print(f"[yellow]![/yellow] the state database does not answer ({database.get('problem')}): this is "
+                     f"the answering worker's view (revision {database.get('serving_revision')}); it serves on, and "
+                     "changes are refused until the database is back")
     gpus = {gpu["device"]: gpu for worker in view["workers"] for gpu in worker.get("gpu_memory", [])}
     for device, gpu in sorted(gpus.items()):
         torch_held = sum(g["torch_reserved_bytes"] for w in view["workers"] for g in w.get("gpu_memory", [])

@@ -15,7 +15,7 @@ from serving.config import DeploymentConfig, EndpointConfig, describe_fields
 from serving.control.auth import KeyKind, key_digest, regenerate_key
 from serving.control.checks import check_deployment, mixed_tasks_problem, version_task
 from serving.control.counters import DeploymentCounters, deployment_counters, summed
-from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, UnknownDeployment
+from serving.control.errors import ChangeConflict, InvalidDeployment, StateMissing, StateUnavailable, UnknownDeployment
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import GpuMemory, InstanceStatus, StatusBoard, WorkerStatus
 
@@ -53,6 +53,15 @@ class WorkerView(BaseModel):
     gpu_memory: list[GpuMemory] = Field(default_factory=list, description="each GPU its deployments run on")
 
 
+class StateDatabaseStatus(BaseModel):
+    """Whether this worker reaches the state database; while it does not, the worker serves on with the revision it
+    applied last, and changes are refused with 503 until the database answers again."""
+
+    reachable: bool
+    problem: str | None = Field(None, description="why it is not reachable (the driver's words)")
+    serving_revision: int = Field(description="the revision this worker serves")
+
+
 class EndpointView(BaseModel):
     name: str
     revision: int
@@ -64,6 +73,8 @@ class EndpointView(BaseModel):
     deployments: list[DeploymentView]
     workers: list[WorkerView]
     key_fingerprints: dict[str, str] = Field(description="first 8 hex digits of each key's sha256")
+    state_database: StateDatabaseStatus = Field(description="reachable: the view is the database's; not: it is this "
+                                                            "worker's last applied state, its workers and counters")
 
 
 class KeyRegenerated(BaseModel):
@@ -114,6 +125,8 @@ class ServingWorker(Protocol):
     tracking_uri: str | None
     store: StateStore
     board: StatusBoard
+    state: EndpointState  # the state it serves (the last one it applied)
+    state_problem: str | None  # why following the state fails now; None while it works
 
     def status(self) -> WorkerStatus: ...
 
@@ -170,9 +183,10 @@ class Control:
                 latest[worker.host] = worker
         return summed([deployment_counters(), *(worker.host_counters for worker in latest.values())])
 
-    def deployments(self, state: EndpointState | None = None) -> list[DeploymentView]:
+    def deployments(self, state: EndpointState | None = None,
+                    workers: list[WorkerStatus] | None = None) -> list[DeploymentView]:
         state = state or self.current()
-        workers = self.workers()
+        workers = self.workers() if workers is None else workers
         counters = self.counters(workers)
         return [self.deployment_view(record, state, workers, counters) for record in state.deployments]
 
@@ -183,17 +197,26 @@ class Control:
         return self.deployment_view(record, state, workers, self.counters(workers))
 
     def view(self) -> EndpointView:
-        state = self.current()
-        workers = self.workers()
+        """The endpoint as the state database has it; while the database does not answer, as this worker serves it
+        (its last applied state, itself alone among the workers, this host's counters), saying so."""
+        try:
+            state, problem = self.current(), None
+            workers = self.workers()
+        except StateUnavailable as error:
+            state, problem = self.endpoint.state, str(error)
+            workers = [self.endpoint.status()]
+        problem = problem or self.endpoint.state_problem
         now = time.time()
         return EndpointView(
             name=state.endpoint, revision=state.revision, last_change=state.last_change, changed_at=state.changed_at,
             applied=all(w.revision >= state.revision for w in workers), traffic=state.traffic,
-            mirror_traffic=state.mirror_traffic, deployments=self.deployments(state),
+            mirror_traffic=state.mirror_traffic, deployments=self.deployments(state, workers),
             workers=[WorkerView(worker=w.worker, host=w.host, revision=w.revision,
                                 seconds_since_heartbeat=round(max(0.0, now - w.heartbeat), 3),
                                 memory_bytes=w.memory_bytes, gpu_memory=w.gpu_memory) for w in workers],
-            key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")})
+            key_fingerprints={kind: getattr(state.keys, kind)[:8] for kind in ("primary", "secondary", "admin")},
+            state_database=StateDatabaseStatus(reachable=problem is None, problem=problem,
+                                               serving_revision=self.endpoint.state.revision))
 
     def _record(self, state: EndpointState, name: str) -> DeploymentRecord:
         record = state.record(name)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from registry.errors import LanternError
+from serving.control.errors import StateUnavailable
 from serving.environment import STATE_URI_ENV
 
 STATE_FILE = "state.db"
@@ -36,10 +37,6 @@ worker_statuses = Table(
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
-
-
-class StateDatabaseError(LanternError):
-    """The state database cannot be reached or used; serving goes on with the last state applied."""
 
 
 def state_uri(explicit: str | None = None) -> str:
@@ -116,8 +113,8 @@ def _new_engine(uri: str) -> Engine:
         try:
             metadata.create_all(engine)  # another process created the tables at the same moment
         except DBAPIError as error:
-            raise StateDatabaseError(f"the state database {shown_uri(uri)} cannot be used: "
-                                     f"{str(error.orig).strip() or type(error.orig).__name__}") from None
+            text = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+            raise StateUnavailable(f"the state database {shown_uri(uri)} does not answer ({text})") from None
     return engine
 
 

@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 
 from serving.http.content_coding import MIN_COMPRESSED_BYTES
 from serving.http.manage_api import PREFIX
+from serving.http.readiness import Readiness
 
 REQUEST_ID = {"x-request-id": {"description": "the request's trace id, as the server's log lines name it (trace=...)",
                                 "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}}
@@ -45,18 +46,22 @@ ERRORS = {status: {"description": text, "headers": REQUEST_ID, "content": {"appl
     ]}
 
 
-# BentoML's own routes (outside our app), in the document /docs shows too; they take no key.
+# The server's own routes (BentoML's, and /readyz as serving/http/readiness.py answers it), in the document /docs
+# shows too; they take no key.
+READINESS_SCHEMA = Readiness.model_json_schema(ref_template="#/components/schemas/{model}")
 SERVER_ROUTES = {path: {"get": {"summary": summary, "description": description, "security": [], "responses": {
-    "200": {"description": ok, "content": {media: {}}},
-    **({"503": {"description": failing, "content": {"text/plain": {}}}} if failing else {})}}}
-    for path, summary, description, ok, media, failing in [
-        ("/livez", "Liveness", "The worker process answers (a liveness probe).", "alive", "text/plain", None),
+    "200": {"description": ok, "content": {media: schema}},
+    **({"503": {"description": failing, "content": {media: schema}}} if failing else {})}}}
+    for path, summary, description, ok, media, schema, failing in [
+        ("/livez", "Liveness", "The worker process answers (a liveness probe).", "alive", "text/plain", {}, None),
         ("/readyz", "Readiness", "Ready when every deployment with live traffic (with no traffic set: every "
-                                 "deployment) has loaded and warmed up (a readiness probe).", "ready", "text/plain",
-         "a deployment that takes traffic is loading, unready or failed"),
+                                 "deployment) has loaded and warmed up, unless the worker drains (a readiness "
+                                 "probe); the body says why, and whether the state database answers.", "ready",
+         "application/json", {"schema": {"$ref": "#/components/schemas/Readiness"}},
+         "a deployment that takes traffic is loading, unready or failed, or the worker drains"),
         ("/metrics", "Prometheus metrics", "BentoML's request metrics, and Lantern's per-deployment request counts, "
                                            "latencies, batch sizes and explanation timings.", "the metrics",
-         "text/plain; version=0.0.4", None),
+         "text/plain; version=0.0.4", {}, None),
     ]}
 
 
@@ -70,5 +75,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             for operation in operations.values():
                 operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]
         schema["paths"].update(SERVER_ROUTES)
+        components = schema["components"].setdefault("schemas", {})
+        components.update({**READINESS_SCHEMA.get("$defs", {}),
+                           "Readiness": {k: v for k, v in READINESS_SCHEMA.items() if k != "$defs"}})
         app.openapi_schema = schema
     return app.openapi_schema

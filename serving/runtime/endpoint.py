@@ -43,6 +43,7 @@ class Endpoint:
             logger.info("endpoint %s: state restored from %s (revision %d: %s)", config.name, self.store.where,
                         self.state.revision, self.state.last_change)
         self._stamp = self.store.stamp()
+        self.state_problem: str | None = None  # why following the state fails now (the database down): shown in views
         self.instances: dict[str, DeploymentInstance] = {}
         self.next_instances: dict[str, DeploymentInstance] = {}  # new generations being readied
         self.batchers = SharedBatchers()
@@ -156,9 +157,10 @@ class Endpoint:
                 if failing is not None:
                     logger.info("following the endpoint state works again; serving with revision %d",
                                 self.state.revision)
-                    failing = None
+                    failing = self.state_problem = None
             except Exception as error:  # noqa: BLE001 - keep following (and serving the last good state)
                 problem = f"{type(error).__name__}: {error}"
+                self.state_problem = str(error)
                 if problem != failing:
                     logger.exception("following the endpoint state failed; serving goes on with revision %d until "
                                      "it works again", self.state.revision)
