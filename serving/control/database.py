@@ -102,7 +102,9 @@ def _new_engine(uri: str) -> Engine:
                 cursor.close()
         else:
             arguments = {"connect_timeout": CONNECT_TIMEOUT_S} if url.get_backend_name() == "postgresql" else {}
-            engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_recycle=300,
+            # no ping before each use (it doubled the transactions): a connection the server dropped fails one read,
+            # which invalidates the pool, and the next read reconnects
+            engine = create_engine(url, pool_size=2, max_overflow=4, pool_recycle=300,
                                    connect_args=arguments)
     except (NoSuchModuleError, ModuleNotFoundError) as error:
         raise LanternError(f"no driver for the state URI {shown_uri(uri)} ({error}); Lantern ships psycopg for "
