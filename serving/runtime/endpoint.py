@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from serving.config import EndpointConfig
 from serving.control.auth import KeyCheck
 from serving.control.checks import pinned_version
+from serving.control.database import embedded
 from serving.control.control import ServedModel
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus, host_id
@@ -49,7 +50,7 @@ class Endpoint:
         self.batchers = SharedBatchers()
         self.models = SharedModels()
         self._changes = threading.Lock()
-        self.reporter = StatusReporter(self.worker, self.host)
+        self.reporter = StatusReporter(self.worker, self.host, publishes_counters=not embedded(self.store.uri))
         self._publishing = threading.Lock()  # the state thread and requests that change the state both publish
         self._stop = threading.Event()
         self._random = random.Random()

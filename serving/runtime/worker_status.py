@@ -21,9 +21,12 @@ logger = logging.getLogger("lantern.serving")
 class StatusReporter:
     """Takes a worker's status; remembers that reading the GPUs' memory failed, to log it once."""
 
-    def __init__(self, worker: str, host: str) -> None:
+    def __init__(self, worker: str, host: str, publishes_counters: bool) -> None:
         self.worker = worker
         self.host = host
+        # its host's counters, for the other hosts' views: only where other hosts share the state (reading every
+        # worker's metric files each second is not free, and one host's views read its own counters directly)
+        self.publishes_counters = publishes_counters
         self._process = psutil.Process()
         self._gpu_memory_failed = False
 
@@ -51,7 +54,8 @@ class StatusReporter:
         return WorkerStatus(worker=self.worker, host=self.host, pid=os.getpid(), revision=revision,
                             heartbeat=time.time(), memory_bytes=self._process.memory_info().rss,
                             gpu_memory=self.gpu_memory([*instances.values(), *next_instances.values()]),
-                            deployments=deployments, host_counters=deployment_counters())
+                            deployments=deployments,
+                            host_counters=deployment_counters() if self.publishes_counters else {})
 
     def gpu_memory(self, instances: list[DeploymentInstance]) -> list[GpuMemory]:
         """Each GPU a loaded instance runs on, and how full it is."""

@@ -3,9 +3,14 @@ management API as an admin uses it, and the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -90,6 +95,30 @@ class Admin:
 def predict(server: Server, key: str, **headers: str) -> httpx.Response:
     return httpx.post(f"{server.url}/predict", content=png_bytes(), timeout=60,
                       headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png", **headers})
+
+
+@contextmanager
+def spread_load(servers: list[Server], key: str, clients: int = 3) -> Iterator[Counter]:
+    """Predictions sent to `servers` in turn (as a load balancer spreads them) by `clients` threads for the block; the
+    statuses they got."""
+    statuses: Counter = Counter()
+    stop = threading.Event()
+
+    def send(offset: int) -> None:
+        for server in itertools.islice(itertools.cycle(servers), offset, None):
+            if stop.is_set():
+                return
+            statuses[predict(server, key).status_code] += 1
+
+    senders = [threading.Thread(target=send, args=(n,)) for n in range(clients)]
+    for sender in senders:
+        sender.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(60)
 
 
 def cli(server: Server, admin_key: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -5,42 +5,15 @@ back), and a host killed mid-load (the other serves on and takes changes; restar
 from __future__ import annotations
 
 import contextlib
-import itertools
 import signal
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
-from support.operations import Admin, deployment, predict
+from support.operations import Admin, deployment, predict, spread_load
 from support.postgres import Postgres, wait_until
 from support.servers import Server
-
-
-@contextmanager
-def load(servers: list[Server], key: str) -> Iterator[Counter]:
-    """Predictions sent to `servers` in turn by 3 clients for the block; the statuses they got."""
-    statuses: Counter = Counter()
-    stop = threading.Event()
-
-    def send(offset: int) -> None:
-        for server in itertools.islice(itertools.cycle(servers), offset, None):
-            if stop.is_set():
-                return
-            statuses[predict(server, key).status_code] += 1
-
-    senders = [threading.Thread(target=send, args=(n,)) for n in range(3)]
-    for sender in senders:
-        sender.start()
-    try:
-        yield statuses
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(60)
 
 
 def kill_host(server: Server) -> None:
@@ -68,7 +41,7 @@ def test_serving_goes_on_while_the_state_database_is_down(hosts: list[Server], k
         pytest.skip("the PostgreSQL server was given by URL: not ours to stop")
     a, b = admins
     revision = a.endpoint()["revision"]
-    with load(hosts, keys["primary"]) as statuses:
+    with spread_load(hosts, keys["primary"]) as statuses:
         postgres.stop()
         try:
             for server in hosts:  # still ready: they serve with the state they applied, and say what is wrong
@@ -93,7 +66,7 @@ def test_a_host_killed_mid_load_and_restarted(hosts: list[Server], keys: dict[st
                                               admins: list[Admin]) -> None:
     a, b = admins
     killed = hosts[1]
-    with load(hosts[:1], keys["primary"]) as statuses:
+    with spread_load(hosts[:1], keys["primary"]) as statuses:
         kill_host(killed)
         with pytest.raises(httpx.ConnectError):
             predict(killed, keys["primary"])

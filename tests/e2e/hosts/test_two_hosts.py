@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from support.operations import FAST, Admin, deployment, predict
+from support.operations import FAST, Admin, cli, deployment, predict, spread_load
 from support.postgres import wait_until
 from support.servers import Server
 
@@ -33,11 +33,12 @@ def test_a_change_through_one_host_is_applied_by_both(hosts: list[Server], keys:
                                                       admins: list[Admin]) -> None:
     a, b = admins
     a.add(deployment("green", model="models:/mc/2"))  # waits for every worker of both hosts to serve it
+    # B's view has A's workers as they published last (every second): the same within a second
+    green = b.ready("green")
     seen_from_b = b.endpoint()
     assert {worker["host"] for worker in seen_from_b["workers"]} == {"host-a", "host-b"}
     assert seen_from_b["applied"] and seen_from_b["revision"] == a.endpoint()["revision"]
-    green = next(d for d in seen_from_b["deployments"] if d["name"] == "green")
-    assert green["state"] == "ready" and green["ready_everywhere"] and green["model_version"] == "models:/mc/2"
+    assert green["ready_everywhere"] and green["model_version"] == "models:/mc/2"
     assert {worker.split("/")[0] for worker in green["workers"]} == {"host-a", "host-b"}
     for server in hosts:  # each host downloaded the version through the MLflow server into its own cache
         assert list((Path(server.env["LANTERN_HOME"]) / "models").rglob("mc/2/artifacts/weights.safetensors"))
@@ -83,28 +84,32 @@ def test_a_rollout_under_load_over_both_hosts_fails_no_request(hosts: list[Serve
                                                                admins: list[Admin]) -> None:
     """Load spread over both hosts (as a load balancer spreads it) while green is added and the traffic moves to it
     in steps through alternate hosts, then back: every request is answered 200."""
-    statuses: Counter = Counter()
-    stop = threading.Event()
-
-    def load(offset: int) -> None:
-        for server in itertools.islice(itertools.cycle(hosts), offset, None):
-            if stop.is_set():
-                return
-            statuses[predict(server, keys["primary"]).status_code] += 1
-
-    senders = [threading.Thread(target=load, args=(n,)) for n in range(4)]
-    for sender in senders:
-        sender.start()
-    try:
-        a, b = admins
+    a, b = admins
+    with spread_load(hosts, keys["primary"], clients=4) as statuses:
         a.add(deployment("green", model="models:/mc/2"))
+        b.ready("green")  # B judges readiness by A's workers' statuses as published (each second)
         for step, (admin, green) in enumerate(zip(itertools.cycle((b, a)), (10, 50, 100, 0))):
             admin.traffic(blue=100 - green, green=green)
             time.sleep(0.5 + step * 0.1)
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(60)
+    assert sum(statuses.values()) > 20 and set(statuses) == {200}, statuses
+
+
+def test_lantern_rollout_through_one_host_judges_the_requests_of_both(hosts: list[Server], keys: dict[str, str],
+                                                                     admins: list[Admin]) -> None:
+    """`lantern rollout` talks to host A while every request goes to host B: its gates see B's requests (the counters
+    are summed over the hosts), so a canary too slow for them is rolled back, and a good one is rolled out with no
+    failed request (with only A's own counters there would be nothing to judge, and both would pass)."""
+    settings = ["--set", "readiness_probe.initial_delay=0", "--set",  # as the tests' own deployments: 4 clients fit
+                f"request_settings.max_concurrent_requests_per_instance={FAST['max_concurrent_requests_per_instance']}",
+                "--set", f"request_settings.max_queue_wait_ms={FAST['max_queue_wait_ms']}"]
+    with spread_load(hosts[1:], keys["primary"], clients=4) as statuses:
+        slow = cli(hosts[0], keys["admin"], "rollout", "teal", "models:/mc/1", "--steps", "50,100", "--interval", "6s",
+                   "--min-requests", "5", "--max-p99-ms", "1", *settings, check=False)
+        good = cli(hosts[0], keys["admin"], "rollout", "green", "models:/mc/2", "--steps", "50,100", "--interval",
+                   "2s", "--min-requests", "5", "--max-p99-ms", "60000", *settings)
+    assert slow.returncode == 1 and "Rolled back" in slow.stderr and "p99 latency" in slow.stderr, slow.stderr
+    assert "rollout of green done: blue=0, green=100" in good.stderr
+    assert admins[1].endpoint()["traffic"] == {"blue": 0, "green": 100, "teal": 0}
     assert sum(statuses.values()) > 20 and set(statuses) == {200}, statuses
 
 
