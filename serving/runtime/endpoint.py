@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from serving.config import EndpointConfig
 from serving.control.auth import KeyCheck
 from serving.control.checks import pinned_version
-from serving.control.database import embedded
 from serving.control.control import ServedModel
+from serving.control.database import embedded
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus, host_id
 from serving.runtime.batching import SharedBatchers
