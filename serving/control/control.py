@@ -279,7 +279,7 @@ class Control:
             version = self._check_model(config, None if resolve else record.model_version)
             if config == record.config and version == record.model_version:
                 return self.deployment(name)  # its alias names the version it serves
-            tasks = self._tasks(self.current(), {name: version} if version else None)
+            tasks: dict[str, str] = {}  # version -> task, asked of the registry once for this change
 
             def mutate(state: EndpointState, read: DeploymentRecord = record, config: DeploymentConfig = config,
                        version: str | None = version, tasks: dict[str, str] = tasks) -> EndpointState:
@@ -319,16 +319,8 @@ class Control:
 
         return self._changed(self.store.change(mutate, f"removed deployment {name}"))
 
-    def _tasks(self, state: EndpointState, versions: dict[str, str] | None = None) -> dict[str, str]:
-        """Version -> task for the versions `state`'s deployments serve (and `versions`'), looked up before a change
-        (the registry is not asked while the state is being changed, unless a version appeared meanwhile)."""
-        tasks: dict[str, str] = {}
-        for version in {*(r.model_version for r in state.deployments), *(versions or {}).values()}:
-            if version is not None:
-                self._task_of(version, tasks)
-        return tasks
-
     def _task_of(self, version: str, tasks: dict[str, str]) -> str | None:
+        """The task of `version`, remembered in `tasks` (a change made again on a newer state asks once)."""
         if version not in tasks:
             try:
                 tasks[version] = version_task(version, self.endpoint.tracking_uri)
@@ -352,7 +344,7 @@ class Control:
         """Replace the live split (deployments left out get 0 %); a deployment whose share grows must be ready in
         every worker, and every deployment with a share serve one task."""
         current, workers = self.current(), self.workers()
-        tasks = self._tasks(current)
+        tasks: dict[str, str] = {}
         ready = {r.config.name: self.deployment_view(r, current, workers, {}) for r in current.deployments}
 
         def mutate(state: EndpointState) -> EndpointState:
@@ -377,7 +369,7 @@ class Control:
     def set_mirror(self, mirror: dict[str, int]) -> EndpointState:
         """Replace the mirrored share (one deployment at most, at most 50 %, with no live traffic, of the live
         deployments' task)."""
-        tasks = self._tasks(self.current())
+        tasks: dict[str, str] = {}
 
         def mutate(state: EndpointState) -> EndpointState:
             state.mirror_traffic = {name: percent for name, percent in mirror.items()}
