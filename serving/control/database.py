@@ -41,9 +41,10 @@ _ENGINES_LOCK = threading.Lock()
 
 def state_uri(explicit: str | None = None) -> str:
     """`explicit`, else `$LANTERN_STATE_URI`, else the embedded SQLite file `<lantern home>/state.db`."""
-    uri = explicit or os.environ.get(STATE_URI_ENV)
-    if uri:
-        return uri
+    return explicit or os.environ.get(STATE_URI_ENV) or _embedded_uri()
+
+
+def _embedded_uri() -> str:
     from registry.store import lantern_home  # MLflow is imported with it: not for CLI commands that only talk HTTP
 
     return f"sqlite:///{lantern_home() / STATE_FILE}"
@@ -59,9 +60,14 @@ def shown_uri(uri: str) -> str:
 
 def embedded(uri: str) -> bool:
     """Whether `uri` is this Lantern home's own file (one host, whose keys file is its keys' source)."""
-    from registry.store import lantern_home
+    return uri == _embedded_uri()
 
-    return uri == f"sqlite:///{lantern_home() / STATE_FILE}"
+
+def unreachable(uri: str, error: Exception) -> str:
+    """What a user is told when the state database at `uri` fails with `error` (the driver's first line)."""
+    cause = getattr(error, "orig", None) or error
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"the state database {shown_uri(uri)} does not answer ({text})"
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -115,8 +121,7 @@ def _new_engine(uri: str) -> Engine:
         try:
             metadata.create_all(engine)  # another process created the tables at the same moment
         except DBAPIError as error:
-            text = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
-            raise StateUnavailable(f"the state database {shown_uri(uri)} does not answer ({text})") from None
+            raise StateUnavailable(unreachable(uri, error)) from None
     return engine
 
 

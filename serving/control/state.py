@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from registry.errors import LanternError
 from serving.config import DeploymentConfig, EndpointConfig, Percent, Strict, traffic_problems
 from serving.control.auth import admin_key, endpoint_dir, key_digest, scoring_keys
-from serving.control.database import embedded, endpoint_states, shown_uri, state_engine, state_uri
+from serving.control.database import embedded, endpoint_states, shown_uri, state_engine, state_uri, unreachable
 from serving.control.errors import ChangeConflict, StateUnavailable
 
 LEGACY_STATE_FILE = "state.json"  # where Lantern kept the state before the database: migrated once
@@ -151,9 +151,7 @@ class StateStore:
             raise StateUnavailable(self._unreachable(error)) from None
 
     def _unreachable(self, error: Exception) -> str:
-        cause = getattr(error, "orig", None) or error
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        return f"the state database {shown_uri(self.uri)} does not answer ({text})"
+        return unreachable(self.uri, error)
 
     def stamp(self) -> int | None:
         """The state's revision: one small row read, cheap to poll."""
