@@ -11,6 +11,7 @@ import torch
 from registry.small_cnn import SmallCNN
 from support.common import LABELS, MINUTE_ITERATIONS, own_store
 from support.postgres import Postgres, postgres_server
+from support.training import train_shapes_detector
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -80,3 +81,20 @@ def trained_shapes(tmp_path_factory: pytest.TempPathFactory):
     config = {"data": "shapes:3000", "arch": "small_cnn", "image_size": 64, "batch_size": 64, "lr": 1e-2}
     return train(session_dir, config, RunOptions(iterations=MINUTE_ITERATIONS, checkpoint_interval=250,
                                                  report_interval=50, mlflow=False))
+
+
+@pytest.fixture(scope="session")
+def trained_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session directory of the small detector trained 400 iterations on 160 instance-shapes images at 96 px
+    (a checkpoint every 100), shared by the test that checks it learnt, the detector registration tests and the
+    detection endpoint's tests."""
+    return train_shapes_detector(tmp_path_factory.mktemp("trained-detector"), "object_detection", iterations=400,
+                                 checkpoint_interval=100)
+
+
+@pytest.fixture(scope="session")
+def trained_segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session directory of the small instance segmenter trained 60 iterations on the same images (shared by the
+    registration and endpoint tests)."""
+    return train_shapes_detector(tmp_path_factory.mktemp("trained-segmenter"), "instance_segmentation",
+                                 iterations=60)

@@ -24,21 +24,10 @@ from registry.resolve import load_bundle
 from serving.config import DeploymentConfig
 from serving.control.checks import check_deployment
 from support.common import lantern_executable
-from support.training import train_shapes_detector
 from training.session import Session
 from training.shapes_instances import InstanceShapesConfig, make_instance_sample
 
 LABELS = ["circle", "square", "triangle"]
-
-
-@pytest.fixture(scope="module")
-def detector_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_shapes_detector(tmp_path_factory.mktemp("detector"), "object_detection", iterations=100)
-
-
-@pytest.fixture(scope="module")
-def segmenter_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_shapes_detector(tmp_path_factory.mktemp("segmenter"), "instance_segmentation", iterations=40)
 
 
 def shapes_images(count: int, size: int = 96) -> list[Image.Image]:
@@ -67,8 +56,8 @@ def check_boxes(boxes: list[dict], threshold: float) -> None:
         assert found["label"] in LABELS
 
 
-def test_a_detector_registers_with_a_faithful_onnx_export_and_answers_boxes(store: str, detector_session: Path) -> None:
-    registered = register_session_checkpoint("detector", detector_session, alias="champion")
+def test_a_detector_registers_with_a_faithful_onnx_export_and_answers_boxes(store: str, trained_detector: Path) -> None:
+    registered = register_session_checkpoint("detector", trained_detector, alias="champion")
     assert registered.onnx_max_abs_diff is not None and registered.onnx_max_abs_diff < 1e-3
     assert registered.onnx_refused is None
     tags = MlflowClient(store, store).get_model_version("detector", "1").tags
@@ -96,9 +85,9 @@ def test_a_detector_registers_with_a_faithful_onnx_export_and_answers_boxes(stor
 
 
 def test_a_detector_that_does_not_export_faithfully_is_registered_for_torch(store: str,
-                                                                           detector_session: Path) -> None:
-    exported = register_session_checkpoint("faithful", detector_session)
-    refused = register_session_checkpoint("torch-only", detector_session, parity_tolerance=0.0)
+                                                                           trained_detector: Path) -> None:
+    exported = register_session_checkpoint("faithful", trained_detector)
+    refused = register_session_checkpoint("torch-only", trained_detector, parity_tolerance=0.0)
     if exported.onnx_max_abs_diff == 0.0:
         pytest.skip("ONNX Runtime matched torch exactly: nothing to refuse at tolerance 0")
     assert refused.onnx_max_abs_diff is None and refused.onnx_refused.startswith("ParityError: ")
@@ -118,10 +107,10 @@ def test_a_detector_that_does_not_export_faithfully_is_registered_for_torch(stor
     assert '"backends": [\n    "torch"\n  ]' in shown.stdout and "ParityError" in shown.stdout
 
 
-def test_segmenter_answers_carry_polygons_on_their_masks(store: str, segmenter_session: Path) -> None:
+def test_segmenter_answers_carry_polygons_on_their_masks(store: str, trained_segmenter: Path) -> None:
     settings = {"box_score_thresh": "0.05", "max_number_of_polygon_points": "12", "export_as_image": "true",
                 "image_type": "PNG"}
-    registered = register_session_checkpoint("segmenter", segmenter_session, settings_overrides=settings)
+    registered = register_session_checkpoint("segmenter", trained_segmenter, settings_overrides=settings)
     assert registered.onnx_max_abs_diff is not None
     images = shapes_images(2)
     answers = pyfunc_answers(registered.uri, images)
@@ -147,8 +136,8 @@ def test_segmenter_answers_carry_polygons_on_their_masks(store: str, segmenter_s
     assert found_any > 0 and np.median(overlaps) > 0.85
 
 
-def test_refusals(store: str, detector_session: Path, tmp_path: Path) -> None:
-    weights = Session(detector_session).latest().path / "weights.safetensors"
+def test_refusals(store: str, trained_detector: Path, tmp_path: Path) -> None:
+    weights = Session(trained_detector).latest().path / "weights.safetensors"
     with pytest.raises(SpecError, match="resnet18 is a classifier; object_detection needs a detector"):
         register_checkpoint("x", weights, "resnet18", LABELS, "object_detection")
     with pytest.raises(SpecError, match="a detector has no Grad-CAM layer"):

@@ -38,8 +38,10 @@ class StopAt(Callback):
 DETECTOR_ARCH = {"object_detection": "small_detector", "instance_segmentation": "small_segmenter"}
 
 
-def train_shapes_detector(folder: Path, task: str, iterations: int, image_size: int = 96, count: int = 160) -> Path:
-    """A small detector (or segmenter) trained on instance shapes under `folder`; returns its session directory."""
+def train_shapes_detector(folder: Path, task: str, iterations: int, image_size: int = 96, count: int = 160,
+                          checkpoint_interval: int | None = None) -> Path:
+    """A small detector (or segmenter) trained on instance shapes under `folder` (a checkpoint every
+    `checkpoint_interval` iterations, else one at the end); returns its session directory."""
     from training.loop import train
     from training.shapes_instances import InstanceShapesConfig, write_instance_shapes_dataset
 
@@ -48,5 +50,5 @@ def train_shapes_detector(folder: Path, task: str, iterations: int, image_size: 
     session_dir = folder / "session"
     train(session_dir, {"data": str(data), "arch": DETECTOR_ARCH[task], "task": task, "image_size": image_size,
                         "batch_size": 4, "lr": 0.04},
-          quiet(iterations=iterations, checkpoint_interval=iterations, loader_workers=0))
+          quiet(iterations=iterations, checkpoint_interval=checkpoint_interval or iterations, loader_workers=0))
     return session_dir

@@ -1,5 +1,6 @@
-"""One real endpoint serving a small detector and a small instance segmenter trained on shapes (each trained once for
-this folder), with deployments that differ in backend and settings; shared by every test of this folder."""
+"""One real endpoint serving a small detector and a small instance segmenter trained on shapes (the session's
+`trained_detector` and `trained_segmenter`), with deployments that differ in backend and settings; shared by every
+test of this folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from support.common import LABELS, SMALL_SETTINGS, own_store
 from support.operations import Admin, credential, deployment
 from support.servers import Server
-from support.training import train_shapes_detector
 
 # the detectors work on 96 px images; `small` and `tiled` shrink a 288 px image to 96 px, `tiled` also runs each
 # of its 3 x 3 tiles at 96 px (about the size the objects of a 96 px image have)
@@ -21,18 +21,17 @@ TILED = {**SMALL, "tile_grid_size": "(3, 3)", "tile_overlap_ratio": 0.2}
 
 
 @pytest.fixture(scope="package")
-def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], trained_detector: Path,
+               trained_segmenter: Path) -> Iterator[str]:
     """`boxes` 1 (a detector), `boxes` 2 (its weights with a higher score threshold), `segments` 1 (a segmenter),
     and `mc` 1 (a classifier)."""
     from registry.register import register_checkpoint, register_session_checkpoint, register_settings_update
 
     folder = tmp_path_factory.mktemp("detectors")
-    detector = train_shapes_detector(folder / "detector", "object_detection", iterations=400)
-    segmenter = train_shapes_detector(folder / "segmenter", "instance_segmentation", iterations=60)
     with own_store(folder / "registry") as uri:
-        register_session_checkpoint("boxes", detector)
+        register_session_checkpoint("boxes", trained_detector)
         register_settings_update("boxes", 1, {"box_score_thresh": 0.6})
-        register_session_checkpoint("segments", segmenter, settings_overrides={
+        register_session_checkpoint("segments", trained_segmenter, settings_overrides={
             "box_score_thresh": 0.05, "max_number_of_polygon_points": 12, "export_as_image": True,
             "image_type": "PNG"})
         register_checkpoint("mc", checkpoints["safetensors"], "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
