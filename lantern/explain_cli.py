@@ -20,6 +20,7 @@ import click
 
 from explain.params import METHODS
 from registry.console import console, stdout, user_errors
+from serving.environment import PRIMARY_ENV
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -56,7 +57,14 @@ def output_names(paths: list[Path]) -> list[str]:
 
 @click.command("explain")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--model", "model_ref", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--model", "model_ref", help="models:/NAME/VERSION or models:/NAME@ALIAS: explain here, with this "
+                                           "registered version.")
+@click.option("--url", help="Explain on the running endpoint at this URL instead, through an explanation job (needs "
+                            "its scoring key).")
+@click.option("--job", "as_job", is_flag=True, help="With --url: submit one job, show its progress, download the "
+                                                    "result (the only way --url explains; Ctrl+C cancels the job).")
+@click.option("--key", envvar=PRIMARY_ENV, show_envvar=True, help="With --url: the endpoint's scoring key.")
+@click.option("--deployment", help="With --url: pin the job to this deployment (else the traffic split picks).")
 @click.option("--method", default="integrated_gradients", show_default=True,
               type=click.Choice(METHODS))
 @click.option("--param", "assignments", multiple=True, metavar="KEY=VALUE",
@@ -70,10 +78,12 @@ def output_names(paths: list[Path]) -> list[str]:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI.")
 @user_errors
-def explain_command(images: tuple[str, ...], model_ref: str, method: str, assignments: tuple[str, ...],
+def explain_command(images: tuple[str, ...], model_ref: str | None, url: str | None, as_job: bool, key: str | None,
+                    deployment: str | None, method: str, assignments: tuple[str, ...],
                     target_labels: tuple[str, ...], out: str | None, attributions_out: str | None,
                     out_dir: str | None, device: str, tracking_uri: str | None) -> None:
-    """Explain a registered model's predictions on IMAGES (files or folders); prints the report as JSON."""
+    """Explain a registered model's predictions on IMAGES (files or folders), here (--model) or on a running
+    endpoint through an explanation job (--url); prints the report as JSON."""
     from explain.layout import fastest_layout
     from explain.params import ExplainError, parse_params
     from registry.devices import torch_device
@@ -93,6 +103,20 @@ def explain_command(images: tuple[str, ...], model_ref: str, method: str, assign
         parse_params(method, params)  # a bad parameter fails before the model is loaded, not once per image
     except ExplainError as error:
         raise LanternError(str(error)) from None
+    if (model_ref is None) == (url is None):
+        raise LanternError("give --model (explain here with a registered version) or --url (on a running endpoint, "
+                           "through a job)" + (", not both" if model_ref else ""))
+    if url is None and (as_job or deployment):
+        raise LanternError("--job and --deployment are for an endpoint: give its --url")
+    if url is not None:
+        from serving.client.explain_jobs import explain_remotely
+
+        summary = explain_remotely(url, key, paths, method, params, list(target_labels), deployment, out,
+                                   attributions_out, out_dir)
+        stdout.print_json(json.dumps(summary))
+        if summary["failed"]:
+            raise click.exceptions.Exit(1)
+        return
     bundle = load_bundle(model_ref, tracking_uri=tracking_uri, device=str(torch_device(device)))
     fastest_layout(bundle.module)
     unknown = [label for label in target_labels if label not in bundle.labels]

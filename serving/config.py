@@ -135,6 +135,12 @@ class Limits(Strict):
                                                         "segmentation); default: torch's, every physical core. Lower "
                                                         "it where explanations run on the CPU and predictions should "
                                                         "keep cores meanwhile")
+    max_images_per_job: int = Field(64, ge=1, le=4096, description="images in one explanation job (a batch)")
+    max_queued_jobs: int = Field(16, ge=1, le=10000,
+                                 description="explanation jobs queued or running for the endpoint (every host); more "
+                                             "are refused with 429 at once")
+    job_result_seconds: int = Field(86400, ge=1, le=30 * 86400,
+                                    description="how long a finished job and its result are kept; then 410")
 
 
 ORIGIN_PATTERN = re.compile(r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")

@@ -76,6 +76,11 @@ class Lantern:
         self.endpoint.start()
         drain.install()  # BentoML makes the instance in the worker's main thread, after uvicorn took SIGTERM
 
+    @bentoml.on_startup
+    async def run_explanation_jobs(self) -> None:
+        """Explanation jobs run on the worker's event loop, which exists from here on."""
+        self.endpoint.start_jobs()
+
     def __is_ready__(self) -> bool:
         return not drain.draining and self.endpoint.is_ready()
 

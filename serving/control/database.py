@@ -1,6 +1,6 @@
-"""The database that holds every endpoint's state and its workers' statuses: an embedded SQLite file under the Lantern
-home by default, or the SQLAlchemy URL given as `--state-uri` / `$LANTERN_STATE_URI` (PostgreSQL, for several hosts
-serving one endpoint)."""
+"""The database that holds every endpoint's state, its workers' statuses and its explanation jobs: an embedded SQLite
+file under the Lantern home by default, or the SQLAlchemy URL given as `--state-uri` / `$LANTERN_STATE_URI`
+(PostgreSQL, for several hosts serving one endpoint)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,22 @@ import os
 import threading
 from pathlib import Path
 
-from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, Text, create_engine, event
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
@@ -34,6 +49,43 @@ worker_statuses = Table(
     Column("host", String(200), nullable=False),
     Column("heartbeat", Float, nullable=False),
     Column("document", Text, nullable=False))  # the WorkerStatus as JSON
+explain_jobs = Table(
+    "lantern_explain_job", metadata,
+    Column("id", String(64), primary_key=True),  # unguessable (secrets.token_urlsafe)
+    Column("endpoint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # queued, running, succeeded, failed, cancelled
+    Column("deployment", String(64), nullable=False),  # fixed when the job is accepted, with its version
+    Column("model_version", String(300), nullable=False),
+    Column("options", Text, nullable=False),  # the explanation asked for (method, params, targets, answer form) as JSON
+    Column("total", Integer, nullable=False),  # images
+    Column("batch", Boolean, nullable=False),  # sent as a batch (answered as one), or as one image
+    Column("images_done", Integer, nullable=False, default=0),  # explained or failed
+    Column("labels_done", Integer, nullable=False, default=0),  # explanations made (one per label)
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("worker", String(200)),  # HOST/PID running it
+    Column("heartbeat", Float),  # its worker's last sign of life: a job whose worker went silent is run again
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text),  # why the job failed as a whole
+    Index("lantern_explain_job_queue", "endpoint", "state", "created_at"))
+explain_job_images = Table(
+    "lantern_explain_job_image", metadata,
+    Column("job", String(64), ForeignKey("lantern_explain_job.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("name", String(300), nullable=False),  # the file name sent, or "image N"
+    Column("image", LargeBinary),  # the bytes to explain; dropped once the job ends
+    Column("state", String(16), nullable=False),  # pending, succeeded, failed
+    Column("fidelity", Text),  # the explanation's fidelity report (JSON)
+    Column("error", Text))  # {"code", "message"} of an image that could not be explained
+explain_job_outputs = Table(
+    "lantern_explain_job_output", metadata,
+    Column("job", String(64), ForeignKey("lantern_explain_job.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("rank", Integer, primary_key=True),  # the label's place among the image's explained labels
+    Column("label", String(200), nullable=False),
+    Column("visualization", LargeBinary, nullable=False),  # the 2 x 2 PNG
+    Column("attributions", LargeBinary, nullable=False))  # [3, crop, crop] float32 as a .npy file
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()

@@ -43,3 +43,33 @@ class StateUnavailable(ControlError, LanternError):
     LanternError too: the command line reports it as a user's problem, without a traceback)."""
 
     code = "state_unavailable"
+
+
+class UnknownJob(ControlError):
+    """No explanation job of this endpoint has that id (or it was removed after its result expired)."""
+
+    code = "unknown_job"
+
+
+class JobExpired(ControlError):
+    """The job finished longer ago than `limits.job_result_seconds`: its result is gone."""
+
+    code = "job_expired"
+
+
+class JobQueueFull(ControlError):
+    """The endpoint has `limits.max_queued_jobs` jobs queued or running already."""
+
+    code = "too_many_jobs"
+
+
+class JobNotFinished(ControlError):
+    """A result asked of a job that has none: still queued or running, cancelled, or failed as a whole."""
+
+    code = "job_not_finished"
+
+
+class JobFinished(ControlError):
+    """A job cancelled that had already ended."""
+
+    code = "job_finished"

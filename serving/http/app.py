@@ -12,6 +12,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serving.http.errors import ApiError, method_not_allowed
 from serving.http.explain import explain
+from serving.http.explain_jobs import cancel_job, job_result, job_status, submit_job
 from serving.http.guard import endpoint_of
 from serving.http.manage_api import build_router
 from serving.http.openapi import ANSWERED_BY, ERRORS, EXPLAINED_BY, SCORED_BY, openapi_document
@@ -19,6 +20,9 @@ from serving.http.page import POLICY, render_page
 from serving.http.predict import predict
 from serving.http.schemas import (
     DetectionScoreItem,
+    ExplainJobRequest,
+    ExplainJobResult,
+    ExplainJobView,
     ExplainRequest,
     ExplainResponse,
     PredictResponse,
@@ -84,6 +88,52 @@ def build_app() -> FastAPI:
         """Explain one image: JSON (attributions, base64 visualisation, fidelity report), or the PNG itself with
         `Accept: image/png`. With a raw or multipart image, options go in the query: `?method=xrai&n_steps=20`."""
         return await explain(request)
+
+    job_id = {"job_id": "$response.body#/id"}
+    job_links = {"status": {"operationId": "job_status", "parameters": job_id},
+                 "result": {"operationId": "job_result", "parameters": job_id},
+                 "cancel": {"operationId": "cancel_job", "parameters": job_id}}
+
+    @app.post("/explain/jobs", status_code=202, operation_id="submit_job", responses={202: {
+        "model": ExplainJobView, "links": job_links,
+        "headers": {**ANSWERED_BY, "Location": {"description": "the job's URL", "schema": {"type": "string"}}}},
+        **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": inline_schema(ExplainJobRequest)},
+                  "image/*": {"schema": {"type": "string", "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "image": {"type": "string", "format": "binary"},
+                      "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
+    async def submit_job_route(request: Request) -> Response:
+        """Explain one image or a batch in the background: answers 202 at once with the job (its URL in
+        `Location`); poll it, fetch its result, or cancel it. The deployment (pinned, or picked by the traffic split)
+        and its model version are fixed now. Options as for `/explain`: in a JSON body (`image_base64`, or `images`
+        for a batch), or in the query with a raw image or multipart `image` / `images` files."""
+        return await submit_job(request)
+
+    @app.get("/explain/jobs/{job_id}", operation_id="job_status", responses={200: {"model": ExplainJobView},
+                                                                              **ERRORS})
+    async def job_status_route(request: Request, job_id: str) -> Response:
+        """A job's state, progress (images and labels done), times, deployment and version, and each image's
+        error if it failed; 410 once its result expired (limits.job_result_seconds)."""
+        return await job_status(request)
+
+    results = {"model": ExplainResponse | ExplainJobResult,
+               "content": {"image/png": {}, "application/zip": {}, "application/x-ndjson": {}}}
+
+    @app.get("/explain/jobs/{job_id}/result", operation_id="job_result", responses={200: results, **ERRORS})
+    async def job_result_route(request: Request, job_id: str) -> Response:
+        """A succeeded job's result. One image: as `/explain` answers (JSON, or the PNG with `Accept: image/png`).
+        A batch: a zip of `result.json` with each explanation's PNG and attributions (.npy), or JSON lines (one per
+        image) with `Accept: application/x-ndjson`, or one JSON document with `Accept: application/json`. 409 while
+        the job is queued or running."""
+        return await job_result(request)
+
+    @app.delete("/explain/jobs/{job_id}", operation_id="cancel_job", responses={200: {"model": ExplainJobView},
+                                                                                 **ERRORS})
+    async def cancel_job_route(request: Request, job_id: str) -> Response:
+        """Cancel a queued or running job: its running explanation stops within one step of the method."""
+        return await cancel_job(request)
 
     @app.get("/", include_in_schema=False)
     async def page(request: Request) -> Response:

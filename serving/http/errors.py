@@ -108,6 +108,11 @@ ANSWERS: dict[type[Exception], Answer] = {
     InvalidChange: Answer(422, "invalid_change", prefix="the change was refused, nothing changed: "),
     control.StateMissing: Answer(503, headers={"Retry-After": "5"}),
     control.StateUnavailable: Answer(503, headers={"Retry-After": "5"}),
+    control.UnknownJob: Answer(404),
+    control.JobExpired: Answer(410),
+    control.JobQueueFull: Answer(429, headers=RETRY_SOON),
+    control.JobNotFinished: Answer(409),
+    control.JobFinished: Answer(409),
 }
 
 

@@ -56,6 +56,13 @@ def media_type(request: Request) -> str:
 def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every file in the multipart body's `field`; an unreadable body or a text field in the
     files' place is a 400 saying so."""
+    return [(filename, data) for _, filename, data in uploaded_files(content_type, body, (field,), max_files)]
+
+
+def uploaded_files(content_type: str, body: bytes, fields: tuple[str, ...],
+                   max_files: int) -> list[tuple[str, str, bytes]]:
+    """(field, filename, bytes) of every file in the multipart body's `fields`."""
+    named = " or ".join(repr(name) for name in fields)
     try:
         parts = form_parts(content_type, body, max_files, MAX_FORM_FIELDS)
     except FormError as error:
@@ -64,14 +71,14 @@ def uploaded_images(content_type: str, body: bytes, field: str, max_files: int) 
         raise bad_request(f"the multipart body cannot be read: {error}", "invalid_multipart") from None
     files = []
     for part in parts:
-        if part.name != field:
+        if part.name not in fields:
             continue
         if part.filename is None:
-            refuse_url(part.data.decode("utf-8", errors="replace"), f"form field {field!r}", "the image as a file")
-            raise bad_request(f"form field {field!r} must be a file upload, not text", "not_a_file")
-        files.append((part.filename or field, part.data))
-    unknown = list(dict.fromkeys(part.name for part in parts if part.name != field))
+            refuse_url(part.data.decode("utf-8", errors="replace"), f"form field {part.name!r}", "the image as a file")
+            raise bad_request(f"form field {part.name!r} must be a file upload, not text", "not_a_file")
+        files.append((part.name, part.filename or part.name, part.data))
+    unknown = list(dict.fromkeys(part.name for part in parts if part.name not in fields))
     if unknown and not files:
         raise ApiError(400, "missing_images",
-                       f"the multipart body has no {field!r} files (it has {', '.join(unknown)})")
+                       f"the multipart body has no {named} files (it has {', '.join(unknown)})")
     return files

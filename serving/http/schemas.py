@@ -6,20 +6,19 @@ import json
 import re
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from explain.encoding import AttributionEncoding
 from explain.params import ExplainError, Method, inapplicable_params, parse_params
 from registry.detection_answers import DetectedObject, DetectionAnswer
 from serving.config import Strict, describe_fields
+from serving.control.jobs import MAX_PARAMETERS, ExplanationOptions, ImageError, JobImage
 from serving.http.errors import bad_request, too_many_images, unprocessable
 
 # Sizes no valid request reaches: a body's lists and objects are refused past them before their items are validated
 # (pydantic builds an error per item, and 350 000 bad `targets` took a second to describe in a 17 MB message).
 MAX_ROWS = 4096  # limits.max_images_per_request's highest value
 MAX_COLUMNS = 16
-MAX_PARAMETERS = 64
-MAX_TARGETS = 64  # labels explained in one request (each one an explanation)
 MAX_JSON_MEMBERS = 1024  # names in one JSON object
 
 
@@ -161,26 +160,10 @@ class PredictResponse(BaseModel):
         description="a classifier's top labels, or a detector's boxes, per image")
 
 
-class ExplainRequest(Strict):
+class ExplainRequest(ExplanationOptions):
     """`POST /explain` as JSON; the same fields are accepted as query parameters with a raw or multipart image."""
 
     image_base64: str
-    method: Method = "xrai"
-    params: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS,
-                                   description="the method's parameters, e.g. {\"n_steps\": 50}")
-    targets: list[str] | None = Field(None, max_length=MAX_TARGETS,
-                                      description="labels to explain instead of the prediction (leave out to explain "
-                                                  "the prediction)")
-
-    @field_validator("targets")
-    @classmethod
-    def _some_targets(cls, targets: list[str] | None) -> list[str] | None:
-        if targets is not None and not targets:
-            raise ValueError("no label given; name at least one, or leave targets out to explain the prediction")
-        return targets
-    visualizations: bool = True
-    attributions: bool = True
-    attributions_encoding: AttributionEncoding = "npy_base64"
 
 
 class TargetExplanation(BaseModel):
@@ -195,6 +178,81 @@ class ExplainResponse(BaseModel):
     method: str
     explanations: list[TargetExplanation]
     fidelity: dict[str, Any]
+
+
+class NamedImage(Strict):
+    """One image of a JSON batch, with the name its result is shown under."""
+
+    image_base64: str
+    name: str | None = Field(None, max_length=200)
+
+
+class ExplainJobRequest(ExplanationOptions):
+    """`POST /explain/jobs` as JSON: one image (`image_base64`) or a batch (`images`: base64 texts, or objects with
+    `image_base64` and `name`), and the explanation every image gets."""
+
+    image_base64: str | None = None
+    images: list[str | NamedImage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ExplainJobRequest:
+        if (self.image_base64 is None) == (self.images is None):
+            raise ValueError("give either image_base64 (one image) or images (a batch)")
+        return self
+
+
+class JobProgress(BaseModel):
+    images_done: int = Field(description="images explained or failed")
+    images_total: int
+    labels_done: int = Field(description="explanations made (one per explained label)")
+    fraction: float = Field(description="images_done / images_total")
+
+
+class JobLinks(BaseModel):
+    status: str
+    result: str
+
+
+class ExplainJobView(BaseModel):
+    """An explanation job as `GET /explain/jobs/{id}` shows it."""
+
+    id: str
+    state: str = Field(description="queued, running, succeeded, failed or cancelled")
+    batch: bool
+    deployment: str
+    model_version: str
+    method: str
+    progress: JobProgress
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    queued_seconds: float = Field(description="time from being accepted to being started (so far, while queued)")
+    expires_at: str | None = Field(None, description="when a finished job's result is removed (then 410)")
+    attempts: int = Field(description="times a worker started it (a second one after its first worker died)")
+    error: str | None = None
+    images: list[JobImage]
+    links: JobLinks
+
+
+class JobImageResult(BaseModel):
+    """One image of a batch's result: its explanations as `/explain` answers them, or why it has none."""
+
+    index: int
+    name: str
+    state: str
+    error: ImageError | None = None
+    explanations: list[TargetExplanation] = Field(default_factory=list)
+    fidelity: dict[str, Any] | None = None
+
+
+class ExplainJobResult(BaseModel):
+    """A batch's result as one JSON document (or, in a zip, with files' names in place of the PNGs and arrays)."""
+
+    job: str
+    deployment: str
+    model_version: str
+    method: str
+    results: list[JobImageResult]
 
 
 # Lantern's bodies nest a few levels; Python's parser gives up somewhere past a thousand (its limit differs between

@@ -16,9 +16,11 @@ from serving.control.auth import KeyCheck
 from serving.control.checks import pinned_version
 from serving.control.control import ServedModel
 from serving.control.database import embedded
+from serving.control.jobs import JobStore
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus, host_id
 from serving.runtime.batching import SharedBatchers
+from serving.runtime.explain_jobs import JobRunner
 from serving.runtime.inference import Inference
 from serving.runtime.instance import DeploymentInstance
 from serving.runtime.routing import Route, pick_route
@@ -55,6 +57,8 @@ class Endpoint:
         self._stop = threading.Event()
         self._random = random.Random()
         self.inference = Inference(config.limits)
+        self.jobs = JobStore(config.name, self.store.uri)
+        self.job_runner = JobRunner(self, self.jobs)
         self._apply(self.state, start=False)
 
     # following the state -------------------------------------------------------------------------------------------
@@ -65,8 +69,13 @@ class Endpoint:
         self.publish()
         threading.Thread(target=self._follow, name="lantern-state", daemon=True).start()
 
+    def start_jobs(self) -> None:
+        """Run the endpoint's explanation jobs in this worker (on its event loop) from now on."""
+        self.job_runner.start()
+
     def stop(self) -> None:
         self._stop.set()
+        self.job_runner.stop()
         for instance in [*self.instances.values(), *self.next_instances.values()]:
             instance.stop(unload=False)  # the worker is ending
         self.board.withdraw(self.worker)

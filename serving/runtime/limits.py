@@ -1,5 +1,6 @@
 """Admission: a bounded number of requests in flight and at work, refused at once (Busy) rather than queued
-without end."""
+without end; background work (explanation jobs) takes a slot only when no request waits, and gives it up to one
+that comes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
+from serving.runtime.abandon import CancelToken
 from serving.runtime.errors import Busy
+
+IDLE_POLL_S = 0.05  # how often background work looks for a free slot
 
 
 class Admission:
@@ -20,7 +24,9 @@ class Admission:
         self.limit = 2 * active
         self.max_wait_s = max_wait_s
         self.in_flight = 0
+        self.waiting = 0  # requests waiting for a slot
         self._slots = asyncio.Semaphore(active)
+        self._background: list[CancelToken] = []  # background work holding slots, oldest first
 
     @contextlib.contextmanager
     def counted(self) -> Iterator[None]:
@@ -42,7 +48,13 @@ class Admission:
         with self.counted():
             try:
                 if self._slots.locked():
-                    await asyncio.wait_for(self._slots.acquire(), timeout=wait)
+                    if self._background:  # background work gives its slot up within one step of its method
+                        self._background.pop().cancel("a request needs the slot")
+                    self.waiting += 1
+                    try:
+                        await asyncio.wait_for(self._slots.acquire(), timeout=wait)
+                    finally:
+                        self.waiting -= 1
                 else:
                     await self._slots.acquire()
             except TimeoutError:
@@ -52,3 +64,18 @@ class Admission:
                 yield
             finally:
                 self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def background(self, token: CancelToken) -> AsyncIterator[None]:
+        """A slot for background work, taken once one is free and no request waits for one: a request that comes
+        while the work runs cancels `token` (the work stops within one step and should be made again later)."""
+        while self._slots.locked() or self.waiting:
+            await asyncio.sleep(IDLE_POLL_S)
+        await self._slots.acquire()  # free, and no one waits: taken at once
+        self._background.append(token)
+        try:
+            yield
+        finally:
+            if token in self._background:
+                self._background.remove(token)
+            self._slots.release()

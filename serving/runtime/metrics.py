@@ -28,6 +28,11 @@ class Metrics:
     mirrored: object
     mirror_latency: object
     reloads: object
+    jobs: object
+    job_queue_seconds: object
+
+
+JOB_QUEUE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
 @functools.cache
@@ -73,4 +78,11 @@ def metrics() -> Metrics:
         reloads=Counter("lantern_deployment_reloads_total",
                         "Deployments reloaded because their liveness probe failed failure_threshold times in a row",
                         ["deployment"]),
+        jobs=Counter("lantern_explanation_jobs_total",
+                     "Explanation jobs by state reached: queued (accepted through this worker), then succeeded, "
+                     "failed or cancelled (counted by the worker that ran them, or the one a queued job was "
+                     "cancelled through)", ["deployment", "state"]),
+        job_queue_seconds=Histogram("lantern_explanation_job_queue_seconds",
+                                    "Time an explanation job waited in the queue, from being accepted to a worker "
+                                    "starting it", ["deployment"], buckets=JOB_QUEUE_BUCKETS),
     )

@@ -63,7 +63,8 @@ def generated(run: subprocess.CompletedProcess, server: Server) -> int:
 def test_scoring_routes_answer_every_generated_request_in_lantern_format(server: Server) -> None:
     run = schemathesis(server, SCORING_KEY, "--exclude-path-regex", "^/manage")
     assert generated(run, server) >= 100
-    assert re.search(r"Tested: 6\b", run.stdout)  # /score, /predict, /explain, /livez, /readyz, /metrics
+    # /score, /predict, /explain, /livez, /readyz, /metrics and the four of explanation jobs (chained by their links)
+    assert re.search(r"Tested: 10\b", run.stdout) and "✅ Stateful" in run.stdout
 
 
 def test_management_routes_answer_every_generated_request_in_lantern_format(server: Server) -> None:

@@ -33,7 +33,8 @@ def endpoint_config() -> dict:
     return {
         "name": "e2e",
         "auth_mode": "key",
-        "limits": {"max_body_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_concurrent_explanations": 1},
+        "limits": {"max_body_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_concurrent_explanations": 1,
+                   "max_images_per_job": 4, "max_queued_jobs": 3},
         "deployments": [
             {"name": "blue", "model": "models:/mc@champion", "request_settings": fast, "readiness_probe": probe()},
             {"name": "green", "model": "models:/ml/1", "request_settings": fast, "readiness_probe": probe()},

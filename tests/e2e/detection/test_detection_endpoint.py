@@ -204,6 +204,8 @@ def test_explanations_are_refused_for_detectors(server: Server, keys: dict[str, 
     assert "object_detection" in refused.json()["error"]["message"]
     asked = score(server, keys["primary"], [samples(1)[0].image], model_explainability=True)
     assert asked.status_code == 422 and asked.json()["error"]["code"] == "not_explainable"
+    job = httpx.post(f"{server.url}/explain/jobs", content=image, headers=headers, timeout=60)  # nor as a job
+    assert job.status_code == 422 and job.json()["error"]["code"] == "not_explainable"
 
 
 def test_a_rollout_between_two_detector_versions(server: Server, keys: dict[str, str], admin: Admin) -> None:

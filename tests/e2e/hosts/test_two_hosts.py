@@ -1,10 +1,12 @@
 """One endpoint served by two hosts from one PostgreSQL state: a change made through either host's management API
-is applied by both, each host's counters are in the sum either answers with, changes made at once through both are all kept, a rollout under load spread over both fails no
-request, and a key regenerated through one host works on the other at once (the old one stops)."""
+is applied by both, each host's counters are in the sum either answers with, changes made at once through both are
+all kept, a rollout under load spread over both fails no request, a key regenerated through one host works on the
+other at once (the old one stops), and an explanation job submitted through one host is answered by both."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import Counter
@@ -14,7 +16,7 @@ import httpx
 
 from support.operations import FAST, Admin, cli, deployment, predict, spread_load
 from support.postgres import wait_until
-from support.servers import Server
+from support.servers import Server, png_bytes
 
 
 def served_by(server: Server, key: str, count: int) -> Counter:
@@ -123,3 +125,26 @@ def test_a_key_regenerated_through_one_host_works_on_the_other(hosts: list[Serve
     assert predict(hosts[0], old).status_code == 401 and predict(hosts[1], old).status_code == 401
     assert predict(hosts[1], new).status_code == 200
     keys["primary"] = new
+
+
+def test_a_job_submitted_through_one_host_is_polled_and_fetched_through_the_other(hosts: list[Server],
+                                                                                  keys: dict[str, str]) -> None:
+    """Jobs live in the shared database: whichever host's worker runs it, both answer for it."""
+    headers = {"Authorization": f"Bearer {keys['primary']}"}
+    files = [("images", (f"{i}.png", png_bytes(shape=shape), "image/png")) for i, shape in enumerate(("circle", "x"))]
+    accepted = httpx.post(f"{hosts[0].url}/explain/jobs", params={"method": "guided_backprop"}, files=files,
+                          headers=headers, timeout=60)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    seen: set[str] = set()
+
+    def finished() -> bool:
+        job = httpx.get(f"{hosts[1].url}/explain/jobs/{job_id}", headers=headers, timeout=30).json()
+        seen.add(job["state"])
+        return job["state"] == "succeeded"
+
+    assert wait_until(finished, seconds=120, every=0.25), seen
+    for host in hosts:
+        rows = httpx.get(f"{host.url}/explain/jobs/{job_id}/result", timeout=60,
+                         headers={**headers, "Accept": "application/x-ndjson"}).text.splitlines()
+        assert [json.loads(row)["name"] for row in rows] == ["0.png", "1.png"]
