@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from explain.encoding import AttributionEncoding
@@ -291,27 +291,32 @@ class JobStore:
 
     # running (the worker's side) -----------------------------------------------------------------------------------
     def claim(self, worker: str) -> Job | None:
-        """The oldest queued job, now running on `worker`; None when none waits. Jobs whose worker went silent are
-        queued again first (or failed, after their second try)."""
-        self.take_back_stale()
+        """The oldest queued job, now running on `worker`; None when none waits (one read: what every worker asks
+        each second). Jobs whose worker went silent are queued again first (or failed, after their second try)."""
         for _ in range(3):  # another worker may claim the same job first: try the next one
+            stale = time.time() - STALE_S
             with self._reading() as connection:
-                job_id = connection.execute(
-                    select(explain_jobs.c.id).where(explain_jobs.c.endpoint == self.endpoint,
-                                                    explain_jobs.c.state == "queued")
-                    .order_by(explain_jobs.c.created_at).limit(1)).scalar()
-            if job_id is None:
+                row = connection.execute(
+                    select(explain_jobs.c.id, explain_jobs.c.state).where(
+                        explain_jobs.c.endpoint == self.endpoint,
+                        or_(explain_jobs.c.state == "queued",
+                            and_(explain_jobs.c.state == "running", explain_jobs.c.heartbeat < stale)))
+                    .order_by(explain_jobs.c.created_at).limit(1)).first()
+            if row is None:
                 return None
+            if row.state == "running":
+                self.take_back_stale()
+                continue
             now = time.time()
 
-            def take(connection: Connection, job_id: str = job_id, now: float = now) -> int:
+            def take(connection: Connection, job_id: str = row.id, now: float = now) -> int:
                 return connection.execute(update(explain_jobs).where(
                     explain_jobs.c.id == job_id, explain_jobs.c.state == "queued").values(
                     state="running", worker=worker, heartbeat=now, attempts=explain_jobs.c.attempts + 1,
                     started_at=func.coalesce(explain_jobs.c.started_at, now))).rowcount
 
             if self._write(take):
-                return self.get(job_id)
+                return self.get(row.id)
         return None
 
     def take_back_stale(self) -> None:
