@@ -1,9 +1,13 @@
-"""`lantern explain IMAGE... --model models:/NAME@ALIAS --method ...`: explain images with a registered version.
+"""`lantern explain IMAGE... --model models:/NAME@ALIAS --method ...`: explain images with a registered version (or
+`--url URL --job`: on a running endpoint).
 
 One image writes its PNG (`--out`) and attributions (`--attributions`) where asked and prints its report. Several
 images, or folders of them, need `--out-dir`: each image gets `NAME.png` (`NAME-LABEL.png` per target when there are
 several) and `NAME.npy`, every report goes to `reports.jsonl`, and a bar shows the progress. An image that cannot be
 read is reported and skipped; the exit status is then 1.
+
+With `--url URL --job` the images are explained on a running endpoint instead, through one explanation job
+(serving/client/explain_jobs.py: HTTP only).
 
 It lives in `lantern/` because it joins two packages that must not import each other: `registry` (the version,
 its preprocessing) and `explain` (the attribution methods)."""
