@@ -1,0 +1,1 @@
+"""A package (not a plain folder), so that the server its conftest.py starts stops after its last test."""
