@@ -55,12 +55,21 @@ def test_a_damaged_state_is_logged_once_and_serving_goes_on(server: Server, keys
 def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, str]) -> None:
     """Last in this module: it stops the module's server, with a request in flight, which is answered in full before
     the server ends (SIGTERM lets in-flight requests finish, as an orchestrator's rolling restart expects; new
-    connections are refused). The restarted server drains before it stops (`--drain-seconds`)."""
+    connections are refused). The restarted server has the same state and a finished explanation job's result, and
+    drains before it stops (`--drain-seconds`)."""
     admin = Admin(server, keys["admin"])
     admin.reset()
     admin.add(deployment("green"))
     admin.traffic(blue=70, green=30)
     before = admin.endpoint()
+    auth = {"Authorization": f"Bearer {keys['primary']}"}
+    job = httpx.post(f"{server.url}/explain/jobs", params={"method": "guided_backprop"}, content=png_bytes(),
+                     headers={**auth, "Content-Type": "image/png"}, timeout=60).json()
+    deadline = time.monotonic() + 60  # a finished explanation job: the restarted server still has its result
+    while httpx.get(f"{server.url}/explain/jobs/{job['id']}", headers=auth).json()["state"] != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    result = httpx.get(f"{server.url}/explain/jobs/{job['id']}/result", headers=auth, timeout=60).json()
     row = json.dumps({"image_base64": base64.b64encode(png_bytes()).decode(), "model_explainability": True,
                       "xai_parameters": {"xai_algorithm": "xrai", "n_steps": 256}})
     answers: list[httpx.Response] = []
@@ -93,6 +102,8 @@ def test_restart_comes_back_with_the_same_state(server: Server, keys: dict[str, 
             (d["name"], d["generation"], "ready") for d in before["deployments"]]
         assert predict(restarted, keys["primary"]).status_code == 200
         assert "restored" in restarted.log()
+        kept = httpx.get(f"{restarted.url}/explain/jobs/{job['id']}/result", headers=auth, timeout=60)
+        assert kept.status_code == 200 and kept.json() == result
         drains_then_stops(restarted, keys["primary"])
     finally:
         restarted.stop()
