@@ -135,6 +135,11 @@ class Limits(Strict):
                                                         "segmentation); default: torch's, every physical core. Lower "
                                                         "it where explanations run on the CPU and predictions should "
                                                         "keep cores meanwhile")
+    job_explanation_threads: int | None = Field(None, ge=1, le=1024,
+                                                description="CPU threads an explanation job's explanation computes on; "
+                                                            "default: half of explanation_threads (or of torch's "
+                                                            "count), at least 1, so a job leaves cores to live "
+                                                            "predictions")
     max_images_per_job: int = Field(64, ge=1, le=4096, description="images in one explanation job (a batch)")
     max_queued_jobs: int = Field(16, ge=1, le=10000,
                                  description="explanation jobs queued or running for the endpoint (every host); more "

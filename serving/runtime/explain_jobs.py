@@ -200,7 +200,7 @@ class JobRunner:
         cropped = await inference.crop(instance, EncodedImage(data, name))
         targets = [labels.index(label) for label in options.targets] if options.targets else None
         explanation = await inference.explain(instance, cropped, options.method, options.params, token,
-                                              targets=targets)
+                                              targets=targets, job=True)
 
         def outputs() -> list[Output]:
             return [Output(label=labels[target], visualization=explanation.visualization_png(i),

@@ -72,11 +72,16 @@ class Inference:
         limit_threads = None if threads is None else partial(limit_this_thread, threads)
         self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain",
                                                initializer=limit_threads)
+        # explanation jobs compute on fewer cores than live explanations: they run beside live predictions for long
+        job_threads = limits.job_explanation_threads or max(1, (threads or torch.get_num_threads()) // 2)
+        self.job_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-job",
+                                           initializer=partial(limit_this_thread, job_threads))
         self.work_pool = ThreadPoolExecutor(WORK_THREADS, thread_name_prefix="lantern-decode")
         self._mirror_tasks: set[asyncio.Task] = set()
 
     def stop(self) -> None:
         self.explain_pool.shutdown(wait=False, cancel_futures=True)
+        self.job_pool.shutdown(wait=False, cancel_futures=True)
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
     async def in_thread(self, func: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
@@ -205,8 +210,9 @@ class Inference:
 
     async def explain(self, instance: DeploymentInstance, cropped: Image.Image, method: str, params: dict[str, Any],
                       token: CancelToken, targets: list[int] | None = None,
-                      threshold: float | None = None) -> Explanation:
-        """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled)."""
+                      threshold: float | None = None, job: bool = False) -> Explanation:
+        """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled);
+        an explanation job's in the jobs' pool, on fewer cores."""
         deployment = instance.deployment
         if deployment.require_model().detects:
             raise not_explainable(deployment)
@@ -226,7 +232,7 @@ class Inference:
 
         start = time.perf_counter()
         try:
-            explanation = await self.in_thread(run, pool=self.explain_pool)
+            explanation = await self.in_thread(run, pool=self.job_pool if job else self.explain_pool)
         except Abandoned:
             raise asyncio.CancelledError() from None
         except ExplainError as error:

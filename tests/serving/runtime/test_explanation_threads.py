@@ -78,3 +78,19 @@ def test_explanations_run_on_the_configured_threads_and_other_threads_keep_their
     assert [(name.split("_")[0], threads, regions) for name, threads, regions in seen] == [("lantern-explain", 1, 1)]
     assert in_new_thread(torch.get_num_threads) == DEFAULT_THREADS
     assert served.inference.work_pool.submit(torch.get_num_threads).result() == DEFAULT_THREADS  # decoding threads
+
+
+@needs_two_cores
+def test_explanation_jobs_compute_on_half_the_threads_by_default() -> None:
+    """A job's explanations leave cores to live predictions: half the live explanations' threads, at least one,
+    unless `limits.job_explanation_threads` says otherwise."""
+    from serving.runtime.inference import Inference
+
+    for limits, expected in ((Limits(), max(1, DEFAULT_THREADS // 2)),
+                             (Limits(explanation_threads=2), 1),
+                             (Limits(explanation_threads=2, job_explanation_threads=2), 2)):
+        inference = Inference(limits)
+        try:
+            assert inference.job_pool.submit(torch.get_num_threads).result() == expected, limits
+        finally:
+            inference.stop()
