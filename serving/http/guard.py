@@ -17,7 +17,7 @@ from starlette.responses import Response
 from serving.control.auth import bearer_token
 from serving.http.deadline import CLIENT_CLOSED, ClientGone, Deadline, within_deadline
 from serving.http.errors import ANSWERED, ApiError, api_error, forbidden, timed_out, unauthorized
-from serving.http.inputs import read_body, uploaded_files, uploaded_images
+from serving.http.inputs import read_body, uploaded_files
 from serving.runtime.abandon import CancelToken
 from serving.runtime.deployment import Deployment
 from serving.runtime.endpoint import Endpoint
@@ -160,8 +160,7 @@ async def parse_body(endpoint: Endpoint, body: bytes, parse: Callable[[], T],
 async def read_uploads(endpoint: Endpoint, request: Request, body: bytes, field: str,
                        max_files: int) -> list[tuple[str, bytes]]:
     """(filename, bytes) of the files in `field` of the request's multipart `body`."""
-    parse = partial(uploaded_images, request.headers.get("content-type", ""), body, field, max_files)
-    return await parse_body(endpoint, body, parse, INLINE_FORM_BYTES)
+    return [(name, data) for _, name, data in await read_upload_fields(endpoint, request, body, (field,), max_files)]
 
 
 async def read_upload_fields(endpoint: Endpoint, request: Request, body: bytes, fields: tuple[str, ...],

@@ -84,8 +84,7 @@ class JobRunner:
                 if time.monotonic() - last_purge > PURGE_S:
                     await self._in_thread(self.store.purge, self.endpoint.config.limits.job_result_seconds)
                     last_purge = time.monotonic()
-                async with self.endpoint.inference.explain_admission.background(CancelToken()):
-                    pass  # wait until the explanation pool is idle before claiming work
+                await self.endpoint.inference.explain_admission.idle()  # claim work only for an idle pool
                 job = await self._in_thread(self.store.claim, self.worker)
                 if job is not None:
                     await self._work(job)

@@ -65,12 +65,16 @@ class Admission:
             finally:
                 self._slots.release()
 
+    async def idle(self) -> None:
+        """Once a slot is free and no request waits for one."""
+        while self._slots.locked() or self.waiting:
+            await asyncio.sleep(IDLE_POLL_S)
+
     @contextlib.asynccontextmanager
     async def background(self, token: CancelToken) -> AsyncIterator[None]:
         """A slot for background work, taken once one is free and no request waits for one: a request that comes
         while the work runs cancels `token` (the work stops within one step and should be made again later)."""
-        while self._slots.locked() or self.waiting:
-            await asyncio.sleep(IDLE_POLL_S)
+        await self.idle()
         await self._slots.acquire()  # free, and no one waits: taken at once
         self._background.append(token)
         try:

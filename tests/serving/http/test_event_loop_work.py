@@ -157,7 +157,7 @@ def test_a_large_bad_body_parsed_in_the_pool_is_answered_as_a_small_one_is(clien
 
 
 def test_a_large_multipart_body_is_parsed_off_the_event_loop(client: TestClient, watch: Watch) -> None:
-    threads = watch(serving.http.guard, "uploaded_images")
+    threads = watch(serving.http.guard, "uploaded_files")
     large, small = noise_png(240), png_bytes(48, "square")
     assert len(large) > serving.http.guard.INLINE_FORM_BYTES > len(small)
     predicted = client.post("/predict", files=[("images", ("a.png", large)), ("images", ("b.png", small))])
