@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serving.control.jobs import ExplanationOptions
 from serving.http.content_coding import compress_answer
 from serving.http.errors import bad_request, unprocessable
 from serving.http.guard import Context, handle, parse_body, read_uploads
@@ -14,6 +15,7 @@ from serving.http.json_answer import json_response
 from serving.http.negotiation import prefers_png
 from serving.http.query import query_explain_options
 from serving.http.schemas import ExplainRequest, ExplainResponse, TargetExplanation, parse_json_body
+from serving.runtime.deployment import Deployment
 from serving.runtime.endpoint import Endpoint
 from serving.runtime.images import EncodedImage
 
@@ -44,17 +46,24 @@ async def explain_request(endpoint: Endpoint, request: Request, body: bytes) -> 
     return None, EncodedImage(body, "the image")
 
 
+def check_options(deployment: Deployment, options: ExplanationOptions) -> None:
+    """What the server refuses of an explanation's options before any work: a parameter it sets itself, and labels
+    the deployment's version does not have."""
+    if "internal_batch_size" in options.params:
+        raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
+    labels = deployment.require_model().bundle.labels
+    unknown = [label for label in options.targets or [] if label not in labels]
+    if unknown:
+        raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
+                            f"{', '.join(labels)}", "invalid_targets")
+
+
 async def explain_work(endpoint: Endpoint, context: Context, request: Request) -> Response:
     parsed, image = await explain_request(endpoint, request, context.body)
     options = parsed or query_explain_options(request)
-    if "internal_batch_size" in options.params:
-        raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
     deployment = context.deployment
     model = deployment.require_model()
-    unknown = [label for label in options.targets or [] if label not in model.bundle.labels]
-    if unknown:
-        raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
-                            f"{', '.join(model.bundle.labels)}", "invalid_targets")
+    check_options(deployment, options)
     inference = endpoint.inference
     cropped = await inference.crop(context.instance, image)
     targets = [model.bundle.labels.index(label) for label in options.targets] if options.targets else None

@@ -20,6 +20,7 @@ from explain.params import ExplainError, parse_params
 from serving.control.jobs import ExplanationOptions, ImageResult, Job, NewImage
 from serving.http.content_coding import compress_answer
 from serving.http.errors import ANSWERED, ApiError, api_error, bad_request, unprocessable
+from serving.http.explain import check_options
 from serving.http.guard import Context, authenticate, endpoint_of, handle, parse_body, read_upload_fields
 from serving.http.inputs import media_type
 from serving.http.json_answer import json_response
@@ -122,16 +123,11 @@ async def accept(endpoint: Endpoint, context: Context, request: Request) -> Resp
     model = deployment.require_model()
     if model.detects:
         raise api_error(not_explainable(deployment))
-    if "internal_batch_size" in options.params:
-        raise unprocessable("params: internal_batch_size is set by the server, not per request", "invalid_params")
+    check_options(deployment, options)
     try:
         parse_params(options.method, options.params)
     except ExplainError as error:
         raise api_error(InvalidExplanation(str(error))) from None
-    unknown = [label for label in options.targets or [] if label not in model.bundle.labels]
-    if unknown:
-        raise unprocessable(f"unknown target label(s) {', '.join(unknown)}; {deployment.model_version} knows "
-                            f"{', '.join(model.bundle.labels)}", "invalid_targets")
     limits = endpoint.config.limits
     job = await endpoint.inference.in_thread(
         endpoint.jobs.submit, deployment.name, deployment.model_version or deployment.config.model, options, images,
