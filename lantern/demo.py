@@ -68,8 +68,9 @@ def _train(session_dir: Path, task: str, count: int | None, iterations: int | No
 def demo(data_dir: str, task: str, count: int | None, iterations: int | None, port: int) -> None:
     """Make the shapes data, train the demo model, and register it as shapes-demo@champion (shapes-boxes or
     shapes-masks with --task)."""
+    from registry.references import parse_model_ref
     from registry.register import register_session_checkpoint
-    from registry.resolve import parse_model_ref, resolve_version
+    from registry.resolve import resolve_version
     from registry.store import open_client, tracking_uri
 
     name = DEMO_MODELS[task]

@@ -139,7 +139,8 @@ def list_models(tracking_uri: str | None) -> None:
 @user_errors
 def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
     """Show a version: REF is NAME (latest), NAME/VERSION, NAME@ALIAS or a models:/ URI."""
-    from registry.resolve import download_version, parse_model_ref
+    from registry.references import parse_model_ref
+    from registry.resolve import download_version
     from registry.store import open_client
 
     client = open_client(tracking_uri)
@@ -183,7 +184,8 @@ def show_model(ref: str, as_json: bool, tracking_uri: str | None) -> None:
 @user_errors
 def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -> None:
     """Point ALIAS of NAME at VERSION (moving it if it pointed elsewhere)."""
-    from registry.resolve import ModelRef, resolve_version, validate_alias
+    from registry.references import ModelRef, validate_alias
+    from registry.resolve import resolve_version
     from registry.store import open_client
 
     client = open_client(tracking_uri)
@@ -196,7 +198,7 @@ def alias_model(name: str, alias: str, version: int, tracking_uri: str | None) -
 
 def moved_alias_hint(name: str, alias: str) -> str:
     """What a moved alias does to running deployments of it: nothing, until they are told."""
-    from registry.resolve import ModelRef
+    from registry.references import ModelRef
 
     uri = ModelRef(name, alias=alias).uri
     return (f"[dim]Deployments of {uri} keep serving the version they were made with; `lantern deploy update "

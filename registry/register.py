@@ -46,7 +46,8 @@ from registry.model_files import (
 )
 from registry.onnx_export import check_parity, export_onnx, parity_max_abs_diff
 from registry.pyfunc_model import SIGNATURE
-from registry.resolve import NAME_PATTERN, download_version, validate_alias, version_uri
+from registry.references import NAME_PATTERN, validate_alias, version_uri
+from registry.resolve import download_version
 from registry.settings import DetectionSettings, TaskSettings, build_settings, with_overrides
 from registry.spec import ModelSpec, build_module, make_spec
 from registry.store import experiment_id, open_client, write_lock

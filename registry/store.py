@@ -6,11 +6,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 from filelock import FileLock
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:  # MLflow is imported where a client is made: finding the home folder or the URI needs none
+    from mlflow.tracking import MlflowClient
 
 EXPERIMENT_NAME = "lantern"
 LOCK_TIMEOUT_S = 300
@@ -66,6 +67,9 @@ def write_lock(uri: str) -> Iterator[None]:
 
 def open_client(explicit_uri: str | None = None) -> MlflowClient:
     """A client for the tracking and registry store, which is created (and migrated) once, under the lock."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     uri = tracking_uri(explicit_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
@@ -79,6 +83,8 @@ def open_client(explicit_uri: str | None = None) -> MlflowClient:
 
 def experiment_id(client: MlflowClient) -> str:
     """The id of the `lantern` experiment, created with its artifact root on first use."""
+    from mlflow.exceptions import MlflowException
+
     uri = client.tracking_uri
     existing = client.get_experiment_by_name(EXPERIMENT_NAME)
     if existing is not None:

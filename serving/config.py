@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from registry.devices import DEVICE_PATTERN
 from registry.errors import LanternError, describe_validation_error
-from registry.resolve import URI_PATTERN
+from registry.references import URI_PATTERN
 
 Percent = Annotated[int, Field(strict=True)]
 """A whole percent; YAML and JSON give ints, and a string or a float is refused rather than rounded."""

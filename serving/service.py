@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
 from serving.control.auth import endpoint_dir
-from serving.http.app import build_app
+from serving.http.app import add_routes, new_app
 from serving.http.cors import LanternCors
 from serving.http.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
 from serving.http.header_limit import bound_request_heads
@@ -25,7 +25,6 @@ from serving.http.request_ids import RequestIds
 from serving.http.request_timer import cancel_request_timers
 from serving.http.trace_spans import drop_message_spans
 from serving.http.unrouted import UnroutedRequests
-from serving.runtime.endpoint import Endpoint
 from serving.runtime.metrics_folder import use_own_metrics_folder
 
 logger = logging.getLogger("lantern.serving")
@@ -56,7 +55,7 @@ arguments = bentoml.use_arguments(ServeArguments)
 os.environ[WORKERS_ENV] = str(arguments.workers)  # ONNX Runtime shares the cores among the workers
 endpoint_config: EndpointConfig = load_endpoint_config(arguments.config)
 use_own_metrics_folder(endpoint_dir(endpoint_config.name))  # in the serving process, before BentoML prepares it
-app = build_app()
+app = new_app()  # routes added in the worker (serving/http/app.py says why)
 drain = Drain(arguments.drain_seconds)
 
 
@@ -71,6 +70,9 @@ class Lantern:
     """Serves the deployments of one endpoint: predictions through adaptive batching, explanations on the side."""
 
     def __init__(self) -> None:
+        from serving.runtime.endpoint import Endpoint  # the runtime: torch, MLflow, ... (in workers only)
+
+        add_routes(app)
         self.endpoint = Endpoint(endpoint_config)
         app.state.endpoint = self.endpoint
         self.endpoint.start()

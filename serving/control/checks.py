@@ -9,7 +9,8 @@ import ssl
 from dataclasses import dataclass
 
 from registry.errors import LanternError
-from registry.resolve import download_version, resolve_version, version_uri
+from registry.references import version_uri
+from registry.resolve import download_version, resolve_version
 from registry.settings import with_overrides
 from registry.store import open_client
 from serving.config import ConfigError, DeploymentConfig, EndpointConfig

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import Cors
 from serving.http.errors import ApiError
-from serving.http.manage_api import PREFIX as MANAGEMENT_PREFIX
+from serving.http.paths import MANAGEMENT_PREFIX
 
 METHODS = ["GET", "POST"]  # scoring, health and metrics; the management API is never called cross-origin
 REQUEST_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept", "x-lantern-deployment",

@@ -18,10 +18,10 @@ from serving.http.deadline import CLIENT_CLOSED, ClientGone
 from serving.http.errors import ANSWERED, ApiError, api_error, unprocessable
 from serving.http.guard import authenticate_admin, endpoint_of
 from serving.http.inputs import read_body
+from serving.http.paths import MANAGEMENT_PREFIX
 from serving.http.schemas import inline_schema, parse_json_body
 
 logger = logging.getLogger("lantern.serving")
-PREFIX = "/manage"
 MAX_BODY_BYTES = 1_000_000
 BODY_TIMEOUT_S = 30.0  # a management body not all in by then is a 408
 SPLIT = TypeAdapter(dict[str, Percent])
@@ -66,7 +66,7 @@ def state_summary(state: Any) -> dict[str, Any]:
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["management"], responses=ADMIN_ERRORS)
+    router = APIRouter(prefix=MANAGEMENT_PREFIX, tags=["management"], responses=ADMIN_ERRORS)
 
     @router.get("/endpoint", response_model=EndpointView)
     async def show_endpoint(request: Request) -> Response:

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from serving.http.content_coding import MIN_COMPRESSED_BYTES
-from serving.http.manage_api import PREFIX
+from serving.http.paths import MANAGEMENT_PREFIX
 from serving.http.readiness import Readiness
 
 REQUEST_ID = {"x-request-id": {"description": "the request's trace id, as the server's log lines name it (trace=...)",
@@ -73,7 +73,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             "scoringKey": {"type": "http", "scheme": "bearer"}, "adminKey": {"type": "http", "scheme": "bearer"}}
         for path, operations in schema["paths"].items():
             for operation in operations.values():
-                operation["security"] = [{"adminKey" if path.startswith(PREFIX) else "scoringKey": []}]
+                operation["security"] = [{"adminKey" if path.startswith(MANAGEMENT_PREFIX) else "scoringKey": []}]
         schema["paths"].update(SERVER_ROUTES)
         components = schema["components"].setdefault("schemas", {})
         components.update({**READINESS_SCHEMA.get("$defs", {}),

@@ -5,13 +5,16 @@ whether it reaches the state database (a replica serves on while the database is
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.http.draining import Drain
-from serving.runtime.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from serving.runtime.endpoint import Endpoint
 
 PATH = "/readyz"
 

@@ -4,7 +4,7 @@ table."""
 
 from __future__ import annotations
 
-import torch
+import sys
 
 from serving.faults import Fault
 
@@ -110,8 +110,9 @@ CUDA_OUT_OF_MEMORY = ("cuda error: out of memory", "cudnn_status_alloc_failed", 
 
 
 def out_of_memory(error: Exception) -> bool:
+    torch = sys.modules.get("torch")  # an error from torch means torch is loaded; this module does not load it
     text = str(error).lower()
-    if isinstance(error, torch.OutOfMemoryError) or any(t in text for t in CUDA_OUT_OF_MEMORY):
+    if (torch is not None and isinstance(error, torch.OutOfMemoryError)) or any(t in text for t in CUDA_OUT_OF_MEMORY):
         return True
     return type(error).__module__.startswith("onnxruntime") and any(t in text for t in ORT_OUT_OF_MEMORY)
 

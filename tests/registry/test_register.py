@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from registry.errors import CheckpointError, ModelNotFoundError, SpecError
 from registry.images import decode_image
 from registry.preprocess import Preprocess
+from registry.references import parse_model_ref
 from registry.register import register_checkpoint, register_settings_update
-from registry.resolve import load_bundle, parse_model_ref
+from registry.resolve import load_bundle
 from support.common import LABELS, SMALL_SETTINGS
 
 

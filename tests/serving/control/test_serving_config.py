@@ -110,7 +110,7 @@ def test_names_and_references_are_checked_whole(bad: str) -> None:
 @pytest.mark.parametrize("text", ["models:/m/1\n", "models:/m\x00/1", "models:/m/\u0661", "m/1\n", "m@a\x00"])
 def test_model_references_with_control_characters_or_other_digits_are_refused(text: str) -> None:
     from registry.errors import LanternError
-    from registry.resolve import parse_model_ref, validate_alias
+    from registry.references import parse_model_ref, validate_alias
 
     with pytest.raises(LanternError, match="not a registered model reference"):
         parse_model_ref(text)
