@@ -9,6 +9,9 @@ XRAI's segmentation threads follow the same count (`region_threads`)."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 
 import torch
 from threadpoolctl import ThreadpoolController
@@ -30,6 +33,21 @@ def limit_this_thread(threads: int) -> int:
         logger.warning("explanation threads: asked for %d, torch runs on %d (no OpenMP runtime found to set)",
                        threads, now)
     return now
+
+
+def lower_this_thread_priority(niceness: int) -> int:
+    """Run the calling thread, and the threads it starts from now on (its OpenMP team, XRAI's segmentation pool),
+    at CPU priority `niceness` (Linux nice, 19 = take only what no other thread wants): the kernel's scheduler then
+    gives live work the cores first. Linux only, where nice is a setting of each thread; elsewhere it would apply to
+    the whole process, so nothing is changed there. Returns the thread's niceness now."""
+    if sys.platform != "linux":
+        return 0
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, niceness)
+    except OSError as error:  # a container may refuse it; the work still runs, at the priority it had
+        logger.warning("explanation jobs: cannot lower the CPU priority to %d (%s)", niceness, error)
+    return os.getpriority(os.PRIO_PROCESS, thread)
 
 
 def region_threads(scales: int) -> int:

@@ -137,9 +137,14 @@ class Limits(Strict):
                                                         "keep cores meanwhile")
     job_explanation_threads: int | None = Field(None, ge=1, le=1024,
                                                 description="CPU threads an explanation job's explanation computes on; "
-                                                            "default: half of explanation_threads (or of torch's "
-                                                            "count), at least 1, so a job leaves cores to live "
-                                                            "predictions")
+                                                            "default: explanation_threads (or torch's count): jobs "
+                                                            "run at the lowest CPU priority (job_cpu_niceness), so "
+                                                            "live work takes the cores first")
+    job_cpu_niceness: int = Field(19, ge=0, le=19,
+                                  description="CPU priority (Linux nice) of the threads explanation jobs compute on: 19, "
+                                              "the lowest, lets the scheduler give the cores to live predictions and "
+                                              "explanations first and the job what they leave; 0 runs jobs as live "
+                                              "work")
     max_images_per_job: int = Field(64, ge=1, le=4096, description="images in one explanation job (a batch)")
     max_queued_jobs: int = Field(16, ge=1, le=10000,
                                  description="explanation jobs queued or running for the endpoint (every host); more "

@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from explain.attribute import Explanation
-from explain.cpu_threads import limit_this_thread
+from explain.cpu_threads import limit_this_thread, lower_this_thread_priority
 from explain.params import ExplainError
 from registry.detection_answers import DetectionAnswer, detection_answer
 from registry.detection_inference import decode_side, merge_parts, tile_inputs
@@ -61,6 +61,12 @@ def not_explainable(deployment: Deployment) -> NotExplainable:
                           f"{model.bundle.uri}, an {model.bundle.spec.task} model")
 
 
+def start_job_thread(threads: int, niceness: int) -> None:
+    """A job pool thread: `threads` OpenMP threads, at CPU priority `niceness` (the cores go to live work first)."""
+    lower_this_thread_priority(niceness)  # first: the OpenMP team this thread starts later inherits it
+    limit_this_thread(threads)
+
+
 class Inference:
     """Prediction, mirroring and explanation for one worker, with the thread pools they run in."""
 
@@ -72,10 +78,11 @@ class Inference:
         limit_threads = None if threads is None else partial(limit_this_thread, threads)
         self.explain_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-explain",
                                                initializer=limit_threads)
-        # explanation jobs compute on fewer cores than live explanations: they run beside live predictions for long
-        job_threads = limits.job_explanation_threads or max(1, (threads or torch.get_num_threads()) // 2)
+        # explanation jobs compute at the lowest CPU priority: every core while the worker is idle, what live
+        # predictions and explanations leave them otherwise (the scheduler's weights, not a share of the cores)
+        job_threads = limits.job_explanation_threads or threads or torch.get_num_threads()
         self.job_pool = ThreadPoolExecutor(explain_limit, thread_name_prefix="lantern-job",
-                                           initializer=partial(limit_this_thread, job_threads))
+                                           initializer=partial(start_job_thread, job_threads, limits.job_cpu_niceness))
         self.work_pool = ThreadPoolExecutor(WORK_THREADS, thread_name_prefix="lantern-decode")
         self._mirror_tasks: set[asyncio.Task] = set()
 

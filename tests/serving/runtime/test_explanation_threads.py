@@ -4,6 +4,8 @@ threads, and only explanations do: predictions, the event loop and threads start
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,16 +83,43 @@ def test_explanations_run_on_the_configured_threads_and_other_threads_keep_their
 
 
 @needs_two_cores
-def test_explanation_jobs_compute_on_half_the_threads_by_default() -> None:
-    """A job's explanations leave cores to live predictions: half the live explanations' threads, at least one,
-    unless `limits.job_explanation_threads` says otherwise."""
+def test_explanation_jobs_compute_on_the_live_threads_unless_told() -> None:
+    """A job's explanations take as many threads as live ones (they yield the cores by priority, below), unless
+    `limits.job_explanation_threads` says otherwise."""
     from serving.runtime.inference import Inference
 
-    for limits, expected in ((Limits(), max(1, DEFAULT_THREADS // 2)),
-                             (Limits(explanation_threads=2), 1),
-                             (Limits(explanation_threads=2, job_explanation_threads=2), 2)):
+    for limits, expected in ((Limits(), DEFAULT_THREADS),
+                             (Limits(explanation_threads=1), 1),
+                             (Limits(explanation_threads=2, job_explanation_threads=1), 1)):
         inference = Inference(limits)
         try:
             assert inference.job_pool.submit(torch.get_num_threads).result() == expected, limits
+        finally:
+            inference.stop()
+
+
+def niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own CPU priority is Linux's")
+def test_explanation_jobs_run_at_the_lowest_cpu_priority_and_live_work_does_not() -> None:
+    """The job pool's threads, and the threads they start (OpenMP's team, XRAI's segmentation pool), run at nice
+    `limits.job_cpu_niceness` (19 by default): the kernel gives live predictions and explanations the cores first.
+    The live pools, the event loop's thread and threads started later keep the process's priority."""
+    from serving.runtime.inference import Inference
+
+    own = niceness()
+    for limits, expected in ((Limits(), 19), (Limits(job_cpu_niceness=5), max(own, 5))):
+        inference = Inference(limits)
+        try:
+            def started_by_a_job_thread() -> int:
+                return in_new_thread(niceness)
+
+            assert inference.job_pool.submit(niceness).result() == expected, limits
+            assert inference.job_pool.submit(started_by_a_job_thread).result() == expected, limits
+            assert inference.explain_pool.submit(niceness).result() == own
+            assert inference.work_pool.submit(niceness).result() == own
+            assert niceness() == own and in_new_thread(niceness) == own
         finally:
             inference.stop()
