@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import click.testing
 import pytest
 
 LABELS = ["circle", "square", "triangle"]
@@ -21,6 +22,17 @@ PROJECT_ROOT = TESTS_DIR.parent
 def lantern_executable() -> str:
     """The `lantern` console script installed beside this interpreter."""
     return str(Path(sys.executable).with_name("lantern"))
+
+
+def lantern_here(*args: str, exit_code: int = 0) -> click.testing.Result:
+    """`lantern ARGS` run in this process by click's test runner (stdout and stderr apart): for a test's many short
+    commands, each of which would spend seconds importing MLflow in a process of its own. The tests that run the
+    installed command in a subprocess cover the process itself (console script, exit status, environment)."""
+    from lantern.cli import main
+
+    result = click.testing.CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == exit_code, f"lantern {' '.join(args)}: exit {result.exit_code}\n{result.stderr[-3000:]}"
+    return result
 
 
 def env_without_store() -> dict[str, str]:
