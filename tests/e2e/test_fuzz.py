@@ -17,7 +17,7 @@ from support.common import LABELS, SMALL_SETTINGS, TESTS_DIR
 from support.servers import Server
 
 SCORING_KEY, ADMIN_KEY = "fuzz-scoring-key", "fuzz-admin-key"  # from the environment: regenerating them is refused
-MAX_EXAMPLES = 100
+MAX_EXAMPLES = 50
 PHASES = "examples,coverage,fuzzing,stateful"
 
 
