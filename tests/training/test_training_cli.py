@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from registry.model_files import TAG_TRAINING_ITERATION, TAG_TRAINING_RUN, WEIGHTS
 from registry.store import open_client
-from support.common import lantern_executable
+from support.common import lantern_executable, lantern_here
 from training.session import Session
 from training.shapes import ShapesConfig, write_shapes_dataset
 
@@ -97,11 +97,11 @@ def test_sessions_prune_and_register_from_the_command_line(cli_shapes: Path, tmp
     assert done.stdout.strip() == "models:/cli-shapes/1"
     assert "Best checkpoint: iteration" in done.stderr
 
-    listing = json.loads(lantern("train", "sessions", str(session_dir), "--json").stdout)
+    listing = json.loads(lantern_here("train", "sessions", str(session_dir), "--json").stdout)
     assert [c["iteration"] for c in listing["checkpoints"]] == [2, 4, 6, 8]
     assert listing["status"] == "completed" and listing["best_iteration"] in (2, 4, 6, 8)
     assert all("val_accuracy" in c["metrics"] for c in listing["checkpoints"])
-    table = lantern("train", "sessions", str(session_dir)).stdout
+    table = lantern_here("train", "sessions", str(session_dir)).stdout
     assert "iteration" in table and "val_accuracy" in table
 
     client = open_client(store)
@@ -110,22 +110,23 @@ def test_sessions_prune_and_register_from_the_command_line(cli_shapes: Path, tmp
     assert version.tags[TAG_TRAINING_RUN] == listing["mlflow_run_id"]
     assert str(client.get_model_version_by_alias("cli-shapes", "challenger").version) == "1"
 
-    registered = lantern("register", "--name", "cli-shapes", "--from-session", str(session_dir),
-                         "--checkpoint-iteration", "4")
+    registered = lantern_here("register", "--name", "cli-shapes", "--from-session", str(session_dir),
+                              "--checkpoint-iteration", "4")
     assert registered.stdout.strip() == "models:/cli-shapes/2"
     assert client.get_model_version("cli-shapes", "2").tags[TAG_TRAINING_ITERATION] == "4"
-    missing = lantern("register", "--name", "cli-shapes", "--from-session", str(session_dir),
-                      "--checkpoint-iteration", "5", check=False)
-    assert missing.returncode == 2 and "no checkpoint at iteration 5; it has: 2, 4, 6, 8" in missing.stderr
-    clash = lantern("register", "--name", "x", "--from-session", str(session_dir), "--arch", "resnet18", check=False)
-    assert clash.returncode == 2 and "drop --arch" in clash.stderr
+    missing = lantern_here("register", "--name", "cli-shapes", "--from-session", str(session_dir),
+                           "--checkpoint-iteration", "5", exit_code=2)
+    assert "no checkpoint at iteration 5; it has: 2, 4, 6, 8" in missing.stderr
+    clash = lantern_here("register", "--name", "x", "--from-session", str(session_dir), "--arch", "resnet18",
+                         exit_code=2)
+    assert "drop --arch" in clash.stderr
 
-    pruned = lantern("train", "prune", str(session_dir), "--below", "8", "--no-keep-best")
+    pruned = lantern_here("train", "prune", str(session_dir), "--below", "8", "--no-keep-best")
     assert "Removed 3 checkpoint(s): 2, 4, 6" in pruned.stderr
     assert [c.iteration for c in Session(session_dir).checkpoints()] == [8]
 
-    changed = lantern(*train_args(session_dir, cli_shapes, "--iterations", "10", "--lr", "0.2"), check=False)
-    assert changed.returncode == 2 and "lr=0.2 (the session has 0.001)" in changed.stderr
+    changed = lantern_here(*train_args(session_dir, cli_shapes, "--iterations", "10", "--lr", "0.2"), exit_code=2)
+    assert "lr=0.2 (the session has 0.001)" in changed.stderr
     csv_rows = (session_dir / "metrics.csv").read_text().splitlines()
     assert csv_rows[0].startswith("iteration,epoch,lr,train_loss") and csv_rows[-1].startswith("8,")
     assert os.path.getsize(session_dir / "session.json") > 0
