@@ -106,7 +106,7 @@ def test_explain_command_writes_the_png_and_the_report(trained_shapes: TrainResu
     import subprocess
 
     from registry.register import register_session_checkpoint
-    from support.common import lantern_executable
+    from support.common import lantern_executable, lantern_here
 
     registered = register_session_checkpoint("explained", trained_shapes.session_dir, alias="champion")
     _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
@@ -125,14 +125,13 @@ def test_explain_command_writes_the_png_and_the_report(trained_shapes: TrainResu
     assert Image.open(out).size == (512, 512)  # 64 px panels enlarged 4x
     assert np.load(npy).shape == (1, 3, 64, 64)
 
-    refused = subprocess.run(
-        [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
-         "--target", "hexagon"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "unknown label(s) hexagon" in refused.stderr
-    bad_param = subprocess.run(
-        [lantern_executable(), "explain", str(example.path), "--model", "models:/explained@champion",
-         "--param", "n_steps=1"], capture_output=True, text=True, timeout=300)
-    assert bad_param.returncode == 2 and "n_steps: Input should be greater than or equal to 2" in bad_param.stderr
+    # the refusals in this process (lantern_here): the same command and exit status, without a process's imports
+    refused = lantern_here("explain", str(example.path), "--model", "models:/explained@champion",
+                           "--target", "hexagon", exit_code=2)
+    assert "unknown label(s) hexagon" in refused.stderr
+    bad_param = lantern_here("explain", str(example.path), "--model", "models:/explained@champion",
+                             "--param", "n_steps=1", exit_code=2)
+    assert "n_steps: Input should be greater than or equal to 2" in bad_param.stderr
 
 
 def test_explain_command_explains_a_folder_into_out_dir(trained_shapes: TrainResult, store: str,
