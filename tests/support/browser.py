@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,3 +50,12 @@ def chromium() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+def wait_for(page, expression: str, timeout_s: float = 60) -> None:  # noqa: ANN001
+    """Until `expression` is true in the page (polled from here: the page's Content-Security-Policy forbids the
+    evaluation Playwright's own wait_for_function runs in it)."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {expression}"
+        page.wait_for_timeout(100)

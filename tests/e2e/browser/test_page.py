@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 import zipfile
 
 import httpx
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from support.browser import screenshots_dir
+from support.browser import screenshots_dir, wait_for
 from support.servers import Server, png_bytes
 
 IG = {"method": "integrated_gradients", "params": {"n_steps": 8}}
@@ -33,15 +32,6 @@ def page(browser, server: Server, keys: dict[str, str]):  # noqa: ANN001, ANN201
     yield opened
     context.close()
     assert not problems, f"the page's script failed: {problems}"
-
-
-def wait_for(page, expression: str, timeout_s: float = 60) -> None:  # noqa: ANN001
-    """Until `expression` is true in the page (polled from here: the page's Content-Security-Policy forbids the
-    evaluation Playwright's own wait_for_function runs in it)."""
-    deadline = time.monotonic() + timeout_s
-    while not page.evaluate(expression):
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {expression}"
-        page.wait_for_timeout(100)
 
 
 def image_file(name: str, data: bytes) -> dict:
