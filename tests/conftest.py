@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from registry.small_cnn import SmallCNN
-from support.common import LABELS, MINUTE_ITERATIONS, own_store
+from support.common import LABELS, MINUTE_ITERATIONS, new_mlflow_store, own_store
 from support.postgres import Postgres, postgres_server
 from support.training import train_shapes_detector
 
@@ -20,7 +20,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store and Lantern home in a temp dir; returns the tracking URI."""
     home = tmp_path / "lantern-home"
-    uri = f"sqlite:///{home / 'mlflow.db'}"
+    uri = new_mlflow_store(home)
     monkeypatch.setenv("LANTERN_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri

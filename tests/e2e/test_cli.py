@@ -86,6 +86,7 @@ def test_tracking_uri_flag_points_the_registry_elsewhere(tmp_path, checkpoints):
 
 
 def test_concurrent_registrations_each_get_their_own_version(store, checkpoints):
+    Path(store.removeprefix("sqlite:///")).unlink()  # no store yet: the three processes race to make it too
     processes = [
         subprocess.Popen([lantern_executable(), *register_args(checkpoints)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
