@@ -59,3 +59,18 @@ def wait_for(page, expression: str, timeout_s: float = 60) -> None:  # noqa: ANN
     while not page.evaluate(expression):
         assert time.monotonic() < deadline, f"not within {timeout_s} s: {expression}"
         page.wait_for_timeout(100)
+
+
+@contextmanager
+def opened_page(browser, url: str, key: str) -> Iterator[object]:  # noqa: ANN001 - Playwright's Browser and Page
+    """The page at `url` in a new browser context, with `key` typed in the scoring key field; fails the test if the
+    page's script threw meanwhile."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(url)
+    page.fill("#key", key)
+    yield page
+    context.close()
+    assert not problems, f"the page's script failed: {problems}"

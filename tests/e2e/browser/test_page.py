@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from support.browser import screenshots_dir, wait_for
+from support.browser import opened_page, screenshots_dir, wait_for
 from support.servers import Server, png_bytes
 
 IG = {"method": "integrated_gradients", "params": {"n_steps": 8}}
@@ -23,15 +23,8 @@ IG = {"method": "integrated_gradients", "params": {"n_steps": 8}}
 
 @pytest.fixture()
 def page(browser, server: Server, keys: dict[str, str]):  # noqa: ANN001, ANN201 - Playwright's Browser and Page
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, accept_downloads=True)
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(str(error)))
-    opened.goto(f"{server.url}/")
-    opened.fill("#key", keys["scoring"])
-    yield opened
-    context.close()
-    assert not problems, f"the page's script failed: {problems}"
+    with opened_page(browser, f"{server.url}/", keys["scoring"]) as opened:
+        yield opened
 
 
 def image_file(name: str, data: bytes) -> dict:

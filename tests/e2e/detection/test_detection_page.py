@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support.browser import chromium, screenshots_dir, wait_for
+from support.browser import chromium, opened_page, screenshots_dir, wait_for
 from support.servers import Server
 
 from .test_detection_endpoint import png, samples
@@ -50,15 +50,8 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture()
 def page(browser, server: Server, keys: dict[str, str]):  # noqa: ANN001, ANN201 - Playwright's Browser and Page
-    context = browser.new_context(viewport={"width": 1000, "height": 900})
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(str(error)))
-    opened.goto(f"{server.url}/")
-    opened.fill("#key", keys["primary"])
-    yield opened
-    context.close()
-    assert not problems, f"the page's script failed: {problems}"
+    with opened_page(browser, f"{server.url}/", keys["primary"]) as opened:
+        yield opened
 
 
 @pytest.mark.parametrize("name", ["blue", "segments"])
