@@ -4,7 +4,8 @@ torch's CPU kernels (ATen's parallel loops, oneDNN's convolutions) run on OpenMP
 each calling thread. `torch.set_num_threads` is not the way to set it for one thread: it also changes the count that
 every thread started later takes as its own. So the calling thread's OpenMP count is set through threadpoolctl,
 after torch has given the thread its own (torch does that on the thread's first use, and would overwrite it).
-XRAI's segmentation threads follow the same count (`region_threads`)."""
+XRAI's segmentation threads follow the same count (`region_threads`). A thread can also lower its own CPU priority
+(`lower_this_thread_priority`), which the threads it starts inherit."""
 
 from __future__ import annotations
 

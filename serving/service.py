@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from serving.config import CONFIG_ENV, MAX_REQUEST_TIMEOUT_MS, WORKERS_ENV, EndpointConfig, load_endpoint_config
 from serving.control.auth import endpoint_dir
-from serving.http.app import add_routes, new_app
+from serving.http.app import new_app
 from serving.http.cors import LanternCors
 from serving.http.draining import MAX_DRAIN_SECONDS, CloseWhileDraining, Drain
 from serving.http.header_limit import bound_request_heads
@@ -70,7 +70,8 @@ class Lantern:
     """Serves the deployments of one endpoint: predictions through adaptive batching, explanations on the side."""
 
     def __init__(self) -> None:
-        from serving.runtime.endpoint import Endpoint  # the runtime: torch, MLflow, ... (in workers only)
+        from serving.http.routes import add_routes  # the runtime: torch, MLflow, ... (in workers only)
+        from serving.runtime.endpoint import Endpoint
 
         add_routes(app)
         self.endpoint = Endpoint(endpoint_config)

@@ -2,8 +2,8 @@
 
 The app is made without its routes by `new_app`, which imports nothing heavy: BentoML's arbiter imports the service
 module only to read the service's settings, and would otherwise import torch, MLflow and the rest of the runtime
-(seconds) before it starts a worker, which imports them again. The worker adds the routes (`add_routes`) when it makes
-the service, before it takes a request."""
+(seconds) before it starts a worker, which imports them again. The worker adds the routes (routes.py `add_routes`)
+when it makes the service, before it takes a request."""
 
 from __future__ import annotations
 
@@ -27,14 +27,10 @@ def new_app() -> FastAPI:
                                "`/manage` take the admin key.")
 
 
-def add_routes(app: FastAPI) -> FastAPI:
-    """`app` with every route of the endpoint (imports the runtime: torch, MLflow, ...)."""
-    from serving.http.routes import add_routes as add
-
-    add(app)
-    return app
-
-
 def build_app() -> FastAPI:
-    """The endpoint's app with its routes."""
-    return add_routes(new_app())
+    """The endpoint's app with its routes (imports the runtime: torch, MLflow, ...)."""
+    from serving.http.routes import add_routes
+
+    app = new_app()
+    add_routes(app)
+    return app

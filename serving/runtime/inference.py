@@ -219,7 +219,7 @@ class Inference:
                       token: CancelToken, targets: list[int] | None = None,
                       threshold: float | None = None, job: bool = False) -> Explanation:
         """One explanation, computed in the explanation pool under `token` (abandoned when the token is cancelled);
-        an explanation job's in the jobs' pool, on fewer cores."""
+        an explanation job's in the jobs' pool, at the lowest CPU priority."""
         deployment = instance.deployment
         if deployment.require_model().detects:
             raise not_explainable(deployment)
