@@ -5,6 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pip installs without byte-compiling (--no-compile, below): modules compile on first import and the cache is kept.
+# With PYTHONDONTWRITEBYTECODE set it would not be, and every process would compile torch again (minutes a test run).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test venv clean
 
@@ -12,7 +15,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile -e '.[test]'  # modules compile on first import: most are never imported
+	$(BIN)/pip install --quiet --no-compile -e '.[test]'  # most modules are never imported
 	@touch $(STAMP)
 
 test: $(STAMP)
