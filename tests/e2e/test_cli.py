@@ -103,7 +103,7 @@ def test_concurrent_registrations_each_get_their_own_version(store, checkpoints)
 
 @pytest.mark.parametrize(("task", "endpoint", "model"), [("classification", "endpoint.yaml", "shapes-demo"),
                                                       ("object_detection", "endpoint-detection.yaml", "shapes-boxes")])
-def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path, task, endpoint, model):
+def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path, monkeypatch, task, endpoint, model):
     """`lantern demo` trains, registers and shows the demo model (a second run finds it registered), then what `make
     demo` (`make demo ENDPOINT=endpoint-detection.yaml`) does after it: serve the shipped endpoint file, and the
     printed request works."""
@@ -127,16 +127,19 @@ def test_demo_endpoint_serves_the_demo_model_as_printed(tmp_path, task, endpoint
     sample = Path(shlex.split(command)[-1].lstrip("@"))
     assert sample.exists() and sample.name.startswith("sample-")
 
+    # the follow-up commands run in this process, in the same Lantern home
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LANTERN_HOME", env["LANTERN_HOME"])
+    monkeypatch.chdir(tmp_path)
     if task == "classification":
         assert "val_accuracy" in out.stderr
-        again = lantern("demo", "--data-dir", str(tmp_path / "demo-data"), env=env, cwd=tmp_path)
+        again = lantern_here("demo", "--data-dir", str(tmp_path / "demo-data"))
         assert "already registered (version 1)" in again.stderr
 
     config = yaml.safe_load((PROJECT_ROOT / endpoint).read_text())
     server = Server(config, tmp_path, env).start()
     try:
-        key = lantern("endpoint", "get-credentials", str(server.config_path), "--key", "primary", env=env,
-                      cwd=tmp_path).stdout.strip()
+        key = lantern_here("endpoint", "get-credentials", str(server.config_path), "--key", "primary").stdout.strip()
         response = httpx.post(f"{server.url}/predict", content=sample.read_bytes(), timeout=60,
                               headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
         assert response.status_code == 200, response.text

@@ -142,7 +142,7 @@ def test_explain_command_explains_a_folder_into_out_dir(trained_shapes: TrainRes
     import subprocess
 
     from registry.register import register_session_checkpoint
-    from support.common import lantern_executable
+    from support.common import lantern_executable, lantern_here
 
     register_session_checkpoint("batch-explained", trained_shapes.session_dir, alias="champion")
     _model, _preprocess, validation, _spec, _settings = _trained_model(trained_shapes)
@@ -176,8 +176,8 @@ def test_explain_command_explains_a_folder_into_out_dir(trained_shapes: TrainRes
         assert np.load(out_dir / report["attributions"]).shape == (1, 3, 64, 64)
     assert "guided_backprop 5/5" in done.stderr  # one progress line per image when stderr is not a terminal
 
-    several = subprocess.run(command + ["--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
-    assert several.returncode == 2 and "5 images to explain: give --out-dir DIR" in several.stderr
-    bad = subprocess.run(command + ["--out-dir", str(out_dir), "--param", "n_steps=8"], capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 2 and "n_steps: not a parameter of guided_backprop" in bad.stderr
+    # the refusals in this process (lantern_here): the same command and exit status, without a process's imports
+    several = lantern_here(*command[1:], "--out", str(tmp_path / "x.png"), exit_code=2)
+    assert "5 images to explain: give --out-dir DIR" in several.stderr
+    bad = lantern_here(*command[1:], "--out-dir", str(out_dir), "--param", "n_steps=8", exit_code=2)
+    assert "n_steps: not a parameter of guided_backprop" in bad.stderr

@@ -26,7 +26,8 @@ def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
     process = subprocess.Popen(
         [str(mlflow), "server", "--backend-store-uri", backend_store_uri, "--artifacts-destination",
          str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # Lantern runs no MLflow jobs
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -91,6 +91,11 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 180) -> "Server":
+        """Launch the server and wait until `/readyz` answers 200."""
+        return self.launch().wait_until_ready(ready_timeout)
+
+    def launch(self) -> "Server":
+        """Start `lantern serve` without waiting for it (servers started together load at the same time)."""
         log = self.log_path.open("ab")  # a restart keeps the earlier log
         elsewhere = self.folder / "elsewhere"  # the configuration is found by its path, not in the working directory
         elsewhere.mkdir(exist_ok=True)
@@ -99,6 +104,9 @@ class Server:
              "--workers", str(self.workers), *self.options],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=elsewhere,
         )
+        return self
+
+    def wait_until_ready(self, ready_timeout: float = 180) -> "Server":
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -110,6 +118,18 @@ class Server:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"the server was not ready within {ready_timeout} s:\n{self.log()}")
+
+    def wait_for_deployments(self, names: tuple[str, ...], timeout: float = 120) -> None:
+        """Wait until `/readyz` says each of `names` is ready (it answers 200 once the deployments with traffic are;
+        the others may still load)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = httpx.get(f"{self.url}/readyz", timeout=5, verify=self.verify).json()["deployments"]
+            if all(states.get(name) == "ready" for name in names):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"deployments not ready within {timeout} s: {states}\n{self.log()}")
+            time.sleep(0.2)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]

@@ -14,7 +14,7 @@ import torch
 from registry.errors import LanternError
 from registry.model_files import ModelFiles
 from registry.store import open_client
-from support.common import lantern_executable
+from support.common import lantern_executable, lantern_here
 from support.training import StopAt, final_weights, quiet
 from training.loop import train
 from training.session import Session
@@ -130,18 +130,15 @@ def test_lantern_train_segments_shapes_and_registers_the_best_checkpoint(store: 
     assert "Trained to iteration 4" in done.stderr and "val_mask_map" in done.stderr
     assert "Best checkpoint: iteration" in done.stderr and "(val_map " in done.stderr
 
-    listed = subprocess.run([lantern_executable(), "train", "sessions", str(session_dir), "--json"],
-                            capture_output=True, text=True, timeout=120, check=True)
-    listing = json.loads(listed.stdout)
+    # the follow-up commands run in this process (the command above is the installed one, in a process of its own)
+    listing = json.loads(lantern_here("train", "sessions", str(session_dir), "--json").stdout)
     assert listing["config"]["task"] == "instance_segmentation" and listing["config"]["lr"] == 0.02
     assert [c["iteration"] for c in listing["checkpoints"]] == [2, 4]
     assert all({"val_map", "val_mask_map", "train_loss_mask"} <= set(c["metrics"]) for c in listing["checkpoints"])
-    table = subprocess.run([lantern_executable(), "train", "sessions", str(session_dir)], capture_output=True,
-                           text=True, timeout=120, check=True).stdout
+    table = lantern_here("train", "sessions", str(session_dir)).stdout
     assert "val_map" in table and "val_mask_map" in table
 
-    shown = json.loads(subprocess.run([lantern_executable(), "models", "show", "segmenter@champion", "--json"],
-                                      capture_output=True, text=True, timeout=120, check=True).stdout)
+    shown = json.loads(lantern_here("models", "show", "segmenter@champion", "--json").stdout)
     assert (shown["spec"]["task"], shown["spec"]["arch"], shown["spec"]["gradcam_layer"]) == (
         "instance_segmentation", "small_segmenter", None)
     assert shown["settings"]["min_size"] == 64 and shown["settings"]["max_number_of_polygon_points"] == 100
@@ -150,7 +147,6 @@ def test_lantern_train_segments_shapes_and_registers_the_best_checkpoint(store: 
     assert (run.data.params["arch"], run.data.params["task"]) == ("small_segmenter", "instance_segmentation")
     assert "val_mask_map" in run.data.metrics
 
-    refused = subprocess.run([lantern_executable(), "train", "--session-dir", str(tmp_path / "x"), "--data",
-                              "shapes:8", "--task", "object_detection", "--arch", "resnet18", "--iterations", "1"],
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "resnet18 is a classifier; object_detection needs a detector" in refused.stderr
+    refused = lantern_here("train", "--session-dir", str(tmp_path / "x"), "--data", "shapes:8", "--task",
+                           "object_detection", "--arch", "resnet18", "--iterations", "1", exit_code=2)
+    assert "resnet18 is a classifier; object_detection needs a detector" in refused.stderr

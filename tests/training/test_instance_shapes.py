@@ -4,14 +4,13 @@ written index is read back by the cloud-format reader."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from skimage.draw import polygon2mask
 
-from support.common import lantern_executable
+from support.common import lantern_here
 from training.detection_index import read_detection_index
 from training.shapes import SHAPE_CLASSES
 from training.shapes_instances import InstanceShapesConfig, make_instance_sample
@@ -69,8 +68,8 @@ def test_boxes_are_tight_and_polygons_lie_on_the_objects_pixels() -> None:
 
 def test_the_command_writes_an_index_the_reader_takes(tmp_path: Path) -> None:
     out = tmp_path / "boxes"
-    subprocess.run([lantern_executable(), "data", "shapes", str(out), "--count", "6", "--task", "object_detection",
-                    "--max-objects", "4", "--seed", "2"], check=True, capture_output=True, text=True)
+    lantern_here("data", "shapes", str(out), "--count", "6", "--task", "object_detection", "--max-objects", "4",
+                 "--seed", "2")  # in this process: the command without a process's imports
     examples = read_detection_index(out / "index.jsonl", "object_detection")
     assert len(examples) == 6 and all(1 <= len(e.objects) <= 4 for e in examples)
     assert all(e.path.is_file() and (e.width, e.height) == (128, 128) for e in examples)
@@ -78,6 +77,6 @@ def test_the_command_writes_an_index_the_reader_takes(tmp_path: Path) -> None:
     assert (out / "labels.txt").read_text().split() == list(SHAPE_CLASSES)
     with Image.open(examples[0].path) as image:
         assert image.size == (128, 128)
-    refused = subprocess.run([lantern_executable(), "data", "shapes", str(tmp_path / "x"), "--task",
-                              "object_detection", "--multilabel"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "--multilabel is for classification" in refused.stderr
+    refused = lantern_here("data", "shapes", str(tmp_path / "x"), "--task", "object_detection", "--multilabel",
+                           exit_code=2)
+    assert "--multilabel is for classification" in refused.stderr

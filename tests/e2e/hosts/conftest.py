@@ -15,7 +15,7 @@ import pytest
 from support.common import LABELS, SMALL_SETTINGS, own_store
 from support.mlflow_server import mlflow_server
 from support.operations import Admin, deployment
-from support.postgres import Postgres
+from support.postgres import Postgres, wait_until
 from support.servers import Server
 
 KEY_VARIABLES = ("LANTERN_API_KEY", "LANTERN_API_KEY_SECONDARY", "LANTERN_ADMIN_KEY")
@@ -38,7 +38,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
 
 @pytest.fixture(scope="package")
 def hosts(registered: str, postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
-    """Host A, started first (it makes the state and its keys file), then host B with a copy of A's keys."""
+    """Host A, launched first (it makes the state and its keys file before its workers start), then host B with a
+    copy of A's keys, both loading at once."""
     state = postgres.database("hosts")
     config = {"name": "ops", "deployments": [deployment("blue")], "traffic": {"blue": 100}}
     base = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
@@ -50,9 +51,12 @@ def hosts(registered: str, postgres: Postgres, tmp_path_factory: pytest.TempPath
                    "MLFLOW_TRACKING_URI": registered, "LANTERN_HOST_ID": f"host-{name}"}
             if servers:
                 keys = Path(servers[0].env["LANTERN_HOME"]) / "endpoints" / "ops" / "credentials.json"
+                assert wait_until(keys.exists, seconds=60), servers[0].log()  # written once A's state is made
                 (folder / "home" / "endpoints" / "ops").mkdir(parents=True)
                 shutil.copy2(keys, folder / "home" / "endpoints" / "ops" / "credentials.json")
-            servers.append(Server(config, folder, env, workers=1).start())
+            servers.append(Server(config, folder, env, workers=1).launch())
+        for server in servers:
+            server.wait_until_ready()
         yield servers
     finally:
         for server in servers:

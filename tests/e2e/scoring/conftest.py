@@ -36,6 +36,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
 def server(registered: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANTERN_API_KEY")}
     running = Server(endpoint_config(), tmp_path_factory.mktemp("endpoint"), env).start()
+    running.wait_for_deployments(("blue", "green", "slow", "torchy", "picky"))  # `late` and `sick` never are
     yield running
     running.stop()
 
