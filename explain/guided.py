@@ -16,12 +16,15 @@ import contextlib
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from captum.attr import GuidedBackprop, GuidedGradCam, NoiseTunnel
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:  # captum is imported where an explanation is made: a serving worker starts without it
+    from captum.attr import GuidedBackprop, GuidedGradCam
 
 RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 GUIDED_ACTIVATIONS = (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.ReLU6,
@@ -104,6 +107,8 @@ def guided(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
 def _attribute(method: GuidedBackprop | GuidedGradCam, inputs: Tensor, targets: list[int], smoothgrad_samples: int,
                smoothgrad_stdev: float) -> Tensor:
     if smoothgrad_samples:
+        from captum.attr import NoiseTunnel
+
         return NoiseTunnel(method).attribute(inputs, nt_type="smoothgrad", nt_samples=smoothgrad_samples,
                                              stdevs=smoothgrad_stdev, target=targets)
     return method.attribute(inputs, target=targets)
@@ -113,6 +118,8 @@ def guided_backprop(model: nn.Module, inputs: Tensor, targets: list[int], smooth
                     smoothgrad_stdev: float = 0.2) -> tuple[Tensor, dict]:
     """Captum GuidedBackprop per (input, target) row (optionally SmoothGrad-averaged); returns the attributions and
     the activation census."""
+    from captum.attr import GuidedBackprop
+
     with guided(model) as census:
         attributions = _attribute(GuidedBackprop(model), inputs, targets, smoothgrad_samples, smoothgrad_stdev)
     return attributions, census
@@ -121,6 +128,8 @@ def guided_backprop(model: nn.Module, inputs: Tensor, targets: list[int], smooth
 def guided_gradcam(model: nn.Module, layer: nn.Module, inputs: Tensor, targets: list[int], smoothgrad_samples: int = 0,
                    smoothgrad_stdev: float = 0.2) -> tuple[Tensor, dict]:
     """Captum GuidedGradCam (Grad-CAM with ReLU, nearest interpolation, times guided backprop)."""
+    from captum.attr import GuidedGradCam
+
     with guided(model) as census:
         attributions = _attribute(GuidedGradCam(model, layer), inputs, targets, smoothgrad_samples, smoothgrad_stdev)
     return attributions, census

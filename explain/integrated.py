@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel
 from torch import Tensor, nn
 
 from explain.params import IntegratedGradientsParams
@@ -130,6 +129,8 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, targets: list[int], p
     has them already (each saves a forward pass).
 
     Zeros in a normalised input space are the mean colour, not black: callers pass the normalised black image."""
+    from captum.attr import IntegratedGradients, NoiseTunnel  # here: a serving worker starts without captum
+
     baselines = torch.zeros_like(inputs) if baselines is None else baselines
     rows = inputs.shape[0] * (params.smoothgrad_samples or 1)  # NoiseTunnel runs IG on every noisy copy at once
     ig = IntegratedGradients(model)

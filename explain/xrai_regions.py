@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage import segmentation
-from skimage.morphology import disk
-from skimage.transform import resize
 
 from explain.cpu_threads import region_threads
 
@@ -30,6 +27,8 @@ MIN_PIXEL_DIFF = 50
 
 def _normalized(image: np.ndarray) -> np.ndarray:
     """PAIR's `_normalize_image`: global min/max to [-1, 1], then a cubic resize to 224 x 224."""
+    from skimage.transform import resize  # scikit-image where XRAI runs: a serving worker starts without it
+
     low, high = np.min(image), np.max(image)
     scaled = (image - low) / (high - low) * 2.0 - 1.0
     return resize(scaled, FELZENSZWALB_RESIZE, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
@@ -37,6 +36,9 @@ def _normalized(image: np.ndarray) -> np.ndarray:
 
 def _scale_masks(prepared: np.ndarray, scale: int, size: tuple[int, int]) -> np.ndarray:
     """The dilated masks of one Felzenszwalb scale, as PAIR makes them."""
+    from skimage import segmentation
+    from skimage.transform import resize
+
     labels = segmentation.felzenszwalb(prepared, scale=scale, sigma=FELZENSZWALB_SIGMA, min_size=FELZENSZWALB_MIN_SIZE)
     labels = resize(labels, size, order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(np.int64)
     return dilated_label_masks(labels - labels.min(), DILATION_RADIUS)
@@ -63,6 +65,8 @@ def dilated_label_masks(labels: np.ndarray, radius: int) -> np.ndarray:
     end, so half the disk's offsets are compared. In a copy of the labels padded by `radius` (label -1) and read
     as one flat array, an offset is a constant shift of the flat index: each comparison is one pass over two
     slices, and the pairs that differ are scattered into masks laid out on the padded grid, cropped at the end."""
+    from skimage.morphology import disk
+
     height, width = labels.shape
     padded_width = width + 2 * radius
     padded_pixels = (height + 2 * radius) * padded_width

@@ -4,7 +4,6 @@ simplified (scikit-image) until the rings hold at most a given number of points.
 from __future__ import annotations
 
 import numpy as np
-from skimage.measure import approximate_polygon, find_contours, label
 
 MIN_PART_PIXELS = 4  # a sliver of an object (left between others, or a stray pixel of a predicted mask) is not outlined
 POLYGON_TOLERANCE_PX = 0.5  # how far a simplified outline may stray from the mask's, at first
@@ -14,6 +13,8 @@ MIN_RING_POINTS = 6  # with too few points for every part, the smallest parts go
 
 def _outlines(mask: np.ndarray) -> list[np.ndarray]:
     """The outline of each part of `mask` as (row, column) points in pixel-centre coordinates, largest part first."""
+    from skimage.measure import find_contours, label  # here: a worker serving classifiers never imports them
+
     parts = label(mask, connectivity=1)
     sizes = np.bincount(parts.ravel())[1:]
     outlines = []
@@ -27,6 +28,8 @@ def _outlines(mask: np.ndarray) -> list[np.ndarray]:
 
 def _simplified(outline: np.ndarray, tolerance: float) -> np.ndarray:
     """`outline` (closed: its last point repeats its first) simplified, keeping at least a triangle."""
+    from skimage.measure import approximate_polygon
+
     ring = approximate_polygon(outline, tolerance)[:-1]
     if len(ring) >= 3:
         return ring
