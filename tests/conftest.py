@@ -85,10 +85,10 @@ def trained_shapes(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def trained_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session directory of the small detector trained 400 iterations on 160 instance-shapes images at 96 px
+    """The session directory of the small detector trained 300 iterations on 160 instance-shapes images at 96 px
     (a checkpoint every 100), shared by the test that checks it learnt, the detector registration tests and the
     detection endpoint's tests."""
-    return train_shapes_detector(tmp_path_factory.mktemp("trained-detector"), "object_detection", iterations=400,
+    return train_shapes_detector(tmp_path_factory.mktemp("trained-detector"), "object_detection", iterations=300,
                                  checkpoint_interval=100)
 
 
