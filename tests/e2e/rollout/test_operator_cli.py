@@ -90,8 +90,8 @@ def test_rollout_command_moves_traffic_and_rolls_back(server: Server, keys: dict
 
 
 def test_live_rollout_loses_no_request(server: Server, keys: dict[str, str], admin: Admin) -> None:
-    """20 clients send requests while blue=100 -> 90/10 -> 50/50 -> 0/100 and blue is removed and re-added, four
-    times; no request fails and the observed split matches the configured one."""
+    """20 clients send requests while blue=100 -> 90/10 -> 50/50 -> 0/100 and blue is removed and re-added, twice;
+    no request fails and the observed split matches the configured one."""
     admin.add(deployment("green"))
     stop = threading.Event()
     results: list[tuple[float, float, int, str]] = []  # sent, answered, status, deployment
@@ -116,7 +116,7 @@ def test_live_rollout_loses_no_request(server: Server, keys: dict[str, str], adm
     for thread in threads:
         thread.start()
     try:
-        for cycle in range(4):
+        for _cycle in range(2):
             for green in (0, 10, 50, 100):
                 admin.traffic(blue=100 - green, green=green)
                 start = time.monotonic()
