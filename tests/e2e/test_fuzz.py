@@ -36,7 +36,7 @@ def server(module_store: str, checkpoints: dict[str, Path], tmp_path_factory: py
               "traffic": {"blue": 100}}
     env = {**os.environ, "LANTERN_API_KEY": SCORING_KEY, "LANTERN_ADMIN_KEY": ADMIN_KEY}
     running = Server(config, tmp_path_factory.mktemp("fuzz"), env).start()
-    running.wait_for_deployments(("blue", "green"))
+    running.wait_for_deployments()
     yield running
     running.stop()
 

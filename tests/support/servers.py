@@ -79,6 +79,7 @@ class Server:
     def __init__(self, config: dict, folder: Path, env: dict[str, str], workers: int = 1,
                  options: tuple[str, ...] = (), tls: ssl.SSLContext | None = None) -> None:
         self.folder = folder
+        self.deployments = tuple(d["name"] for d in config.get("deployments", ()))  # as configured at the start
         self.config_path = folder / "endpoint.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.port = free_port()
@@ -119,9 +120,10 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"the server was not ready within {ready_timeout} s:\n{self.log()}")
 
-    def wait_for_deployments(self, names: tuple[str, ...], timeout: float = 120) -> None:
-        """Wait until `/readyz` says each of `names` is ready (it answers 200 once the deployments with traffic are;
-        the others may still load)."""
+    def wait_for_deployments(self, names: tuple[str, ...] | None = None, timeout: float = 120) -> None:
+        """Wait until `/readyz` says each of `names` (default: every configured deployment) is ready: it answers 200
+        once the deployments with traffic are, and the others may still load."""
+        names = self.deployments if names is None else names
         deadline = time.monotonic() + timeout
         while True:
             states = httpx.get(f"{self.url}/readyz", timeout=5, verify=self.verify).json()["deployments"]
