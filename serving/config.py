@@ -151,6 +151,12 @@ class Limits(Strict):
                                              "are refused with 429 at once")
     job_result_seconds: int = Field(86400, ge=1, le=30 * 86400,
                                     description="how long a finished job and its result are kept; then 410")
+    job_inline_result_bytes: int = Field(256 * 1024, ge=0, le=64 * 1024 * 1024,
+                                         description="an image's explanations (PNGs and attributions) larger than "
+                                                     "this are kept as files in the registry's artifact store (local "
+                                                     "disk beside the embedded registry; an MLflow server's proxied "
+                                                     "artifacts, which every host reaches) and named in the state "
+                                                     "database; smaller ones are kept in the database")
 
 
 ORIGIN_PATTERN = re.compile(r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")

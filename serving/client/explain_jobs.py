@@ -132,7 +132,8 @@ def explain_remotely(url: str, key: str | None, paths: list[Path], method: str, 
 
 @contextlib.contextmanager
 def job_progress(job: dict[str, Any]) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A progress bar over the job's images on a terminal (a line per change of state elsewhere)."""
+    """A progress bar on a terminal, over the job's explanations once their total is known (a multi-label image may
+    have several), over its images until then; elsewhere a line per change of state."""
     total = job["progress"]["images_total"]
     if not console.is_terminal:
         last = [job["state"]]
@@ -141,17 +142,27 @@ def job_progress(job: dict[str, Any]) -> Iterator[Callable[[dict[str, Any]], Non
             if update["state"] != last[0]:
                 last[0] = update["state"]
                 done = update["progress"]
+                of_labels = f" of {done['labels_total']}" if done.get("labels_total") is not None else ""
                 console.print(f"job {update['id']}: {update['state']} ({done['images_done']}/{total} images, "
-                              f"{done['labels_done']} explanations)")
+                              f"{done['labels_done']}{of_labels} explanations)")
 
         yield report
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(f"Explaining ({job['method']}) [dim]{{task.fields[state]}}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("job", total=total, state=job["state"])
-        yield lambda update: bar.update(task, completed=update["progress"]["images_done"], state=update["state"])
+    with Progress(TextColumn(f"Explaining ({job['method']}) [dim]{{task.fields[unit]}} {{task.fields[state]}}"),
+                  BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("job", total=total, unit="images", state=job["state"])
+
+        def report(update: dict[str, Any]) -> None:
+            done = update["progress"]
+            if done.get("labels_total"):
+                bar.update(task, total=done["labels_total"], completed=done["labels_done"], unit="explanations",
+                           state=update["state"])
+            else:
+                bar.update(task, total=total, completed=done["images_done"], unit="images", state=update["state"])
+
+        yield report
 
 
 def extract(archive: zipfile.ZipFile, folder: Path) -> None:

@@ -23,6 +23,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -61,6 +63,7 @@ explain_jobs = Table(
     Column("batch", Boolean, nullable=False),  # sent as a batch (answered as one), or as one image
     Column("images_done", Integer, nullable=False, default=0),  # explained or failed
     Column("labels_done", Integer, nullable=False, default=0),  # explanations made (one per label)
+    Column("labels_total", Integer),  # explanations to make: known once every image's labels are (see `targets`)
     Column("created_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
@@ -76,6 +79,7 @@ explain_job_images = Table(
     Column("name", String(300), nullable=False),  # the file name sent, or "image N"
     Column("image", LargeBinary),  # the bytes to explain; dropped once the job ends
     Column("state", String(16), nullable=False),  # pending, succeeded, failed
+    Column("targets", Text),  # the labels it is explained for (JSON), chosen by its prediction when the job starts
     Column("fidelity", Text),  # the explanation's fidelity report (JSON)
     Column("error", Text))  # {"code", "message"} of an image that could not be explained
 explain_job_outputs = Table(
@@ -84,8 +88,9 @@ explain_job_outputs = Table(
     Column("position", Integer, primary_key=True),
     Column("rank", Integer, primary_key=True),  # the label's place among the image's explained labels
     Column("label", String(200), nullable=False),
-    Column("visualization", LargeBinary, nullable=False),  # the 2 x 2 PNG
-    Column("attributions", LargeBinary, nullable=False))  # [3, crop, crop] float32 as a .npy file
+    Column("visualization", LargeBinary, nullable=False),  # the 2 x 2 PNG (empty when kept as a file)
+    Column("attributions", LargeBinary, nullable=False),  # [3, crop, crop] float32 as a .npy file (empty: a file)
+    Column("location", Text))  # where a large image's files are kept (serving/control/job_files.py), else NULL
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -167,14 +172,32 @@ def _new_engine(uri: str) -> Engine:
     except (NoSuchModuleError, ModuleNotFoundError) as error:
         raise LanternError(f"no driver for the state URI {shown_uri(uri)} ({error}); Lantern ships psycopg for "
                            "postgresql+psycopg:// URLs") from None
-    try:
-        metadata.create_all(engine)
-    except DBAPIError:
+    for attempt in range(2):
         try:
-            metadata.create_all(engine)  # another process created the tables at the same moment
-        except DBAPIError as error:
-            raise StateUnavailable(unreachable(uri, error)) from None
+            metadata.create_all(engine)
+            add_missing_columns(engine)
+            break
+        except DBAPIError as error:  # another process created the tables (or columns) at the same moment: once more
+            if attempt:
+                raise StateUnavailable(unreachable(uri, error)) from None
     return engine
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """Bring tables made by an earlier Lantern up to date: each column added since (always nullable) is added to
+    them. `create_all` makes missing tables only."""
+    existing = inspect(engine)
+    tables = set(existing.get_table_names())
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            if table.name not in tables:
+                continue
+            present = {column["name"] for column in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    assert column.nullable, f"{table.name}.{column.name} was added later, so must be nullable"
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def state_engine(uri: str) -> Engine:

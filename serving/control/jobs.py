@@ -1,7 +1,8 @@
 """Explanation jobs in the state database (serving/control/database.py): accepted by any worker of any host, claimed
 and run by one, polled, fetched and cancelled through any. A job's images wait in the database until it ends; each
-explained label's PNG and attributions are kept there until the result expires, so every replica answers for every
-job and a restarted server keeps finished results. A job whose worker stops beating (its host died) goes back to the
+explained label's PNG and attributions are kept there until the result expires (a large image's in the registry's
+artifact store, serving/control/job_files.py, named there), so every replica answers for every job and a restarted
+server keeps finished results. A job whose worker stops beating (its host died) goes back to the
 queue once; the images it finished stay done."""
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from explain.encoding import AttributionEncoding
@@ -38,6 +49,7 @@ from serving.control.errors import (
     StateUnavailable,
     UnknownJob,
 )
+from serving.control.job_files import JobFiles
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ImageState = Literal["pending", "succeeded", "failed"]
@@ -87,6 +99,8 @@ class JobImage(BaseModel):
     name: str
     state: ImageState
     labels: int = Field(0, description="explanations made of it (one per label)")
+    targets: list[str] | None = Field(None, description=(
+        "the labels it is explained for: those named, or its prediction's (chosen when the job starts)"))
     error: ImageError | None = None
 
 
@@ -103,6 +117,9 @@ class Job(BaseModel):
     batch: bool = Field(description="sent as a batch (its result is one), or as one image")
     images_done: int
     labels_done: int
+    labels_total: int | None = Field(None, description=(
+        "explanations the job makes: known when it is accepted if labels were named, else once it has started "
+        "and predicted each image (a multi-label image may have several labels, or none)"))
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -140,6 +157,14 @@ class Output(BaseModel):
         return np.load(io.BytesIO(self.attributions), allow_pickle=False)
 
 
+class PendingImage(BaseModel):
+    """An image a job has still to explain."""
+
+    position: int
+    name: str
+    targets: list[str] | None = Field(None, description="the labels to explain; None until its prediction is made")
+
+
 class ImageResult(BaseModel):
     """One image's part of a job's result."""
 
@@ -152,11 +177,14 @@ class ImageResult(BaseModel):
 
 
 class JobStore:
-    """The jobs of one endpoint in the state database."""
+    """The jobs of one endpoint in the state database; with `files`, an image's explanations over `inline_bytes`
+    are kept there (the registry's artifact store) and the database names them."""
 
-    def __init__(self, endpoint: str, uri: str) -> None:
+    def __init__(self, endpoint: str, uri: str, files: JobFiles | None = None, inline_bytes: int = 0) -> None:
         self.endpoint = endpoint
         self.uri = uri
+        self.files = files
+        self.inline_bytes = inline_bytes
 
     @property
     def engine(self) -> Engine:
@@ -195,6 +223,7 @@ class JobStore:
         """A new queued job, or JobQueueFull when the endpoint has `max_queued` jobs queued or running."""
         job_id = secrets.token_urlsafe(ID_BYTES)
         now = time.time()
+        named = list(dict.fromkeys(options.targets)) if options.targets else None  # a label named twice: once
 
         def add(connection: Connection) -> None:
             # submissions of one endpoint one at a time, so two at once cannot both take the last place (PostgreSQL
@@ -209,9 +238,10 @@ class JobStore:
             connection.execute(insert(explain_jobs).values(
                 id=job_id, endpoint=self.endpoint, state="queued", deployment=deployment, model_version=model_version,
                 options=options.model_dump_json(), total=len(images), batch=batch, images_done=0, labels_done=0,
-                created_at=now, attempts=0))
+                labels_total=len(named) * len(images) if named else None, created_at=now, attempts=0))
             connection.execute(insert(explain_job_images), [
-                {"job": job_id, "position": i, "name": image.name, "image": image.data, "state": "pending"}
+                {"job": job_id, "position": i, "name": image.name, "image": image.data, "state": "pending",
+                 "targets": json.dumps(named) if named else None}
                 for i, image in enumerate(images)])
 
         self._write(add)
@@ -228,14 +258,15 @@ class JobStore:
             self._check_expiry(job, lifetime_s)
             images = connection.execute(
                 select(explain_job_images.c.position, explain_job_images.c.name, explain_job_images.c.state,
-                       explain_job_images.c.error)
+                       explain_job_images.c.targets, explain_job_images.c.error)
                 .where(explain_job_images.c.job == job_id).order_by(explain_job_images.c.position)).all()
             labels = dict(connection.execute(
                 select(explain_job_outputs.c.position, func.count()).where(explain_job_outputs.c.job == job_id)
                 .group_by(explain_job_outputs.c.position)).all())
         job.images = [JobImage(index=position, name=name, state=state, labels=labels.get(position, 0),
+                               targets=json.loads(targets) if targets else None,
                                error=ImageError.model_validate_json(error) if error else None)
-                      for position, name, state, error in images]
+                      for position, name, state, targets, error in images]
         return job
 
     @staticmethod
@@ -281,10 +312,25 @@ class JobStore:
                                                .where(explain_job_images.c.job == job_id)).all())
             outputs = connection.execute(select(explain_job_outputs).where(explain_job_outputs.c.job == job_id)
                                          .order_by(explain_job_outputs.c.position, explain_job_outputs.c.rank))
-            by_image: dict[int, list[Output]] = {}
-            for row in outputs.mappings():
-                by_image.setdefault(row["position"], []).append(Output(
-                    label=row["label"], visualization=row["visualization"], attributions=row["attributions"]))
+            rows = list(outputs.mappings())
+        by_image: dict[int, list[Output]] = {}
+        kept: dict[str, dict[str, bytes]] = {}  # an image's files, read once
+        for row in rows:
+            visualization, attributions = row["visualization"], row["attributions"]
+            if row["location"] is not None:
+                if self.files is None:
+                    raise StateUnavailable(f"explanation job {job_id}'s result is kept in an artifact store this "
+                                           "server was not given")
+                if row["location"] not in kept:
+                    kept[row["location"]] = self.files.get(row["location"])
+                files = kept[row["location"]]
+                try:
+                    visualization, attributions = files[f"{row['rank']}.png"], files[f"{row['rank']}.npy"]
+                except KeyError:
+                    raise StateUnavailable(f"the artifact store has lost files of explanation job {job_id} "
+                                           f"({row['location']})") from None
+            by_image.setdefault(row["position"], []).append(Output(
+                label=row["label"], visualization=visualization, attributions=attributions))
         return job, [ImageResult(index=image.index, name=image.name, state=image.state, error=image.error,
                                  fidelity=json.loads(fidelity[image.index]) if fidelity.get(image.index) else None,
                                  outputs=by_image.get(image.index, [])) for image in job.images]
@@ -333,13 +379,41 @@ class JobStore:
 
         self._write(take_back)
 
-    def pending_images(self, job_id: str) -> list[tuple[int, str]]:
-        """(position, name) of the images a job has still to explain."""
+    def pending_images(self, job_id: str) -> list[PendingImage]:
+        """The images a job has still to explain, in order, with the labels each is explained for once chosen."""
         with self._reading() as connection:
-            return [(position, name) for position, name in connection.execute(
-                select(explain_job_images.c.position, explain_job_images.c.name)
-                .where(explain_job_images.c.job == job_id, explain_job_images.c.state == "pending")
-                .order_by(explain_job_images.c.position)).all()]
+            return [PendingImage(position=position, name=name, targets=json.loads(targets) if targets else None)
+                    for position, name, targets in connection.execute(
+                        select(explain_job_images.c.position, explain_job_images.c.name, explain_job_images.c.targets)
+                        .where(explain_job_images.c.job == job_id, explain_job_images.c.state == "pending")
+                        .order_by(explain_job_images.c.position)).all()]
+
+    def plan(self, job_id: str, worker: str, targets: dict[int, list[str]]) -> bool:
+        """Keep the labels each pending image is explained for (`targets`: position -> labels, its prediction's),
+        and the job's total of explanations with them; False when the job is no longer this worker's."""
+        def keep(connection: Connection) -> bool:
+            if not connection.execute(update(explain_jobs).where(self._mine(job_id, worker)).values(
+                    heartbeat=time.time())).rowcount:
+                return False
+            for position, labels in targets.items():
+                connection.execute(update(explain_job_images).where(
+                    explain_job_images.c.job == job_id, explain_job_images.c.position == position).values(
+                    targets=json.dumps(labels)))
+            self._count_labels(connection, job_id)
+            return True
+
+        return self._write(keep)
+
+    @staticmethod
+    def _count_labels(connection: Connection, job_id: str) -> None:
+        """The job's labels_total: the labels made so far, and those its pending images are to be explained for
+        (None while one of them has none chosen yet)."""
+        pending = connection.execute(select(explain_job_images.c.targets).where(
+            explain_job_images.c.job == job_id, explain_job_images.c.state == "pending")).scalars().all()
+        made = connection.execute(select(func.count()).select_from(explain_job_outputs).where(
+            explain_job_outputs.c.job == job_id)).scalar_one()
+        total = None if any(t is None for t in pending) else made + sum(len(json.loads(t)) for t in pending)
+        connection.execute(update(explain_jobs).where(explain_jobs.c.id == job_id).values(labels_total=total))
 
     def image_bytes(self, job_id: str, position: int) -> bytes:
         """One pending image's bytes (read when its turn comes: a batch's images are never all in memory)."""
@@ -365,7 +439,15 @@ class JobStore:
 
     def image_done(self, job_id: str, worker: str, position: int, outputs: list[Output],
                    fidelity: dict[str, Any] | None) -> bool:
-        """Keep one image's explanations; False when the job is no longer this worker's to run (cancelled)."""
+        """Keep one image's explanations (in the database, or as files when they are large); False when the job is
+        no longer this worker's to run (cancelled)."""
+        size = sum(len(output.visualization) + len(output.attributions) for output in outputs)
+        location = None
+        if self.files is not None and outputs and size > self.inline_bytes:
+            location = self.files.put(job_id, position, {
+                name: data for rank, output in enumerate(outputs)
+                for name, data in ((f"{rank}.png", output.visualization), (f"{rank}.npy", output.attributions))})
+
         def keep(connection: Connection) -> bool:
             counted = connection.execute(update(explain_jobs).where(self._mine(job_id, worker)).values(
                 images_done=explain_jobs.c.images_done + 1,
@@ -376,15 +458,19 @@ class JobStore:
                                                                  explain_job_outputs.c.position == position))
             if outputs:
                 connection.execute(insert(explain_job_outputs), [
-                    {"job": job_id, "position": position, "rank": rank, "label": output.label,
-                     "visualization": output.visualization, "attributions": output.attributions}
+                    {"job": job_id, "position": position, "rank": rank, "label": output.label, "location": location,
+                     "visualization": b"" if location else output.visualization,
+                     "attributions": b"" if location else output.attributions}
                     for rank, output in enumerate(outputs)])
             connection.execute(update(explain_job_images).where(
                 explain_job_images.c.job == job_id, explain_job_images.c.position == position).values(
                 state="succeeded", image=None, fidelity=json.dumps(fidelity) if fidelity is not None else None))
             return True
 
-        return self._write(keep)
+        kept = self._write(keep)
+        if not kept and location is not None:
+            self.files.delete(location)
+        return kept
 
     def image_failed(self, job_id: str, worker: str, position: int, error: ImageError) -> bool:
         """Record why one image was not explained (the rest of the job goes on)."""
@@ -395,6 +481,7 @@ class JobStore:
                 connection.execute(update(explain_job_images).where(
                     explain_job_images.c.job == job_id, explain_job_images.c.position == position).values(
                     state="failed", image=None, error=error.model_dump_json()))
+                self._count_labels(connection, job_id)  # its labels will not be explained
             return bool(counted)
 
         return self._write(keep)
@@ -432,6 +519,14 @@ class JobStore:
                                                   explain_jobs.c.finished_at < now - lifetime_s)
         gone = select(explain_jobs.c.id).where(explain_jobs.c.endpoint == self.endpoint,
                                                explain_jobs.c.finished_at < now - lifetime_s - REMOVE_AFTER_EXPIRY_S)
+
+        if self.files is not None:  # their files first: a purge that fails there is made again
+            with self._reading() as connection:
+                with_files = connection.execute(select(explain_job_outputs.c.job).distinct().where(
+                    explain_job_outputs.c.job.in_(expired),
+                    explain_job_outputs.c.location.is_not(None))).scalars().all()
+            for job_id in with_files:
+                self.files.delete(job_id)
 
         def remove(connection: Connection) -> int:
             count = connection.execute(delete(explain_job_outputs).where(

@@ -53,14 +53,25 @@ def iso(seconds: float | None) -> str | None:
     return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def job_progress(job: Job) -> JobProgress:
+    """How far a job is: in explanations once their total is known, else in images (a succeeded job: all of it)."""
+    if job.state == "succeeded" or not job.total:
+        fraction = 1.0
+    elif job.labels_total:
+        fraction = job.labels_done / job.labels_total
+    else:
+        fraction = job.images_done / job.total
+    return JobProgress(images_done=job.images_done, images_total=job.total, labels_done=job.labels_done,
+                       labels_total=job.labels_total, fraction=round(min(fraction, 1.0), 4))
+
+
 def job_view(job: Job, lifetime_s: float) -> ExplainJobView:
     """What a poll answers."""
     queued = (job.started_at or time.time()) - job.created_at
     return ExplainJobView(
         id=job.id, state=job.state, batch=job.batch, deployment=job.deployment, model_version=job.model_version,
         method=job.options.method,
-        progress=JobProgress(images_done=job.images_done, images_total=job.total, labels_done=job.labels_done,
-                             fraction=round(job.images_done / job.total, 4) if job.total else 1.0),
+        progress=job_progress(job),
         created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         queued_seconds=round(max(queued, 0.0), 3),
         expires_at=iso(job.finished_at + lifetime_s) if job.finished_at is not None else None,

@@ -205,7 +205,11 @@ class JobProgress(BaseModel):
     images_done: int = Field(description="images explained or failed")
     images_total: int
     labels_done: int = Field(description="explanations made (one per explained label)")
-    fraction: float = Field(description="images_done / images_total")
+    labels_total: int | None = Field(description=(
+        "explanations the job makes in all: known at once when labels were named, else once the job has started and "
+        "predicted its images (a multi-label image is explained once per predicted label); absent until then"))
+    fraction: float = Field(description=(
+        "labels_done / labels_total once that is known (explanations are the work), else images_done / images_total"))
 
 
 class JobLinks(BaseModel):

@@ -299,6 +299,14 @@ class Deployment:
         chosen = predicted_indices(probs, task, model.settings, threshold)
         return [Prediction(row, picks) for row, picks in zip(probs, chosen)]
 
+    def explanation_targets(self, cropped: Image.Image) -> list[int]:
+        """The label indices `explain` explains by default for `cropped`: its prediction by the version's module."""
+        model = self.require_model()
+        x = model.preprocess.normalize(cropped).to(model.explain_device)
+        with torch.no_grad():
+            logits = model.bundle.module(x[None])[0].float().cpu().numpy()
+        return predicted_from_logits(logits, model.bundle.spec.task, model.settings)
+
     def explain(self, cropped: Image.Image, method: str, params: dict[str, Any],
                 targets: list[int] | None = None, threshold: float | None = None) -> Explanation:
         """Explain one cropped image with the version's module; guided methods, which hook the module they run on,

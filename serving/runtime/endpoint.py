@@ -16,6 +16,7 @@ from serving.control.auth import KeyCheck
 from serving.control.checks import pinned_version
 from serving.control.control import ServedModel
 from serving.control.database import embedded
+from serving.control.job_files import JobFiles
 from serving.control.jobs import JobStore
 from serving.control.state import DeploymentRecord, EndpointState, StateStore
 from serving.control.workers import HEARTBEAT_S, StatusBoard, WorkerStatus, host_id
@@ -57,7 +58,8 @@ class Endpoint:
         self._stop = threading.Event()
         self._random = random.Random()
         self.inference = Inference(config.limits)
-        self.jobs = JobStore(config.name, self.store.uri)
+        self.jobs = JobStore(config.name, self.store.uri, JobFiles(config.name, tracking_uri),
+                             config.limits.job_inline_result_bytes)
         self.job_runner = JobRunner(self, self.jobs)
         self._apply(self.state, start=False)
 

@@ -12,8 +12,8 @@ import time
 from typing import TYPE_CHECKING
 
 from serving.control.errors import StateUnavailable
+from serving.control.jobs import ExplanationOptions, Job, JobStore, Output, PendingImage
 from serving.control.jobs import ImageError as StoredImageError
-from serving.control.jobs import Job, JobStore, Output
 from serving.runtime.abandon import CancelToken
 from serving.runtime.errors import ServingError
 from serving.runtime.images import EncodedImage
@@ -141,7 +141,9 @@ class JobRunner:
                 return
             logger.info("explanation job %s: %d images on deployment %s (%s)", job.id, job.total, job.deployment,
                         job.options.method)
-            for position, name in await self._in_thread(self.store.pending_images, job.id):
+            pending = await self._plan(instance, job, cancelled)
+            for image in pending:
+                position, name = image.position, image.name
                 data = await self._in_thread(self.store.image_bytes, job.id, position)
                 while True:
                     if cancelled.is_set():
@@ -150,20 +152,15 @@ class JobRunner:
                     current[:] = [token]
                     try:
                         async with self.endpoint.inference.explain_admission.background(token):
-                            outputs, fidelity = await self._explain(instance, job, name, data, token)
+                            outputs, fidelity = await self._explain(instance, name, data, image.targets or [],
+                                                                    job.options, token)
                     except asyncio.CancelledError:
                         if asyncio.current_task().cancelling() or not token.cancelled:
                             raise  # the worker is stopping
                         continue  # a live request took the slot, or the job was cancelled: see which
-                    except ServingError as error:
+                    except Exception as error:  # noqa: BLE001 - this image fails, saying why; the others go on
                         kept = await self._in_thread(self.store.image_failed, job.id, self.worker, position,
-                                                     StoredImageError(code=error.code, message=str(error)))
-                        break
-                    except Exception:  # noqa: BLE001 - a bug: this image fails, saying so; the others go on
-                        logger.exception("explanation job %s: image %d failed", job.id, position)
-                        kept = await self._in_thread(self.store.image_failed, job.id, self.worker, position,
-                                                     StoredImageError(code="internal_error", message=(
-                                                         "an unexpected error occurred; see the server log")))
+                                                     self._image_error(job, position, error))
                         break
                     kept = await self._in_thread(self.store.image_done, job.id, self.worker, position, outputs,
                                                  fidelity)
@@ -189,17 +186,51 @@ class JobRunner:
             metrics().jobs.labels(job.deployment, "failed" if error else "succeeded").inc()
             logger.info("explanation job %s %s", job.id, "failed" if error else "succeeded")
 
-    async def _explain(self, instance: DeploymentInstance, job: Job, name: str, data: bytes,
-                       token: CancelToken) -> tuple[list[Output], dict]:
-        """One image's explanations (as `/explain` makes them) and its fidelity report."""
+    @staticmethod
+    def _image_error(job: Job, position: int, error: Exception) -> StoredImageError:
+        """What a failed image's result says: the error `/explain` would answer, or, for a bug, that there was one."""
+        if isinstance(error, ServingError):
+            return StoredImageError(code=error.code, message=str(error))
+        logger.error("explanation job %s: image %d failed", job.id, position, exc_info=error)
+        return StoredImageError(code="internal_error", message="an unexpected error occurred; see the server log")
+
+    async def _plan(self, instance: DeploymentInstance, job: Job, cancelled: asyncio.Event) -> list[PendingImage]:
+        """The pending images, each with the labels it is explained for: a job that named none explains each image's
+        prediction, chosen here for every image before the first is explained (a forward pass each, at the jobs'
+        priority), so that its progress counts explanations of a known total. An image that cannot be predicted
+        fails here, with the reason `/explain` would give."""
+        pending = await self._in_thread(self.store.pending_images, job.id)
+        unplanned = [image for image in pending if image.targets is None]
+        if not unplanned:
+            return pending
         inference = self.endpoint.inference
-        model = instance.deployment.require_model()
-        labels = model.bundle.labels
-        options = job.options
+        labels = instance.deployment.require_model().bundle.labels
+        chosen: dict[int, list[str]] = {}
+        for image in unplanned:
+            if cancelled.is_set():
+                raise JobCancelled()
+            data = await self._in_thread(self.store.image_bytes, job.id, image.position)
+            try:
+                cropped = await inference.crop(instance, EncodedImage(data, image.name))
+                targets = await inference.explanation_targets(instance, cropped)
+            except Exception as error:  # noqa: BLE001 - this image fails, saying why; the others go on
+                if not await self._in_thread(self.store.image_failed, job.id, self.worker, image.position,
+                                             self._image_error(job, image.position, error)):
+                    raise JobCancelled() from None
+                continue
+            chosen[image.position] = image.targets = [labels[target] for target in targets]
+        if not await self._in_thread(self.store.plan, job.id, self.worker, chosen):
+            raise JobCancelled()
+        return [image for image in pending if image.targets is not None]
+
+    async def _explain(self, instance: DeploymentInstance, name: str, data: bytes, targets: list[str],
+                       options: ExplanationOptions, token: CancelToken) -> tuple[list[Output], dict]:
+        """One image's explanations of `targets` (as `/explain` makes them) and its fidelity report."""
+        inference = self.endpoint.inference
+        labels = instance.deployment.require_model().bundle.labels
         cropped = await inference.crop(instance, EncodedImage(data, name))
-        targets = [labels.index(label) for label in options.targets] if options.targets else None
         explanation = await inference.explain(instance, cropped, options.method, options.params, token,
-                                              targets=targets, job=True)
+                                              targets=[labels.index(label) for label in targets], job=True)
 
         def outputs() -> list[Output]:
             return [Output(label=labels[target], visualization=explanation.visualization_png(i),

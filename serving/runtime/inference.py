@@ -215,6 +215,14 @@ class Inference:
             metrics().mirrored.labels(target.name, route, outcome).inc()
             metrics().mirror_latency.labels(target.name, route).observe(time.perf_counter() - start)
 
+    async def explanation_targets(self, instance: DeploymentInstance, cropped: Image.Image) -> list[int]:
+        """The labels an explanation of `cropped` explains by default (its prediction), for an explanation job that
+        plans its work: computed in the jobs' pool, at the lowest CPU priority."""
+        deployment = instance.deployment
+        if deployment.require_model().detects:
+            raise not_explainable(deployment)
+        return await self.in_thread(deployment.explanation_targets, cropped, pool=self.job_pool)
+
     async def explain(self, instance: DeploymentInstance, cropped: Image.Image, method: str, params: dict[str, Any],
                       token: CancelToken, targets: list[int] | None = None,
                       threshold: float | None = None, job: bool = False) -> Explanation:

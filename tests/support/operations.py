@@ -156,3 +156,16 @@ def yaml_config(server: Server) -> dict:
     import yaml
 
     return yaml.safe_load(server.config_path.read_text())
+
+
+def state_column(server: Server, statement) -> list:  # noqa: ANN001 - a SQLAlchemy select of one column
+    """What `statement` reads from the server's state database (for what no client can see: which worker runs a job,
+    where its results are kept)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(server.env["LANTERN_STATE_URI"])
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(statement).scalars())
+    finally:
+        engine.dispose()

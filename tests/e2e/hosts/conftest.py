@@ -41,7 +41,9 @@ def hosts(registered: str, postgres: Postgres, tmp_path_factory: pytest.TempPath
     """Host A, launched first (it makes the state and its keys file before its workers start), then host B with a
     copy of A's keys, both loading at once."""
     state = postgres.database("hosts")
-    config = {"name": "ops", "deployments": [deployment("blue")], "traffic": {"blue": 100}}
+    # every job result kept as files, in the MLflow server's proxied artifact store (the hosts share no disk)
+    config = {"name": "ops", "deployments": [deployment("blue")], "traffic": {"blue": 100},
+              "limits": {"job_inline_result_bytes": 0}}
     base = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
     servers: list[Server] = []
     try:

@@ -13,8 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from sqlalchemy import select
 
-from support.operations import FAST, Admin, cli, deployment, predict, spread_load
+from serving.control.database import explain_job_outputs
+from support.operations import FAST, Admin, cli, deployment, predict, spread_load, state_column
 from support.postgres import wait_until
 from support.servers import Server, png_bytes
 
@@ -148,3 +150,7 @@ def test_a_job_submitted_through_one_host_is_polled_and_fetched_through_the_othe
         rows = httpx.get(f"{host.url}/explain/jobs/{job_id}/result", timeout=60,
                          headers={**headers, "Accept": "application/x-ndjson"}).text.splitlines()
         assert [json.loads(row)["name"] for row in rows] == ["0.png", "1.png"]
+        assert all(json.loads(row)["explanations"] for row in rows)
+    # kept as files in the MLflow server's artifact store (the hosts' limit), the database naming them
+    assert state_column(hosts[0], select(explain_job_outputs.c.location).where(
+        explain_job_outputs.c.job == job_id).order_by(explain_job_outputs.c.position)) == [f"{job_id}/0", f"{job_id}/1"]

@@ -17,14 +17,18 @@ from support.servers import Server
 
 @pytest.fixture(scope="package")
 def registered(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[str]:
-    """This folder's registry (a store and Lantern home of its own): `mc` (alias champion), multi-label `ml`, and
-    `picky` and `sick`, whose ONNX models fail on some inputs or on the probes' blank image."""
+    """This folder's registry (a store and Lantern home of its own): `mc` (alias champion), multi-label `ml` (which
+    predicts every label), and `picky` and `sick`, whose ONNX models fail on some inputs or on the probes' blank
+    image."""
     from registry.register import register_checkpoint
 
     with own_store(tmp_path_factory.mktemp("registry")) as uri:
         weights = checkpoints["safetensors"]
         register_checkpoint("mc", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS, alias="champion")
-        register_checkpoint("ml", weights, "small_cnn", LABELS, "multilabel", SMALL_SETTINGS)
+        # a low threshold: the untrained weights' scores pass it for every label (none passes the default 0.5), so
+        # the multi-label deployment explains several labels an image
+        register_checkpoint("ml", weights, "small_cnn", LABELS, "multilabel",
+                            {**SMALL_SETTINGS, "confidence_score_threshold_multilabel": 0.05})
         register_checkpoint("picky", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)
         make_picky("models:/picky/1")
         register_checkpoint("sick", weights, "small_cnn", LABELS, "multiclass", SMALL_SETTINGS)

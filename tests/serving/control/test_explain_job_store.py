@@ -11,15 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from serving.control import jobs as job_module
-from serving.control.database import explain_jobs
-from serving.control.errors import JobExpired, JobFinished, JobNotFinished, JobQueueFull, UnknownJob
+from serving.control.database import explain_job_outputs, explain_jobs
+from serving.control.errors import (
+    JobExpired,
+    JobFinished,
+    JobNotFinished,
+    JobQueueFull,
+    StateUnavailable,
+    UnknownJob,
+)
+from serving.control.job_files import JobFiles
 from serving.control.jobs import ExplanationOptions, ImageError, JobStore, NewImage, Output
 from support.postgres import Postgres
 
 OPTIONS = ExplanationOptions(method="integrated_gradients", params={"n_steps": 8}, targets=["circle"])
+PREDICTED = ExplanationOptions(method="integrated_gradients")  # each image's prediction explained
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -40,10 +49,15 @@ def output(label: str) -> Output:
                   attributions=Output.npy(np.full((3, 4, 4), 0.5, np.float32)))
 
 
+def pending(jobs: JobStore, job_id: str) -> list[tuple[int, str, list[str] | None]]:
+    return [(image.position, image.name, image.targets) for image in jobs.pending_images(job_id)]
+
+
 def test_a_job_from_queued_to_succeeded(jobs: JobStore) -> None:
-    job = jobs.submit("blue", "models:/mc/2", OPTIONS, images(3), True, max_queued=4)
+    job = jobs.submit("blue", "models:/mc/2", PREDICTED, images(3), True, max_queued=4)
     assert (job.state, job.total, job.batch, job.images_done, job.attempts) == ("queued", 3, True, 0, 0)
     assert len(job.id) >= 32 and [image.state for image in job.images] == ["pending"] * 3
+    assert job.labels_total is None  # its labels are its images' predictions: not known before it starts
     with pytest.raises(JobNotFinished, match="is queued"):
         jobs.result(job.id)
     with pytest.raises(UnknownJob):
@@ -54,16 +68,24 @@ def test_a_job_from_queued_to_succeeded(jobs: JobStore) -> None:
     assert running is not None and (running.id, running.state, running.worker, running.attempts) == (
         job.id, "running", "host/1", 1)
     assert jobs.claim("host/2") is None  # nothing else queued
-    assert jobs.pending_images(job.id) == [(0, "img0.png"), (1, "img1.png"), (2, "img2.png")]
+    assert pending(jobs, job.id) == [(0, "img0.png", None), (1, "img1.png", None), (2, "img2.png", None)]
     assert jobs.image_bytes(job.id, 2) == bytes([2]) * 10
     assert jobs.beat(job.id, "host/1") == "running" and jobs.beat(job.id, "host/2") is None
 
+    chosen = {0: ["circle"], 1: ["circle"], 2: ["circle", "square"]}  # a multi-label image: two explanations
+    assert not jobs.plan(job.id, "host/2", chosen)  # not that worker's job
+    assert jobs.get(job.id).labels_total is None
+    assert jobs.plan(job.id, "host/1", chosen)
+    assert pending(jobs, job.id)[2] == (2, "img2.png", ["circle", "square"])
+    assert jobs.get(job.id).labels_total == 4 and jobs.get(job.id).images[2].targets == ["circle", "square"]
+
     assert jobs.image_done(job.id, "host/1", 0, [output("circle")], {"method": "integrated_gradients"})
     assert jobs.image_failed(job.id, "host/1", 1, ImageError(code="bad_image", message="not an image"))
+    assert jobs.get(job.id).labels_total == 3  # the failed image's label will not be explained
     assert jobs.image_done(job.id, "host/1", 2, [output("circle"), output("square")], None)
-    assert [position for position, _ in jobs.pending_images(job.id)] == []
+    assert pending(jobs, job.id) == []
     polled = jobs.get(job.id)
-    assert (polled.images_done, polled.labels_done) == (3, 3)
+    assert (polled.images_done, polled.labels_done, polled.labels_total) == (3, 3, 3)
     assert [(i.state, i.labels) for i in polled.images] == [("succeeded", 1), ("failed", 0), ("succeeded", 2)]
     assert polled.images[1].error == ImageError(code="bad_image", message="not an image")
 
@@ -77,6 +99,16 @@ def test_a_job_from_queued_to_succeeded(jobs: JobStore) -> None:
     assert results[0].outputs[0].visualization == b"\x89PNGcircle"
     with pytest.raises(JobFinished, match="has already succeeded"):
         jobs.cancel(job.id)
+
+
+def test_named_labels_are_known_when_a_job_is_accepted(jobs: JobStore) -> None:
+    options = ExplanationOptions(method="xrai", targets=["circle", "square", "circle"])  # one named twice
+    job = jobs.submit("blue", "models:/ml/1", options, images(2), True, max_queued=4)
+    assert job.labels_total == 4 and [image.targets for image in job.images] == [["circle", "square"]] * 2
+    jobs.claim("host/1")
+    assert [image.targets for image in jobs.pending_images(job.id)] == [["circle", "square"]] * 2
+    jobs.image_failed(job.id, "host/1", 0, ImageError(code="bad_image", message="not an image"))
+    assert jobs.get(job.id).labels_total == 2
 
 
 def test_the_queue_limit_counts_queued_and_running_jobs(jobs: JobStore) -> None:
@@ -118,7 +150,7 @@ def test_a_job_whose_worker_dies_runs_once_more_then_fails(jobs: JobStore) -> No
     silent_for(job_module.STALE_S + 1)
     retried = jobs.claim("host-b/1")
     assert retried is not None and (retried.worker, retried.attempts) == ("host-b/1", 2)
-    assert [position for position, _ in jobs.pending_images(job.id)] == [1]  # image 0 stays done
+    assert [image.position for image in jobs.pending_images(job.id)] == [1]  # image 0 stays done
     assert jobs.beat(job.id, "host-a/1") is None  # the first worker, come back, is told it is not its job
 
     silent_for(job_module.STALE_S + 1)
@@ -176,3 +208,44 @@ def test_results_expire_then_the_job_is_removed(jobs: JobStore) -> None:
     assert jobs.purge(lifetime_s=-job_module.REMOVE_AFTER_EXPIRY_S) == 0  # a day after expiry: the job is gone
     with pytest.raises(UnknownJob):
         jobs.get(job.id)
+
+
+def test_large_results_are_kept_as_files_in_the_artifact_store(jobs: JobStore, store: str) -> None:
+    """An image's explanations over the inline limit are files under the registry's artifact location (here the
+    embedded store's, on local disk), named in the database; read back as kept, and removed with the result."""
+    files = JobStore(jobs.endpoint, jobs.uri, JobFiles(jobs.endpoint, store), inline_bytes=500)
+    job = files.submit("blue", "models:/ml/1", PREDICTED, images(3), True, max_queued=4)
+    files.claim("host/1")
+    files.plan(job.id, "host/1", {0: ["circle", "square"], 1: ["circle"], 2: ["square"]})
+    two = [output("circle"), output("square")]  # about 650 bytes: files
+    assert files.image_done(job.id, "host/1", 0, two, None)
+    assert files.image_done(job.id, "host/1", 1, [output("circle")], None)  # about 330 bytes: in the database
+    with jobs.engine.connect() as connection:
+        rows = connection.execute(select(explain_job_outputs.c.position, explain_job_outputs.c.location,
+                                         explain_job_outputs.c.attributions)
+                                  .where(explain_job_outputs.c.job == job.id)).all()
+    assert sorted((position, location, len(data) > 0) for position, location, data in rows) == [
+        (0, f"{job.id}/0", False), (0, f"{job.id}/0", False), (1, None, True)]
+    folder = Path(os.environ["LANTERN_HOME"]) / "artifacts"
+    kept = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
+                  and job.id in path.as_posix())
+    assert kept == [f"explanation-jobs/shop/{job.id}/0/{name}" for name in ("0.npy", "0.png", "1.npy", "1.png")]
+
+    files.cancel(job.id)  # a worker that learns it late keeps nothing: the files it wrote are removed
+    assert not files.image_done(job.id, "host/1", 2, [output("square"), output("circle")], None)
+    assert not any(folder.rglob(f"{job.id}/2"))
+
+    again = files.submit("blue", "models:/ml/1", PREDICTED, images(1), False, max_queued=4)
+    files.claim("host/1")
+    files.plan(again.id, "host/1", {0: ["circle", "square"]})
+    files.image_done(again.id, "host/1", 0, two, {"method": "xrai"})
+    files.finish(again.id, "host/1")
+    _, results = files.result(again.id)
+    assert [(o.label, o.visualization) for o in results[0].outputs] == [(o.label, o.visualization) for o in two]
+    np.testing.assert_array_equal(results[0].outputs[1].array(), two[1].array())
+    with pytest.raises(StateUnavailable, match="artifact store this server was not given"):
+        jobs.result(again.id)  # a store without files cannot answer for them
+    time.sleep(0.2)
+    assert files.purge(lifetime_s=0.1) == 5  # both jobs' explanations (3 and 2), and their files
+    assert not any(path.is_file() for path in folder.rglob("*") if job.id in path.as_posix()
+                   or again.id in path.as_posix())

@@ -163,3 +163,34 @@ def test_a_database_that_stops_answering(postgres: Postgres, store: str) -> None
     finally:
         postgres.start()
     assert state_store.change(lambda s: s, "after").revision == 2
+
+
+def test_tables_of_an_earlier_lantern_get_the_columns_added_since(state_uri: str) -> None:
+    """A database made before a column was added (here the jobs' label totals) gets it when first opened, and a job
+    kept in it reads as before."""
+    from sqlalchemy import create_engine, insert, text
+
+    from serving.control.database import explain_job_images, explain_jobs, metadata, state_engine
+    from serving.control.jobs import ExplanationOptions, JobStore, NewImage
+
+    earlier = create_engine(state_uri)
+    metadata.create_all(earlier)
+    with earlier.begin() as connection:
+        connection.execute(text("ALTER TABLE lantern_explain_job DROP COLUMN labels_total"))
+        connection.execute(text("ALTER TABLE lantern_explain_job_image DROP COLUMN targets"))
+        values = {column.name: None for column in explain_jobs.columns if column.name != "labels_total"}
+        values.update(id="kept", endpoint="shop", state="queued", deployment="blue", model_version="models:/m/1",
+                      options=ExplanationOptions().model_dump_json(), total=1, batch=False, images_done=0,
+                      labels_done=0, created_at=time.time(), attempts=0)
+        connection.execute(insert(explain_jobs).values(values))
+        connection.execute(insert(explain_job_images).values(job="kept", position=0, name="a.png", image=b"x",
+                                                             state="pending"))
+    earlier.dispose()
+
+    state_engine(state_uri)
+    jobs = JobStore("shop", state_uri)
+    kept = jobs.get("kept")
+    assert (kept.state, kept.labels_total, kept.images[0].targets) == ("queued", None, None)
+    named = jobs.submit("blue", "models:/m/1", ExplanationOptions(targets=["a"]), [NewImage(name="b.png", data=b"y")],
+                        False, max_queued=5)
+    assert (named.labels_total, named.images[0].targets) == (1, ["a"])
