@@ -27,7 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from registry.errors import LanternError
@@ -201,11 +201,15 @@ def add_missing_columns(engine: Engine) -> None:
 
 
 def state_engine(uri: str) -> Engine:
-    """One engine (connection pool) per database and process, its tables created on first use."""
+    """One engine (connection pool) per database and process, its tables created on first use; StateUnavailable
+    while the database does not answer."""
     with _ENGINES_LOCK:
         engine = _ENGINES.get(uri)
         if engine is None:
-            engine = _ENGINES[uri] = _new_engine(uri)
+            try:
+                engine = _ENGINES[uri] = _new_engine(uri)
+            except SQLAlchemyError as error:
+                raise StateUnavailable(unreachable(uri, error)) from None
         return engine
 
 

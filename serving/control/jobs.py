@@ -188,10 +188,7 @@ class JobStore:
 
     @property
     def engine(self) -> Engine:
-        try:
-            return state_engine(self.uri)
-        except SQLAlchemyError as error:
-            raise StateUnavailable(unreachable(self.uri, error)) from None
+        return state_engine(self.uri)
 
     # transactions ------------------------------------------------------------------------------------------------
     @contextmanager

@@ -145,10 +145,7 @@ class StateStore:
 
     @property
     def engine(self):  # noqa: ANN201 - sqlalchemy.Engine, made on first use
-        try:
-            return state_engine(self.uri)
-        except SQLAlchemyError as error:
-            raise StateUnavailable(self._unreachable(error)) from None
+        return state_engine(self.uri)
 
     def _unreachable(self, error: Exception) -> str:
         return unreachable(self.uri, error)
