@@ -209,6 +209,9 @@ class JobRunner:
         for image in unplanned:
             if cancelled.is_set():
                 raise JobCancelled()
+            if job.options.targets:  # named (a job accepted before labels were kept per image)
+                chosen[image.position] = image.targets = list(dict.fromkeys(job.options.targets))
+                continue
             data = await self._in_thread(self.store.image_bytes, job.id, image.position)
             try:
                 cropped = await inference.crop(instance, EncodedImage(data, image.name))
