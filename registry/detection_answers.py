@@ -76,6 +76,8 @@ def detection_answer(raw: RawDetections, labels: list[str], width: int, height: 
     segmentation = isinstance(settings, SegmentationSettings) and raw.masks is not None
     objects = []
     for index in order:
+        if raw.classes[index] < 1:  # the background slot, which a RetinaNet (no background class) may score
+            continue
         x0, y0, x1, y1 = np.clip(raw.boxes[index].astype(np.float64) / scale, 0.0, 1.0).tolist()
         found = DetectedObject(box=Box(topX=x0, topY=y0, bottomX=x1, bottomY=y1),
                                label=labels[int(raw.classes[index]) - 1],

@@ -36,12 +36,24 @@ def graph_settings(settings: DetectionSettings) -> tuple:
             settings.box_detections_per_img)
 
 
+def output_order(model: nn.Module, image_size: int) -> list[str]:
+    """The names of a detector's answers in the order the exporter flattens them: its answer's own (Faster and Mask
+    R-CNN answer boxes, labels, scores[, masks]; RetinaNet boxes, scores, labels), so each ONNX output is named for
+    what it holds."""
+    with torch.no_grad():
+        answer = model([torch.rand(3, image_size, image_size)])[0]
+    names = list(answer)
+    known = {*BOX_OUTPUTS, MASK_OUTPUT}
+    if not set(BOX_OUTPUTS) <= set(names) <= known:
+        raise ValueError(f"the detector answers {names}; Lantern reads {sorted(known)}")
+    return names
+
+
 def export_detector_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
     """Export `model` (eval mode, CPU, settings applied) to ONNX at `path` with TorchScript's exporter, as
     torchvision tests its detectors' export."""
     model = model.eval().cpu()
-    outputs = [*BOX_OUTPUTS, MASK_OUTPUT] if hasattr(getattr(model, "roi_heads", None), "mask_head") and \
-        model.roi_heads.mask_head is not None else list(BOX_OUTPUTS)
+    outputs = output_order(model, image_size)
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with EXPORTING, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), warnings.catch_warnings():

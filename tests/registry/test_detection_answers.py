@@ -80,3 +80,11 @@ def test_an_answer_is_normalised_sorted_and_carries_what_the_settings_ask() -> N
     image = Image.open(io.BytesIO(base64.b64decode(boxes[1].mask)))
     assert (image.format, image.size) == ("BMP", (100, 50))
     assert (np.asarray(image) > 127).sum() == 200
+
+
+def test_a_detection_of_the_background_slot_names_no_label() -> None:
+    """A RetinaNet has no background class: untrained, it may score class 0, which is no label (not the last one)."""
+    raw = RawDetections(np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), np.array([0.9, 0.6], np.float32),
+                        np.array([0, 2]), None)
+    answer = detection_answer(raw, ["circle", "square", "triangle"], 40, 40, build_settings("object_detection", {}))
+    assert [(found.label, found.score) for found in answer.boxes] == [("square", pytest.approx(0.6))]
