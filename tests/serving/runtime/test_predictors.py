@@ -1,4 +1,5 @@
-"""The prediction backends: GPU batch-size buckets, and padded batches answering exactly as unpadded ones."""
+"""The prediction backends: GPU batch-size buckets, padded batches answering exactly as unpadded ones, and a CPU
+detector's lanes answering a list as one session does, in order."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ import torch
 
 from registry.onnx_export import export_onnx
 from registry.small_cnn import SmallCNN
-from serving.runtime.predictors import OnnxPredictor, TorchPredictor, padded_size, shape_buckets, submit_rows
+from serving.runtime.predictors import (
+    CpuLanes,
+    OnnxPredictor,
+    TorchPredictor,
+    padded_size,
+    shape_buckets,
+    submit_rows,
+)
 
 
 @pytest.mark.parametrize(("device", "backend", "max_batch_size", "expected"), [
@@ -144,3 +152,32 @@ def test_device_key_spells_each_device_one_way() -> None:
         assert device_key("auto") == device_key("cpu") == "cpu"
         assert device_key("cuda") == "cuda" and device_key("cuda:1") == "cuda:1"  # not here: they fail to load
     assert device_key("gpu") == "gpu"  # not a device: the config refuses it before this
+
+
+def test_a_cpu_detectors_lanes_answer_a_list_as_one_session_does(tmp_path: Path) -> None:
+    """Images of several sizes shared out among lanes come back in their order, each answered as a session of its
+    own answers it (an untrained detector at a score threshold of 0.01 finds many boxes, different per image)."""
+    from registry.detector_onnx import export_detector_onnx, onnx_detector
+    from registry.detectors import DETECTORS, apply_detection_settings
+    from registry.settings import build_settings
+
+    torch.manual_seed(0)
+    settings = build_settings("object_detection", {"min_size": 64, "max_size": 96, "box_score_thresh": 0.01})
+    path = export_detector_onnx(apply_detection_settings(DETECTORS["small_detector"].build(3), settings).eval(), 64,
+                                tmp_path / "detector.onnx")
+    generator = torch.Generator().manual_seed(1)
+    images = [(torch.rand(3, height, width, generator=generator) * 255).to(torch.uint8)
+              for height, width in ((64, 64), (80, 64), (64, 96), (72, 72), (64, 80))]
+    reference = onnx_detector(path, "cpu", 1)
+    expected = [reference(image.float() / 255) for image in images]
+    assert all(len(found.scores) for found in expected)
+    assert len({found.boxes[:5].round(1).tobytes() for found in expected}) == len(images)  # each its own answer
+
+    lanes = CpuLanes(path, cores=2)
+    assert (lanes.lanes, len(lanes.detectors)) == (2, 2)
+    for answered in (lanes.run(images), lanes.run(images[:3]), lanes.run(images[2:3])):  # a lone one, too
+        offset = 2 if len(answered) == 1 else 0
+        for found, wanted in zip(answered, expected[offset:]):
+            np.testing.assert_allclose(found.boxes, wanted.boxes, atol=1e-3)
+            np.testing.assert_array_equal(found.classes, wanted.classes)
+    assert CpuLanes(path, cores=16).lanes == 4 and CpuLanes(path, cores=1).pool is None
