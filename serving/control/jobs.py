@@ -2,8 +2,8 @@
 and run by one, polled, fetched and cancelled through any. A job's images wait in the database until it ends; each
 explained label's PNG and attributions are kept there until the result expires (a large image's in the registry's
 artifact store, serving/control/job_files.py, named there), so every replica answers for every job and a restarted
-server keeps finished results. A job whose worker stops beating (its host died) goes back to the
-queue once; the images it finished stay done."""
+server keeps finished results. A job whose worker stops beating (its host died) goes back to the queue once; the
+images it finished stay done."""
 
 from __future__ import annotations
 
@@ -17,17 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    delete,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from explain.encoding import AttributionEncoding
