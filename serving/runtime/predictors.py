@@ -16,8 +16,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from explain.cpu_threads import limit_this_thread
 from registry.detection_answers import RawDetections
-from registry.detection_inference import torch_detections
+from registry.detection_inference import Detector, torch_detections
 from registry.detector_onnx import onnx_detector
 from registry.errors import LanternError
 from registry.onnx_export import INPUT_NAME, OUTPUT_NAME, make_session
@@ -193,8 +194,13 @@ class DetectorPredictor:
         self.thread = OwnThread(f"detector-{device}")
 
     @classmethod
-    def torch(cls, module: nn.Module, device: torch.device) -> "DetectorPredictor":
+    def torch(cls, module: nn.Module, device: torch.device, threads: int | None = None) -> "DetectorPredictor":
+        """The module on a list in one call (it resizes and pads the images into one batch itself): on a GPU; on
+        the CPU in lanes (see CpuLanes)."""
         model = module.eval().to(device)
+        if device.type != "cuda":
+            lanes = CpuLanes.torch(model, threads or _cpu_threads())
+            return cls(lanes.run, "cpu", lanes.description)
 
         def run(images: list[torch.Tensor]) -> list[RawDetections]:  # made float on the device: a quarter the copy
             return torch_detections(model, [image.to(device).float().div_(255.0) for image in images], device)
@@ -210,8 +216,8 @@ class DetectorPredictor:
             detector = onnx_detector(path, name)
             return cls(lambda images: [detector(image.float().div_(255.0)) for image in images], "cuda",
                        "onnxruntime (CUDAExecutionProvider)")
-        lanes = CpuLanes(path, threads or _cpu_threads())
-        return cls(lanes.run, "cpu", f"onnxruntime (CPUExecutionProvider, {lanes.description})")
+        lanes = CpuLanes.onnx(path, threads or _cpu_threads())
+        return cls(lanes.run, "cpu", lanes.description)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
         return self.thread.run(self.run_batch, images)
@@ -223,31 +229,59 @@ class DetectorPredictor:
         return self.run([torch.from_numpy(image) for image in images])
 
 
-class CpuLanes:
-    """A detector's ONNX export on the CPU. Its graph takes one image, and one small image is many small operators:
-    the cores of one session wait on each other at every one of them (a 128 px detector on 2 cores: 95 images/s on
-    one session of 2 threads, 69 on one of 1, 137 on two of 1 running at once). So a list of images is shared out
-    among `lanes` sessions that run at once, each on `cores // lanes` threads; a lone image runs on a session of
-    every core, the lowest latency."""
+ListRun = Callable[[list[torch.Tensor]], list[RawDetections]]  # float [3, H, W] images in [0, 1] -> detections
 
-    def __init__(self, path: Path, cores: int) -> None:
-        self.lanes = max(1, min(cores, MAX_CPU_LANES))
-        self.lone = onnx_detector(path, "cpu", cores)
-        self.detectors = [onnx_detector(path, "cpu", max(1, cores // self.lanes)) for _ in range(self.lanes)] \
-            if self.lanes > 1 else [self.lone]
-        self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="detector-lane") if self.lanes > 1 else None
-        self.description = f"{self.lanes} lane(s) of {max(1, cores // self.lanes)} thread(s), a lone image on {cores}"
+
+class CpuLanes:
+    """A detector on the CPU, where one image is many small operators whose threads wait on each other at every
+    one of them: a list of images is shared out among up to MAX_CPU_LANES lanes that run at once, each on its share
+    of the cores; a lone image runs on every core (the lowest latency). A 128 px detector on 2 cores, images/s:
+    ONNX Runtime, one session of 2 threads 95, of 1 thread 69, two of 1 at once 137; torch, a list of 8 on 2 threads
+    110, two lists of 4 on 1 thread each at once 149."""
+
+    def __init__(self, lone: ListRun, lanes: list[ListRun], cores: int, backend: str) -> None:
+        self.lone = lone
+        self.lanes = lanes
+        threads = max(1, cores // len(lanes))
+        self.pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="detector-lane", initializer=limit_this_thread,
+                                       initargs=(threads,)) if len(lanes) > 1 else None
+        self.description = (f"{backend}; {len(lanes)} lanes of {threads} thread(s), a lone image on {cores}"
+                            if self.pool else backend)
+
+    @staticmethod
+    def count(cores: int) -> int:
+        return max(1, min(cores, MAX_CPU_LANES))
+
+    @classmethod
+    def onnx(cls, path: Path, cores: int) -> CpuLanes:
+        """The export (its graph takes one image) in a session per lane, and one of every core for a lone image."""
+        lanes = cls.count(cores)
+        sessions = [onnx_detector(path, "cpu", max(1, cores // lanes)) for _ in range(lanes)] if lanes > 1 else []
+        lone = onnx_detector(path, "cpu", cores)
+
+        def each(detector: Detector) -> ListRun:
+            return lambda images: [detector(image) for image in images]
+
+        return cls(each(lone), [each(session) for session in sessions] or [each(lone)], cores,
+                   "onnxruntime (CPUExecutionProvider)")
+
+    @classmethod
+    def torch(cls, model: nn.Module, cores: int) -> CpuLanes:
+        """The module (shared: inference keeps no state in it) on a list a lane, one call each."""
+        def run(images: list[torch.Tensor]) -> list[RawDetections]:
+            return torch_detections(model, images, "cpu")
+
+        return cls(run, [run] * cls.count(cores), cores, "torch (cpu)")
 
     def run(self, images: Sequence[torch.Tensor]) -> list[RawDetections]:
         """Each uint8 [3, H, W] image's detections, in order."""
-        if len(images) == 1 or self.pool is None:
-            return [self.lone(image.float().div_(255.0)) for image in images]
-
-        def lane(number: int) -> list[RawDetections]:  # images number, number + lanes, ... in order
-            return [self.detectors[number](image.float().div_(255.0)) for image in images[number::self.lanes]]
-
-        parts = list(self.pool.map(lane, range(min(self.lanes, len(images)))))
-        return [parts[index % self.lanes][index // self.lanes] for index in range(len(images))]
+        floats = [image.float().div_(255.0) for image in images]
+        if len(floats) == 1 or self.pool is None:
+            return self.lone(floats)
+        count = len(self.lanes)
+        parts = list(self.pool.map(lambda number: self.lanes[number](floats[number::count]),
+                                   range(min(count, len(floats)))))
+        return [parts[index % count][index // count] for index in range(len(floats))]
 
 
 def _cpu_threads() -> int:
