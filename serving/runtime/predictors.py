@@ -100,6 +100,7 @@ class OwnThread:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
         self.last_answer = 0.0  # time.monotonic() when a call last returned (probes: busy is not stuck)
+        self.helpers: list[ThreadPoolExecutor] = []  # threads its work fans out to (a CPU detector's lanes)
 
     def submit(self, work: Callable[..., T], *args: object) -> Future[T]:
         return self._executor.submit(self._answered, work, *args)
@@ -108,8 +109,10 @@ class OwnThread:
         return self.submit(work, *args).result()
 
     def close(self) -> None:
-        """Finish the call under way and end the thread; it takes no more work."""
+        """Finish the call under way and end the thread (and its helpers'); it takes no more work."""
         self._executor.shutdown(wait=True)
+        for helper in self.helpers:
+            helper.shutdown(wait=True)
 
     def _answered(self, work: Callable[..., T], *args: object) -> T:
         result = work(*args)
@@ -187,11 +190,13 @@ class DetectorPredictor:
     buckets: tuple[int, ...] | None = None
 
     def __init__(self, run: Callable[[list[torch.Tensor]], list[RawDetections]], device: str,
-                 description: str) -> None:
+                 description: str, lanes: CpuLanes | None = None) -> None:
         self.run = run  # uint8 images -> their detections
         self.device = device
         self.description = description
         self.thread = OwnThread(f"detector-{device}")
+        if lanes is not None and lanes.pool is not None:
+            self.thread.helpers.append(lanes.pool)
 
     @classmethod
     def torch(cls, module: nn.Module, device: torch.device, threads: int | None = None) -> "DetectorPredictor":
@@ -200,7 +205,7 @@ class DetectorPredictor:
         model = module.eval().to(device)
         if device.type != "cuda":
             lanes = CpuLanes.torch(model, threads or _cpu_threads())
-            return cls(lanes.run, "cpu", lanes.description)
+            return cls(lanes.run, "cpu", lanes.description, lanes)
 
         def run(images: list[torch.Tensor]) -> list[RawDetections]:  # made float on the device: a quarter the copy
             return torch_detections(model, [image.to(device).float().div_(255.0) for image in images], device)
@@ -217,7 +222,7 @@ class DetectorPredictor:
             return cls(lambda images: [detector(image.float().div_(255.0)) for image in images], "cuda",
                        "onnxruntime (CUDAExecutionProvider)")
         lanes = CpuLanes.onnx(path, threads or _cpu_threads())
-        return cls(lanes.run, "cpu", lanes.description)
+        return cls(lanes.run, "cpu", lanes.description, lanes)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
         return self.thread.run(self.run_batch, images)

@@ -17,6 +17,7 @@ from registry.onnx_export import export_onnx
 from registry.small_cnn import SmallCNN
 from serving.runtime.predictors import (
     CpuLanes,
+    DetectorPredictor,
     OnnxPredictor,
     TorchPredictor,
     padded_size,
@@ -187,3 +188,12 @@ def test_a_cpu_detectors_lanes_answer_a_list_as_one_run_does(tmp_path: Path) -> 
                 np.testing.assert_allclose(found.boxes, one.boxes, atol=1e-3)
                 np.testing.assert_array_equal(found.classes, one.classes)
     assert len(CpuLanes.onnx(path, cores=16).lanes) == 4 and CpuLanes.torch(model, cores=1).pool is None
+
+    before = set(threading.enumerate())
+    predictor = DetectorPredictor.onnx(path, torch.device("cpu"), threads=2)  # its lanes end with its thread
+    assert len(predictor([image.numpy() for image in images])) == len(images)
+    lane_threads = [thread for thread in threading.enumerate()
+                    if thread not in before and thread.name.startswith("detector-lane")]
+    assert len(lane_threads) == 2
+    predictor.thread.close()
+    assert not any(thread.is_alive() for thread in lane_threads)
