@@ -74,6 +74,10 @@ class ExplanationOptions(Strict):
             raise ValueError("no label given; name at least one, or leave targets out to explain the prediction")
         return targets
 
+    def named_labels(self) -> list[str] | None:
+        """The labels named, each once (in the order first named), or None: the prediction's are explained."""
+        return list(dict.fromkeys(self.targets)) if self.targets else None
+
 
 class ImageError(BaseModel):
     """Why one image of a job was not explained (the code and message `/explain` would have answered)."""
@@ -210,7 +214,7 @@ class JobStore:
         """A new queued job, or JobQueueFull when the endpoint has `max_queued` jobs queued or running."""
         job_id = secrets.token_urlsafe(ID_BYTES)
         now = time.time()
-        named = list(dict.fromkeys(options.targets)) if options.targets else None  # a label named twice: once
+        named = options.named_labels()
 
         def add(connection: Connection) -> None:
             # submissions of one endpoint one at a time, so two at once cannot both take the last place (PostgreSQL

@@ -206,11 +206,12 @@ class JobRunner:
         inference = self.endpoint.inference
         labels = instance.deployment.require_model().bundle.labels
         chosen: dict[int, list[str]] = {}
+        named = job.options.named_labels()  # (a job accepted before labels were kept per image)
         for image in unplanned:
             if cancelled.is_set():
                 raise JobCancelled()
-            if job.options.targets:  # named (a job accepted before labels were kept per image)
-                chosen[image.position] = image.targets = list(dict.fromkeys(job.options.targets))
+            if named:
+                chosen[image.position] = image.targets = named
                 continue
             data = await self._in_thread(self.store.image_bytes, job.id, image.position)
             try:

@@ -86,7 +86,7 @@ def submit_rows(predictor: Predictor, rows: Sequence[np.ndarray]) -> Future[np.n
 
 
 T = TypeVar("T")
-MAX_CPU_LANES = 4  # ONNX sessions a CPU detector runs a list on at once (each holds the weights: memory, not speed)
+MAX_CPU_LANES = 4  # lanes a CPU detector runs a list on at once (an ONNX session each holds the weights: memory)
 
 
 class OwnThread:
@@ -184,19 +184,24 @@ class TorchPredictor:
 
 class DetectorPredictor:
     """A detector with the deployment's settings, on lists of uint8 [3, H, W] images of any size: torch's module
-    takes a list in one call (it resizes and pads the images into one batch itself); the ONNX export runs one image
-    a run."""
+    takes a list in one call (it resizes and pads the images into one batch itself), the ONNX export one image a run;
+    on the CPU a list is shared out among lanes (CpuLanes), whose threads end with the predictor's own."""
 
     buckets: tuple[int, ...] | None = None
 
     def __init__(self, run: Callable[[list[torch.Tensor]], list[RawDetections]], device: str,
-                 description: str, lanes: CpuLanes | None = None) -> None:
+                 description: str) -> None:
         self.run = run  # uint8 images -> their detections
         self.device = device
         self.description = description
         self.thread = OwnThread(f"detector-{device}")
-        if lanes is not None and lanes.pool is not None:
-            self.thread.helpers.append(lanes.pool)
+
+    @classmethod
+    def _in_lanes(cls, lanes: CpuLanes) -> "DetectorPredictor":
+        predictor = cls(lanes.run, "cpu", lanes.description)
+        if lanes.pool is not None:
+            predictor.thread.helpers.append(lanes.pool)
+        return predictor
 
     @classmethod
     def torch(cls, module: nn.Module, device: torch.device, threads: int | None = None) -> "DetectorPredictor":
@@ -204,8 +209,7 @@ class DetectorPredictor:
         the CPU in lanes (see CpuLanes)."""
         model = module.eval().to(device)
         if device.type != "cuda":
-            lanes = CpuLanes.torch(model, threads or _cpu_threads())
-            return cls(lanes.run, "cpu", lanes.description, lanes)
+            return cls._in_lanes(CpuLanes.torch(model, threads or _cpu_threads()))
 
         def run(images: list[torch.Tensor]) -> list[RawDetections]:  # made float on the device: a quarter the copy
             return torch_detections(model, [image.to(device).float().div_(255.0) for image in images], device)
@@ -221,8 +225,7 @@ class DetectorPredictor:
             detector = onnx_detector(path, name)
             return cls(lambda images: [detector(image.float().div_(255.0)) for image in images], "cuda",
                        "onnxruntime (CUDAExecutionProvider)")
-        lanes = CpuLanes.onnx(path, threads or _cpu_threads())
-        return cls(lanes.run, "cpu", lanes.description, lanes)
+        return cls._in_lanes(CpuLanes.onnx(path, threads or _cpu_threads()))
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
         return self.thread.run(self.run_batch, images)
@@ -247,7 +250,7 @@ class CpuLanes:
     def __init__(self, lone: ListRun, lanes: list[ListRun], cores: int, backend: str) -> None:
         self.lone = lone
         self.lanes = lanes
-        threads = max(1, cores // len(lanes))
+        threads = self.threads(cores, len(lanes))
         self.pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="detector-lane", initializer=limit_this_thread,
                                        initargs=(threads,)) if len(lanes) > 1 else None
         self.description = (f"{backend}; {len(lanes)} lanes of {threads} thread(s), a lone image on {cores}"
@@ -257,11 +260,16 @@ class CpuLanes:
     def count(cores: int) -> int:
         return max(1, min(cores, MAX_CPU_LANES))
 
+    @staticmethod
+    def threads(cores: int, lanes: int) -> int:
+        """Each lane's share of the cores."""
+        return max(1, cores // lanes)
+
     @classmethod
     def onnx(cls, path: Path, cores: int) -> CpuLanes:
         """The export (its graph takes one image) in a session per lane, and one of every core for a lone image."""
         lanes = cls.count(cores)
-        sessions = [onnx_detector(path, "cpu", max(1, cores // lanes)) for _ in range(lanes)] if lanes > 1 else []
+        sessions = [onnx_detector(path, "cpu", cls.threads(cores, lanes)) for _ in range(lanes)] if lanes > 1 else []
         lone = onnx_detector(path, "cpu", cores)
 
         def each(detector: Detector) -> ListRun:
